@@ -1,0 +1,79 @@
+//! `berth.v1.Inventory`: the public, read-only view of nodes and their images.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use berth_proto::api as pb;
+use berth_proto::api::inventory_server::Inventory;
+use tonic::{Request, Response, Status};
+
+use crate::nodes::{NodeRegistry, NodeView};
+
+/// Serves the [`NodeRegistry`] on `berth.v1.Inventory`.
+pub struct InventoryApi {
+    registry: Arc<NodeRegistry>,
+}
+
+impl InventoryApi {
+    /// Serves `registry`.
+    pub fn new(registry: Arc<NodeRegistry>) -> Self {
+        InventoryApi { registry }
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    let ts = k8s_openapi::jiff::Timestamp::try_from(t).unwrap_or_default();
+    ts.to_string()
+}
+
+fn node(v: NodeView, include_images: bool) -> pb::Node {
+    let inv = v.inventory.unwrap_or_default();
+    pb::Node {
+        name: v.name,
+        connected: v.connected,
+        agent_version: v.hello.agent_version,
+        runtime: v.hello.runtime,
+        connected_since: rfc3339(v.connected_since),
+        last_seen: rfc3339(v.last_seen),
+        image_count: inv.images.len() as u32,
+        image_fs: inv.image_fs,
+        images: if include_images { inv.images } else { vec![] },
+    }
+}
+
+#[tonic::async_trait]
+impl Inventory for InventoryApi {
+    async fn list_nodes(
+        &self,
+        request: Request<pb::ListNodesRequest>,
+    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+        let include = request.into_inner().include_images;
+        let nodes = self
+            .registry
+            .list()
+            .into_iter()
+            .map(|v| node(v, include))
+            .collect();
+        Ok(Response::new(pb::ListNodesResponse { nodes }))
+    }
+
+    async fn list_node_images(
+        &self,
+        request: Request<pb::ListNodeImagesRequest>,
+    ) -> Result<Response<pb::ListNodeImagesResponse>, Status> {
+        let name = request.into_inner().node;
+        if name.is_empty() {
+            return Err(Status::invalid_argument("node is required"));
+        }
+        let v = self
+            .registry
+            .get(&name)
+            .ok_or_else(|| Status::not_found(format!("no agent has reported node {name:?}")))?;
+        let inv = v.inventory.unwrap_or_default();
+        Ok(Response::new(pb::ListNodeImagesResponse {
+            node: name,
+            images: inv.images,
+            image_fs: inv.image_fs,
+        }))
+    }
+}

@@ -1,0 +1,13 @@
+//! Berth's coordinator: decides what every node should hold and tells the
+//! node agents; serves what it knows on the public gRPC API.
+//!
+//! Data flow: agents dial in ([`session`]), prove who they are ([`auth`]) and
+//! report their runtime's images into the live [`nodes`] view, which the public
+//! `berth.v1.Inventory` service ([`api`]) reads. [`server`] wires the gRPC
+//! services (with health and reflection) onto one port.
+
+pub mod api;
+pub mod auth;
+pub mod nodes;
+pub mod server;
+pub mod session;

@@ -1,0 +1,57 @@
+//! `coordinator`: the Berth coordinator Deployment's binary.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server};
+use clap::Parser;
+
+/// Berth coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, about)]
+struct Args {
+    /// Address of the gRPC server (agents and the public API).
+    #[arg(long, env = "BERTH_LISTEN", default_value = "0.0.0.0:7070")]
+    listen: SocketAddr,
+    /// Namespace Berth runs in.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "berth-system")]
+    namespace: String,
+    /// ServiceAccount of the node agents.
+    #[arg(long, default_value = "berth-node-agent")]
+    agent_service_account: String,
+    /// Audience of the agents' projected tokens.
+    #[arg(long, default_value = "berth")]
+    audience: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await?;
+    let verifier = KubeVerifier::new(
+        client,
+        &args.namespace,
+        &args.agent_service_account,
+        &args.audience,
+    );
+    let listener = server::bind(args.listen).await?;
+    tracing::info!(listen = %args.listen, "coordinator serving");
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
+        tracing::info!("shutting down");
+    };
+    server::serve(
+        listener,
+        Arc::new(NodeRegistry::default()),
+        Arc::new(verifier),
+        shutdown,
+    )
+    .await
+}

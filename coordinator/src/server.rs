@@ -1,0 +1,57 @@
+//! One gRPC server on one port: the agent protocol, the public API, gRPC
+//! health and reflection (so `grpcurl` needs no proto files).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use berth_proto::agent::agent_service_server::AgentServiceServer;
+use berth_proto::api::inventory_server::InventoryServer;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::api::InventoryApi;
+use crate::auth::TokenVerifier;
+use crate::nodes::NodeRegistry;
+use crate::session::AgentSessions;
+
+/// Serves every coordinator service on `listener` until `shutdown` resolves.
+pub async fn serve<V: TokenVerifier>(
+    listener: tokio::net::TcpListener,
+    registry: Arc<NodeRegistry>,
+    verifier: Arc<V>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentSessions<V>>>()
+        .await;
+    health_reporter
+        .set_serving::<InventoryServer<InventoryApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_service(health)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(AgentServiceServer::new(AgentSessions::new(
+            registry.clone(),
+            verifier,
+        )))
+        .add_service(InventoryServer::new(InventoryApi::new(registry)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Binds `addr`.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    Ok(tokio::net::TcpListener::bind(addr).await?)
+}

@@ -1,0 +1,139 @@
+//! The coordinator's side of `berth.agent.v1.AgentService/Session`.
+//!
+//! A session is accepted only if its first message is a `Hello` and the bearer
+//! token proves the sender is the agent pod on the node the `Hello` names.
+//! Afterwards every message refreshes the node's `last_seen`, inventories
+//! replace the node's image list, and a session silent for three heartbeat
+//! intervals is closed (the agent reconnects).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use berth_proto::agent as pb;
+use berth_proto::agent::agent_service_server::AgentService;
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{info, warn};
+
+use crate::auth::TokenVerifier;
+use crate::nodes::{NodeRegistry, SessionId};
+
+/// How often agents are asked to send a heartbeat.
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How long the first message may take.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves agent sessions into a [`NodeRegistry`].
+pub struct AgentSessions<V> {
+    registry: Arc<NodeRegistry>,
+    verifier: Arc<V>,
+}
+
+impl<V> AgentSessions<V> {
+    /// Sessions authenticated by `verifier`, recorded in `registry`.
+    pub fn new(registry: Arc<NodeRegistry>, verifier: Arc<V>) -> Self {
+        AgentSessions { registry, verifier }
+    }
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<pb::CoordinatorMessage, Status>> + Send>>;
+
+fn bearer<T>(req: &Request<T>) -> Option<String> {
+    let v = req.metadata().get("authorization")?.to_str().ok()?;
+    let t = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?;
+    Some(t.trim().to_string())
+}
+
+#[tonic::async_trait]
+impl<V: TokenVerifier> AgentService for AgentSessions<V> {
+    type SessionStream = Outbound;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let token =
+            bearer(&request).ok_or_else(|| crate::auth::AuthError::MissingToken.to_status())?;
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
+        let hello = match first.and_then(|m| m.kind) {
+            Some(pb::agent_message::Kind::Hello(h)) if !h.node_name.is_empty() => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be a Hello naming the node",
+                ));
+            }
+        };
+        let node = hello.node_name.clone();
+        let identity = self.verifier.verify(&token, &node).await.map_err(|e| {
+            warn!(node = %node, error = %e, "agent refused");
+            e.to_status()
+        })?;
+        let session = self.registry.connect(hello, SystemTime::now());
+        info!(node = %node, pod = %identity.pod, session, "agent connected");
+
+        let (tx, rx) = mpsc::channel(16);
+        let welcome = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Welcome(pb::Welcome {
+                session_id: format!("{node}/{session}"),
+                heartbeat_interval_seconds: HEARTBEAT.as_secs() as u32,
+            })),
+        };
+        tx.send(Ok(welcome))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        let registry = self.registry.clone();
+        tokio::spawn(async move {
+            let outcome = pump(&registry, &node, session, inbound, tx).await;
+            registry.disconnect(&node, session);
+            match outcome {
+                Ok(()) => info!(node = %node, session, "agent disconnected"),
+                Err(e) => info!(node = %node, session, error = %e, "agent session ended"),
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Reads an agent's messages until the stream ends, goes silent or is replaced.
+async fn pump(
+    registry: &NodeRegistry,
+    node: &str,
+    session: SessionId,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+) -> Result<(), Status> {
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(HEARTBEAT * 3, inbound.message()) => {
+                m.map_err(|_| Status::deadline_exceeded("agent silent for three heartbeats"))??
+            }
+            _ = tx.closed() => return Ok(()),
+        };
+        let Some(msg) = msg else { return Ok(()) };
+        let now = SystemTime::now();
+        let current = match msg.kind {
+            Some(pb::agent_message::Kind::Inventory(inv)) => {
+                registry.update_inventory(node, session, inv, now)
+            }
+            Some(pb::agent_message::Kind::Heartbeat(_)) | None => {
+                registry.touch(node, session, now)
+            }
+            Some(pb::agent_message::Kind::Hello(_)) => {
+                return Err(Status::invalid_argument("Hello sent twice"));
+            }
+        };
+        if !current {
+            return Err(Status::aborted(
+                "a newer session of this node replaced this one",
+            ));
+        }
+    }
+}

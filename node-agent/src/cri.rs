@@ -1,0 +1,437 @@
+//! The real [`ImageRuntime`]: CRI gRPC over the runtime's unix socket.
+//!
+//! [`CriRuntime::connect`] checks the socket before dialing so that the common
+//! mistakes (no runtime, wrong path, not root, runtime hung) each get their own
+//! error; [`CriError`] classifies the runtime's pull failures the same way.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_proto::reference::{Reference, ReferenceError};
+use hyper_util::rt::TokioIo;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::runtime::{FsInfo, ImageInfo, ImageRuntime, RegistryAuth, RuntimeVersion};
+
+/// Where runtimes put their CRI socket by default, in the order we try them.
+pub const DEFAULT_SOCKETS: &[&str] = &[
+    "/run/containerd/containerd.sock",
+    "/run/crio/crio.sock",
+    "/var/run/containerd/containerd.sock",
+    "/var/run/crio/crio.sock",
+];
+
+/// How long `connect` waits for the runtime to answer `Version`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Deadline for CRI calls other than PullImage.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Everything that can go wrong talking to a runtime over CRI.
+#[derive(Debug, thiserror::Error)]
+pub enum CriError {
+    /// No `--cri-socket` was given and no default socket exists.
+    #[error(
+        "no container runtime socket found (tried {tried}); is containerd or CRI-O running? Pass --cri-socket PATH"
+    )]
+    NoSocketFound {
+        /// The paths that were tried.
+        tried: String,
+    },
+    /// The given socket path does not exist.
+    #[error("no CRI socket at {path}: is the container runtime running, and is the path right?")]
+    SocketMissing {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The path exists but is something else.
+    #[error("{path} is not a unix socket; point --cri-socket at the runtime's socket")]
+    NotASocket {
+        /// The path.
+        path: PathBuf,
+    },
+    /// The caller may not open the socket.
+    #[error("permission denied on {path}: run as root or as a user allowed to open the socket")]
+    PermissionDenied {
+        /// The socket path.
+        path: PathBuf,
+    },
+    /// The socket exists but no runtime answers on it.
+    #[error("the container runtime at {path} is not answering: {reason}")]
+    NotAnswering {
+        /// The socket path.
+        path: PathBuf,
+        /// What happened.
+        reason: String,
+    },
+    /// The image reference is malformed.
+    #[error(transparent)]
+    BadReference(#[from] ReferenceError),
+    /// The runtime or the registry does not have the image.
+    #[error("image {reference} not found")]
+    ImageNotFound {
+        /// The reference asked for.
+        reference: String,
+    },
+    /// The registry could not be reached.
+    #[error("registry of {reference} is unreachable: {message}")]
+    RegistryUnreachable {
+        /// The reference asked for.
+        reference: String,
+        /// The runtime's message.
+        message: String,
+    },
+    /// The registry refused the credentials (or demanded some).
+    #[error("registry refused access to {reference} (check the credentials): {message}")]
+    AuthRefused {
+        /// The reference asked for.
+        reference: String,
+        /// The runtime's message.
+        message: String,
+    },
+    /// A pull did not finish in time.
+    #[error("pull of {reference} did not finish within {timeout:?}")]
+    PullTimeout {
+        /// The reference asked for.
+        reference: String,
+        /// The deadline.
+        timeout: Duration,
+    },
+    /// Any other failure of a CRI call.
+    #[error("CRI {op} failed: {code:?}: {message}")]
+    Runtime {
+        /// The CRI method.
+        op: &'static str,
+        /// gRPC status code.
+        code: tonic::Code,
+        /// The runtime's message.
+        message: String,
+    },
+}
+
+impl CriError {
+    /// A short, stable name for the kind of failure, for status reasons and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CriError::NoSocketFound { .. } | CriError::SocketMissing { .. } => "SocketMissing",
+            CriError::NotASocket { .. } => "NotASocket",
+            CriError::PermissionDenied { .. } => "PermissionDenied",
+            CriError::NotAnswering { .. } => "RuntimeNotAnswering",
+            CriError::BadReference(_) => "BadReference",
+            CriError::ImageNotFound { .. } => "ImageNotFound",
+            CriError::RegistryUnreachable { .. } => "RegistryUnreachable",
+            CriError::AuthRefused { .. } => "AuthFailed",
+            CriError::PullTimeout { .. } => "PullTimeout",
+            CriError::Runtime { .. } => "RuntimeError",
+        }
+    }
+
+    /// Classifies a failed PullImage by the runtime's message. containerd and
+    /// CRI-O report registry failures as `Unknown` with the cause in the text.
+    fn from_pull_status(reference: &Reference, status: tonic::Status) -> Self {
+        let reference = reference.to_string();
+        let message = status.message().to_string();
+        let m = message.to_ascii_lowercase();
+        let has = |needles: &[&str]| needles.iter().any(|n| m.contains(n));
+        if has(&[
+            "401 unauthorized",
+            "403 forbidden",
+            "failed to authorize",
+            "authorization failed",
+            "unauthorized",
+            "access denied",
+            "denied:",
+        ]) {
+            CriError::AuthRefused { reference, message }
+        } else if has(&[
+            "connection refused",
+            "no such host",
+            "i/o timeout",
+            "network is unreachable",
+            "no route to host",
+            "connection reset",
+            "tls handshake",
+            "server misbehaving",
+            "eof",
+        ]) {
+            CriError::RegistryUnreachable { reference, message }
+        } else if has(&[
+            ": not found",
+            "manifest unknown",
+            "name unknown",
+            "404 not found",
+            "not found",
+        ]) {
+            CriError::ImageNotFound { reference }
+        } else {
+            CriError::Runtime {
+                op: "PullImage",
+                code: status.code(),
+                message,
+            }
+        }
+    }
+
+    fn call(op: &'static str, status: tonic::Status) -> Self {
+        CriError::Runtime {
+            op,
+            code: status.code(),
+            message: status.message().to_string(),
+        }
+    }
+}
+
+/// Picks the CRI socket: the explicit one if given, else the first default that exists.
+pub fn find_socket(explicit: Option<&Path>) -> Result<PathBuf, CriError> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    DEFAULT_SOCKETS
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+        .ok_or_else(|| CriError::NoSocketFound {
+            tried: DEFAULT_SOCKETS.join(", "),
+        })
+}
+
+/// A CRI client bound to one runtime socket.
+#[derive(Clone)]
+pub struct CriRuntime {
+    socket: PathBuf,
+    images: ImageServiceClient<Channel>,
+    runtime: RuntimeServiceClient<Channel>,
+}
+
+impl CriRuntime {
+    /// Checks `socket`, dials it, and asks the runtime its version.
+    pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, CriError> {
+        let socket = socket.as_ref().to_path_buf();
+        let meta = match std::fs::metadata(&socket) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CriError::SocketMissing { path: socket });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(CriError::PermissionDenied { path: socket });
+            }
+            Err(e) => {
+                return Err(CriError::NotAnswering {
+                    path: socket,
+                    reason: e.to_string(),
+                });
+            }
+        };
+        if !meta.file_type().is_socket() {
+            return Err(CriError::NotASocket { path: socket });
+        }
+        // Dial once ourselves to tell "refused" from "denied"; tonic's
+        // transport error would hide the difference.
+        match UnixStream::connect(&socket).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(CriError::PermissionDenied { path: socket });
+            }
+            Err(e) => {
+                return Err(CriError::NotAnswering {
+                    path: socket,
+                    reason: e.to_string(),
+                });
+            }
+        }
+        let path = socket.clone();
+        let channel =
+            Endpoint::from_static("http://cri.invalid")
+                .connect_timeout(CONNECT_TIMEOUT)
+                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }));
+        let cri = CriRuntime {
+            images: ImageServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
+            runtime: RuntimeServiceClient::new(channel).max_decoding_message_size(64 << 20),
+            socket,
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, cri.version()).await {
+            Ok(Ok(_)) => Ok(cri),
+            Ok(Err(CriError::Runtime { message, .. })) => Err(CriError::NotAnswering {
+                path: cri.socket,
+                reason: message,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CriError::NotAnswering {
+                path: cri.socket,
+                reason: format!("no answer to CRI Version within {CONNECT_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Pulls with a deadline; the runtime's pull is cancelled when it passes.
+    pub async fn pull_with_timeout(
+        &self,
+        reference: &Reference,
+        auth: Option<&RegistryAuth>,
+        timeout: Duration,
+    ) -> Result<String, CriError> {
+        tokio::time::timeout(timeout, self.pull(reference, auth))
+            .await
+            .map_err(|_| CriError::PullTimeout {
+                reference: reference.to_string(),
+                timeout,
+            })?
+    }
+}
+
+fn spec(image: &str) -> Option<cri::ImageSpec> {
+    Some(cri::ImageSpec {
+        image: image.to_string(),
+        ..Default::default()
+    })
+}
+
+fn request<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(CALL_TIMEOUT);
+    r
+}
+
+fn image_info(i: cri::Image) -> ImageInfo {
+    ImageInfo {
+        id: i.id,
+        repo_tags: i.repo_tags,
+        repo_digests: i.repo_digests,
+        size_bytes: i.size,
+        pinned: i.pinned,
+    }
+}
+
+impl ImageRuntime for CriRuntime {
+    async fn version(&self) -> Result<RuntimeVersion, CriError> {
+        let v = self
+            .runtime
+            .clone()
+            .version(request(cri::VersionRequest {
+                version: "v1".into(),
+            }))
+            .await
+            .map_err(|s| CriError::call("Version", s))?
+            .into_inner();
+        Ok(RuntimeVersion {
+            name: v.runtime_name,
+            version: v.runtime_version,
+            api_version: v.runtime_api_version,
+        })
+    }
+
+    async fn list_images(&self) -> Result<Vec<ImageInfo>, CriError> {
+        let r = self
+            .images
+            .clone()
+            .list_images(request(cri::ListImagesRequest { filter: None }))
+            .await
+            .map_err(|s| CriError::call("ListImages", s))?;
+        Ok(r.into_inner().images.into_iter().map(image_info).collect())
+    }
+
+    async fn image_status(&self, reference: &Reference) -> Result<Option<ImageInfo>, CriError> {
+        self.status_of(&reference.to_string()).await
+    }
+
+    async fn pull(
+        &self,
+        reference: &Reference,
+        auth: Option<&RegistryAuth>,
+    ) -> Result<String, CriError> {
+        let req = cri::PullImageRequest {
+            image: spec(&reference.to_string()),
+            auth: auth.map(|a| cri::AuthConfig {
+                username: a.username.clone(),
+                password: a.password.clone(),
+                server_address: reference.domain.clone(),
+                ..Default::default()
+            }),
+            sandbox_config: None,
+        };
+        // No CALL_TIMEOUT here: large images take long; callers set their own.
+        let r = self
+            .images
+            .clone()
+            .pull_image(tonic::Request::new(req))
+            .await
+            .map_err(|s| CriError::from_pull_status(reference, s))?;
+        Ok(r.into_inner().image_ref)
+    }
+
+    async fn remove(&self, image: &str) -> Result<(), CriError> {
+        self.images
+            .clone()
+            .remove_image(request(cri::RemoveImageRequest { image: spec(image) }))
+            .await
+            .map_err(|s| CriError::call("RemoveImage", s))?;
+        Ok(())
+    }
+
+    async fn fs_info(&self) -> Result<FsInfo, CriError> {
+        let r = self
+            .images
+            .clone()
+            .image_fs_info(request(cri::ImageFsInfoRequest {}))
+            .await
+            .map_err(|s| CriError::call("ImageFsInfo", s))?
+            .into_inner();
+        Ok(r.image_filesystems
+            .into_iter()
+            .next()
+            .map(|fs| FsInfo {
+                mountpoint: fs.fs_id.map(|i| i.mountpoint).unwrap_or_default(),
+                used_bytes: fs.used_bytes.map(|v| v.value).unwrap_or_default(),
+                inodes_used: fs.inodes_used.map(|v| v.value).unwrap_or_default(),
+            })
+            .unwrap_or_default())
+    }
+
+    async fn images_in_use(&self) -> Result<Vec<String>, CriError> {
+        let r = self
+            .runtime
+            .clone()
+            .list_containers(request(cri::ListContainersRequest { filter: None }))
+            .await
+            .map_err(|s| CriError::call("ListContainers", s))?;
+        let mut ids: Vec<String> = r
+            .into_inner()
+            .containers
+            .into_iter()
+            .map(|c| c.image_ref)
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+}
+
+impl CriRuntime {
+    /// ImageStatus by ID or reference string.
+    pub async fn status_of(&self, image: &str) -> Result<Option<ImageInfo>, CriError> {
+        let r = self
+            .images
+            .clone()
+            .image_status(request(cri::ImageStatusRequest {
+                image: spec(image),
+                verbose: false,
+            }))
+            .await
+            .map_err(|s| CriError::call("ImageStatus", s))?;
+        Ok(r.into_inner().image.map(image_info))
+    }
+}

@@ -1,0 +1,17 @@
+//! Berth's node agent: one per node, next to the node's container runtime.
+//!
+//! - [`cri`] talks CRI gRPC to containerd or CRI-O over the runtime's unix socket
+//!   and turns the runtime's failures into [`cri::CriError`]s that say what to do.
+//! - [`runtime`] is the [`runtime::ImageRuntime`] trait those calls sit behind,
+//!   with an in-memory fake for tests.
+//! - [`cli`] is the operator's crictl-like command line (`node-agent images …`).
+//! - [`session`] keeps the agent's stream to the coordinator alive and fed with
+//!   the node's [`inventory`].
+//! - [`auth`] reads registry credentials.
+
+pub mod auth;
+pub mod cli;
+pub mod cri;
+pub mod inventory;
+pub mod runtime;
+pub mod session;

@@ -1,0 +1,233 @@
+//! The agent's side of the coordinator session.
+//!
+//! [`run`] dials the coordinator, authenticates with the pod's projected
+//! ServiceAccount token (re-read on every attempt: the kubelet rotates it),
+//! sends `Hello` and the full inventory, then heartbeats and sends a fresh
+//! inventory whenever the runtime's images change. When the stream breaks it
+//! reconnects with exponential backoff and jitter, forever.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use berth_proto::agent as pb;
+use berth_proto::agent::agent_service_client::AgentServiceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+use tracing::{info, warn};
+
+use crate::inventory;
+use crate::runtime::ImageRuntime;
+
+/// Capabilities this agent offers the coordinator.
+pub const CAPABILITIES: &[&str] = &["inventory"];
+
+/// How the agent reaches and talks to the coordinator.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// e.g. `http://berth-coordinator.berth-system.svc:7070`.
+    pub coordinator: String,
+    /// The node this agent runs on.
+    pub node_name: String,
+    /// The projected ServiceAccount token.
+    pub token_file: PathBuf,
+    /// The runtime socket, reported in `Hello`.
+    pub socket: String,
+    /// How often to look for image changes.
+    pub inventory_poll: Duration,
+}
+
+/// Why one session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// The token file could not be read.
+    #[error("cannot read token {path}: {source}")]
+    Token {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The coordinator could not be reached.
+    #[error("cannot reach coordinator {url}: {source}")]
+    Connect {
+        /// Its URL.
+        url: String,
+        /// The transport error.
+        source: tonic::transport::Error,
+    },
+    /// The coordinator refused or broke the session.
+    #[error("coordinator: {0}")]
+    Status(#[from] tonic::Status),
+    /// The runtime failed while the inventory was read.
+    #[error("runtime: {0}")]
+    Runtime(#[from] crate::cri::CriError),
+    /// The coordinator went silent.
+    #[error("no message from the coordinator for {0:?}")]
+    Silent(Duration),
+}
+
+/// Exponential backoff with full jitter between `base` and `max`.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    /// A backoff starting at `base` and capped at `max`.
+    pub fn new(base: Duration, max: Duration) -> Self {
+        Backoff {
+            base,
+            max,
+            attempt: 0,
+        }
+    }
+
+    /// The next delay: random in `[ceiling/2, ceiling]`, ceiling doubling per attempt.
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .base
+            .saturating_mul(1 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt += 1;
+        let half = ceiling / 2;
+        half + half.mul_f64(fastrand::f64())
+    }
+
+    /// Starts over after a healthy session.
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// Runs sessions until the process ends.
+pub async fn run<R: ImageRuntime>(rt: R, cfg: SessionConfig) {
+    let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
+    loop {
+        let started = Instant::now();
+        match session_once(&rt, &cfg).await {
+            Ok(()) => info!("coordinator closed the session"),
+            Err(e) => warn!(error = %e, "session ended"),
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff.reset();
+        }
+        let delay = backoff.next_delay();
+        info!(?delay, "reconnecting");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session_once<R: ImageRuntime>(rt: &R, cfg: &SessionConfig) -> Result<(), SessionError> {
+    let token = std::fs::read_to_string(&cfg.token_file).map_err(|source| SessionError::Token {
+        path: cfg.token_file.clone(),
+        source,
+    })?;
+    let connect_err = |source| SessionError::Connect {
+        url: cfg.coordinator.clone(),
+        source,
+    };
+    let channel = Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(connect_err)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(connect_err)?;
+
+    let version = rt.version().await?;
+    let mut last = inventory::read(rt).await?;
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
+    let send = |kind| pb::AgentMessage { kind: Some(kind) };
+    let hello = pb::Hello {
+        node_name: cfg.node_name.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        runtime: Some(inventory::runtime_info(&version, &cfg.socket)),
+        capabilities: CAPABILITIES.iter().map(|c| c.to_string()).collect(),
+    };
+    // The channel holds 16 messages; these two cannot block.
+    let _ = tx.send(send(pb::agent_message::Kind::Hello(hello))).await;
+    let _ = tx
+        .send(send(pb::agent_message::Kind::Inventory(last.clone())))
+        .await;
+
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    let bearer = format!("Bearer {}", token.trim());
+    req.metadata_mut().insert(
+        "authorization",
+        bearer
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("token is not ASCII"))?,
+    );
+    let mut inbound = AgentServiceClient::new(channel)
+        .session(req)
+        .await?
+        .into_inner();
+
+    let mut heartbeat = Duration::from_secs(10);
+    let mut beat = tokio::time::interval(heartbeat);
+    let mut poll = tokio::time::interval(cfg.inventory_poll);
+    loop {
+        tokio::select! {
+            msg = tokio::time::timeout(heartbeat * 3, inbound.message()) => {
+                let Some(msg) = msg.map_err(|_| SessionError::Silent(heartbeat * 3))?? else {
+                    return Ok(());
+                };
+                match msg.kind {
+                    Some(pb::coordinator_message::Kind::Welcome(w)) => {
+                        info!(session = %w.session_id, node = %cfg.node_name, "session established");
+                        if w.heartbeat_interval_seconds > 0 {
+                            heartbeat = Duration::from_secs(w.heartbeat_interval_seconds.into());
+                            beat = tokio::time::interval(heartbeat);
+                        }
+                    }
+                    Some(pb::coordinator_message::Kind::InventoryRequest(_)) => {
+                        last = inventory::read(rt).await?;
+                        if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(pb::coordinator_message::Kind::Heartbeat(_)) | None => {}
+                }
+            }
+            _ = beat.tick() => {
+                let hb = pb::Heartbeat { sent_at_unix_ms: inventory::now_ms() };
+                if tx.send(send(pb::agent_message::Kind::Heartbeat(hb))).await.is_err() {
+                    return Ok(());
+                }
+            }
+            _ = poll.tick() => {
+                let now = inventory::read(rt).await?;
+                if inventory::changed(&last, &now) {
+                    last = now;
+                    if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(
+            delays[7] >= Duration::from_secs(1),
+            "capped ceiling 2s, jitter keeps ≥ half"
+        );
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

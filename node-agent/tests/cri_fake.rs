@@ -1,0 +1,459 @@
+//! The CRI client against a fake CRI server on a temporary unix socket: every
+//! connection failure the operator can meet, and the runtime's pull failures
+//! (as containerd words them) turned into the right `CriError`.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use berth_node_agent::cri::{CriError, CriRuntime};
+use berth_node_agent::runtime::{ImageRuntime, RegistryAuth};
+use berth_proto::reference::Reference;
+use k8s_cri::v1 as cri;
+use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::{Request, Response, Status};
+
+/// What the fake registry behind the fake runtime holds.
+#[derive(Default)]
+struct FakeState {
+    /// reference → image id
+    registry: BTreeMap<String, String>,
+    /// image id → image
+    images: BTreeMap<String, cri::Image>,
+    /// reference → the error PullImage answers with
+    pull_errors: BTreeMap<String, Status>,
+    /// the credentials the last pull carried
+    last_auth: Option<cri::AuthConfig>,
+    /// PullImage calls received
+    pulls: u32,
+}
+
+#[derive(Clone, Default)]
+struct FakeImages(Arc<Mutex<FakeState>>);
+
+fn find<'a>(st: &'a FakeState, image: &str) -> Option<&'a cri::Image> {
+    st.images
+        .values()
+        .find(|i| i.id == image || i.repo_tags.iter().any(|t| t == image))
+}
+
+#[tonic::async_trait]
+impl ImageService for FakeImages {
+    async fn list_images(
+        &self,
+        _: Request<cri::ListImagesRequest>,
+    ) -> Result<Response<cri::ListImagesResponse>, Status> {
+        let images = self.0.lock().unwrap().images.values().cloned().collect();
+        Ok(Response::new(cri::ListImagesResponse { images }))
+    }
+
+    async fn image_status(
+        &self,
+        r: Request<cri::ImageStatusRequest>,
+    ) -> Result<Response<cri::ImageStatusResponse>, Status> {
+        let image = r.into_inner().image.unwrap_or_default().image;
+        let st = self.0.lock().unwrap();
+        Ok(Response::new(cri::ImageStatusResponse {
+            image: find(&st, &image).cloned(),
+            info: Default::default(),
+        }))
+    }
+
+    async fn pull_image(
+        &self,
+        r: Request<cri::PullImageRequest>,
+    ) -> Result<Response<cri::PullImageResponse>, Status> {
+        let r = r.into_inner();
+        let image = r.image.unwrap_or_default().image;
+        let mut st = self.0.lock().unwrap();
+        st.last_auth = r.auth;
+        st.pulls += 1;
+        if let Some(e) = st.pull_errors.get(&image) {
+            return Err(Status::new(e.code(), e.message().to_string()));
+        }
+        let id = st.registry.get(&image).cloned().ok_or_else(|| {
+            Status::unknown(format!(
+                "failed to pull and unpack image \"{image}\": failed to resolve reference \"{image}\": {image}: not found"
+            ))
+        })?;
+        st.images.insert(
+            id.clone(),
+            cri::Image {
+                id: id.clone(),
+                repo_tags: vec![image],
+                size: 1234,
+                ..Default::default()
+            },
+        );
+        Ok(Response::new(cri::PullImageResponse { image_ref: id }))
+    }
+
+    async fn remove_image(
+        &self,
+        r: Request<cri::RemoveImageRequest>,
+    ) -> Result<Response<cri::RemoveImageResponse>, Status> {
+        let image = r.into_inner().image.unwrap_or_default().image;
+        let mut st = self.0.lock().unwrap();
+        if let Some(id) = find(&st, &image).map(|i| i.id.clone()) {
+            st.images.remove(&id);
+        }
+        Ok(Response::new(cri::RemoveImageResponse {}))
+    }
+
+    async fn image_fs_info(
+        &self,
+        _: Request<cri::ImageFsInfoRequest>,
+    ) -> Result<Response<cri::ImageFsInfoResponse>, Status> {
+        let used = self.0.lock().unwrap().images.values().map(|i| i.size).sum();
+        Ok(Response::new(cri::ImageFsInfoResponse {
+            image_filesystems: vec![cri::FilesystemUsage {
+                fs_id: Some(cri::FilesystemIdentifier {
+                    mountpoint: "/fake/images".into(),
+                }),
+                used_bytes: Some(cri::UInt64Value { value: used }),
+                ..Default::default()
+            }],
+            container_filesystems: vec![],
+        }))
+    }
+}
+
+/// The two RuntimeService methods the agent calls (Version, ListContainers),
+/// routed by hand: the generated server trait has 29 methods.
+#[derive(Clone)]
+struct FakeRuntime;
+
+impl tonic::server::NamedService for FakeRuntime {
+    const NAME: &'static str = "runtime.v1.RuntimeService";
+}
+
+type BoxFut<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+struct Unary<F>(F);
+
+impl<Req, Resp, F> tonic::server::UnaryService<Req> for Unary<F>
+where
+    F: Fn(Req) -> Resp + Clone + Send + 'static,
+    Req: Send + 'static,
+    Resp: Send + 'static,
+{
+    type Response = Resp;
+    type Future = BoxFut<Result<Response<Resp>, Status>>;
+    fn call(&mut self, request: Request<Req>) -> Self::Future {
+        let f = self.0.clone();
+        Box::pin(async move { Ok(Response::new(f(request.into_inner()))) })
+    }
+}
+
+fn grpc<E: prost::Message + Send + 'static, D: prost::Message + Default + Send + 'static>()
+-> tonic::server::Grpc<tonic_prost::ProstCodec<E, D>> {
+    tonic::server::Grpc::new(tonic_prost::ProstCodec::default())
+}
+
+impl<B> tower::Service<http::Request<B>> for FakeRuntime
+where
+    B: http_body::Body + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFut<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        Box::pin(async move {
+            Ok(match req.uri().path() {
+                "/runtime.v1.RuntimeService/Version" => {
+                    let svc = Unary(|_: cri::VersionRequest| cri::VersionResponse {
+                        version: "0.1.0".into(),
+                        runtime_name: "fake-cri".into(),
+                        runtime_version: "9.9.9".into(),
+                        runtime_api_version: "v1".into(),
+                    });
+                    grpc().unary(svc, req).await
+                }
+                "/runtime.v1.RuntimeService/ListContainers" => {
+                    let svc = Unary(
+                        |_: cri::ListContainersRequest| cri::ListContainersResponse {
+                            containers: vec![],
+                        },
+                    );
+                    grpc().unary(svc, req).await
+                }
+                _ => Status::unimplemented("not faked").into_http(),
+            })
+        })
+    }
+}
+
+struct Fake {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    state: FakeImages,
+}
+
+async fn fake_cri() -> Fake {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("cri.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let state = FakeImages::default();
+    let images = ImageServiceServer::new(state.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(images)
+            .add_service(FakeRuntime)
+            .serve_with_incoming(UnixListenerStream::new(listener))
+            .await
+            .unwrap();
+    });
+    Fake {
+        _dir: dir,
+        socket,
+        state,
+    }
+}
+
+fn r(s: &str) -> Reference {
+    Reference::parse(s).unwrap()
+}
+
+#[tokio::test]
+async fn connect_reports_the_runtime_name_and_version() {
+    let fake = fake_cri().await;
+    let cri = CriRuntime::connect(&fake.socket).await.unwrap();
+    let v = cri.version().await.unwrap();
+    assert_eq!((v.name.as_str(), v.version.as_str()), ("fake-cri", "9.9.9"));
+}
+
+#[tokio::test]
+async fn pull_list_inspect_and_remove_round_trip() {
+    let fake = fake_cri().await;
+    fake.state
+        .0
+        .lock()
+        .unwrap()
+        .registry
+        .insert("r.io/app:1".into(), "sha256:aaa".into());
+    let cri = CriRuntime::connect(&fake.socket).await.unwrap();
+    let auth = RegistryAuth {
+        username: "u".into(),
+        password: "p".into(),
+    };
+    assert_eq!(
+        cri.pull(&r("r.io/app:1"), Some(&auth)).await.unwrap(),
+        "sha256:aaa"
+    );
+    let sent = fake.state.0.lock().unwrap().last_auth.clone().unwrap();
+    assert_eq!(
+        (
+            sent.username.as_str(),
+            sent.password.as_str(),
+            sent.server_address.as_str()
+        ),
+        ("u", "p", "r.io")
+    );
+    assert_eq!(cri.list_images().await.unwrap().len(), 1);
+    assert!(cri.image_status(&r("r.io/app:1")).await.unwrap().is_some());
+    assert_eq!(cri.fs_info().await.unwrap().used_bytes, 1234);
+    cri.remove("sha256:aaa").await.unwrap();
+    assert!(cri.image_status(&r("r.io/app:1")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn pull_failures_are_classified_from_the_runtime_message() {
+    let fake = fake_cri().await;
+    let cases = [
+        ("r.io/missing:1", None, "ImageNotFound"),
+        (
+            "r.io/private:1",
+            Some(
+                "failed to pull and unpack image \"r.io/private:1\": failed to resolve reference \"r.io/private:1\": pulling from host r.io failed with status code [manifests 1]: 401 Unauthorized",
+            ),
+            "AuthFailed",
+        ),
+        (
+            "r.io/down:1",
+            Some(
+                "failed to pull and unpack image \"r.io/down:1\": failed to resolve reference \"r.io/down:1\": failed to do request: Head \"http://r.io/v2/down/manifests/1\": dial tcp 10.0.0.1:80: connect: connection refused",
+            ),
+            "RegistryUnreachable",
+        ),
+        ("r.io/odd:1", Some("disk quota exceeded"), "RuntimeError"),
+    ];
+    for (image, message, _) in &cases {
+        if let Some(m) = message {
+            fake.state
+                .0
+                .lock()
+                .unwrap()
+                .pull_errors
+                .insert(r(image).to_string(), Status::unknown(*m));
+        }
+    }
+    let cri = CriRuntime::connect(&fake.socket).await.unwrap();
+    for (image, _, reason) in cases {
+        let err = cri.pull(&r(image), None).await.unwrap_err();
+        assert_eq!(err.reason(), reason, "{image}: {err}");
+    }
+}
+
+#[tokio::test]
+async fn a_missing_socket_is_reported_as_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = CriRuntime::connect(dir.path().join("nope.sock"))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, CriError::SocketMissing { .. }), "{err}");
+    assert!(err.to_string().contains("is the container runtime running"));
+}
+
+#[tokio::test]
+async fn a_regular_file_is_not_a_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let err = CriRuntime::connect(&file).await.err().unwrap();
+    assert!(matches!(err, CriError::NotASocket { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_socket_nobody_listens_on_is_not_answering() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("dead.sock");
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let err = CriRuntime::connect(&socket).await.err().unwrap();
+    assert!(matches!(err, CriError::NotAnswering { .. }), "{err}");
+    assert!(err.to_string().contains("refused"), "{err}");
+}
+
+#[tokio::test]
+async fn a_runtime_that_accepts_but_never_answers_times_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("hung.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let hold = tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((conn, _)) = listener.accept().await {
+            held.push(conn);
+        }
+    });
+    let err = CriRuntime::connect(&socket).await.err().unwrap();
+    assert!(matches!(err, CriError::NotAnswering { .. }), "{err}");
+    assert!(err.to_string().contains("no answer"), "{err}");
+    hold.abort();
+}
+
+fn node_agent() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+}
+
+/// Runs `node-agent` as an unprivileged user: root may open any socket.
+#[tokio::test]
+async fn permission_denied_on_the_socket_says_so() {
+    if !nix::unistd::Uid::effective().is_root() {
+        eprintln!("skipped: needs root to switch to an unprivileged user");
+        return;
+    }
+    let fake = fake_cri().await;
+    let dir = fake.socket.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&fake.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    use std::os::unix::process::CommandExt;
+    let out = node_agent()
+        .args(["--cri-socket", fake.socket.to_str().unwrap(), "version"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("permission denied"), "{stderr}");
+}
+
+fn run_cli(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let out = node_agent()
+        .arg("--cri-socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[tokio::test]
+async fn the_command_line_pulls_lists_inspects_and_removes() {
+    let fake = fake_cri().await;
+    let id = format!("sha256:{}", "ab".repeat(32));
+    fake.state
+        .0
+        .lock()
+        .unwrap()
+        .registry
+        .insert("r.io/app:1".into(), id.clone());
+    let s = fake.socket.clone();
+    let (ok, out, err) =
+        tokio::task::spawn_blocking(move || run_cli(&s, &["images", "pull", "r.io/app:1"]))
+            .await
+            .unwrap();
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), id);
+    assert!(
+        err.contains("pulling r.io/app:1") && err.contains("done in"),
+        "{err}"
+    );
+
+    let s = fake.socket.clone();
+    let (ok, out, _) = tokio::task::spawn_blocking(move || run_cli(&s, &["images", "ls", "-q"]))
+        .await
+        .unwrap();
+    assert!(ok);
+    assert_eq!(out.trim(), id);
+
+    let s = fake.socket.clone();
+    let (ok, out, _) =
+        tokio::task::spawn_blocking(move || run_cli(&s, &["images", "inspect", "r.io/app:1"]))
+            .await
+            .unwrap();
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["id"], id.as_str());
+
+    let s = fake.socket.clone();
+    let (ok, _, err) = tokio::task::spawn_blocking(move || {
+        run_cli(&s, &["images", "rm", "r.io/app:1", "r.io/gone:1"])
+    })
+    .await
+    .unwrap();
+    assert!(!ok, "removing an absent image must fail");
+    assert!(err.contains("image r.io/gone:1 not found"), "{err}");
+    assert!(fake.state.0.lock().unwrap().images.is_empty());
+}
+
+#[tokio::test]
+async fn the_command_line_refuses_a_bad_reference_before_calling_the_runtime() {
+    let fake = fake_cri().await;
+    let s = fake.socket.clone();
+    let (ok, _, err) =
+        tokio::task::spawn_blocking(move || run_cli(&s, &["images", "pull", "Bad/Name"]))
+            .await
+            .unwrap();
+    assert!(!ok);
+    assert!(
+        err.contains("invalid image reference") && err.contains("lowercase"),
+        "{err}"
+    );
+    assert_eq!(fake.state.0.lock().unwrap().pulls, 0);
+}

@@ -1,0 +1,33 @@
+//! Berth's wire contracts, shared by every binary of the workspace.
+//!
+//! - [`agent`]: `berth.agent.v1`, the session between a node agent and the coordinator.
+//! - [`api`]: `berth.v1`, the public API the coordinator serves (grpcurl, docker-shim).
+//! - [`reference`]: the container image reference grammar, so that every component
+//!   accepts and normalises `busybox`, `host:5000/a/b:tag` and `…@sha256:…` alike.
+//! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, for gRPC reflection.
+
+pub mod reference;
+
+/// Generated code, nested as the proto packages are so cross-package paths resolve.
+#[allow(missing_docs, clippy::all)]
+pub mod berth {
+    /// `berth.agent.*`
+    pub mod agent {
+        /// `berth.agent.v1`
+        pub mod v1 {
+            tonic::include_proto!("berth.agent.v1");
+        }
+    }
+    /// `berth.v1`
+    pub mod v1 {
+        tonic::include_proto!("berth.v1");
+    }
+}
+
+/// `berth.agent.v1`: the agent ↔ coordinator session protocol.
+pub use berth::agent::v1 as agent;
+/// `berth.v1`: the coordinator's public API.
+pub use berth::v1 as api;
+
+/// Encoded `FileDescriptorSet` of every Berth proto, served by gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_descriptor");
