@@ -90,7 +90,7 @@ go_build() {
   local name=$1 dir=$HERE/tools/$2 pkg=${3:-.} ldflags=${4:-} stamp
   stamp=$( (cat "$dir"/go.mod "$dir"/*.go "$dir"/go.sum 2>/dev/null; echo "$ldflags") | sha256sum | cut -c1-16)
   if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.stamp" 2>/dev/null)" = "$stamp" ]; then return 0; fi
-  log "building $name (cached in $BIN; first build of kube takes ~10 min on 2 cores)"
+  log "building $name into $BIN (the first build of kube takes ~10 min on 2 cores)"
   mkdir -p "$BIN"
   (cd "$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$BIN/$name.new" "$pkg") || die "go build of $name failed"
   mv "$BIN/$name.new" "$BIN/$name"
@@ -466,7 +466,7 @@ berth_image() {
     mkdir -p "$1/usr/local/bin" "$1/etc" "$1/tmp"
     install -m 0755 "$BERTH_BIN_DIR/node-agent" "$BERTH_BIN_DIR/coordinator" "$1/usr/local/bin/"
     local lib
-    for lib in $(ldd "$BERTH_BIN_DIR/node-agent" "$BERTH_BIN_DIR/coordinator" | grep -o '/[^ ]*' | sort -u); do
+    for lib in $(ldd "$BERTH_BIN_DIR/node-agent" "$BERTH_BIN_DIR/coordinator" | grep -oE '/[^ ]+\.so[^ ]*' | sort -u); do
       mkdir -p "$1$(dirname "$lib")"
       cp -L "$lib" "$1$lib"
     done
@@ -501,9 +501,11 @@ write_env() {
     echo "BERTH_E2E_DIR=$D"
     local nodes=() i
     for i in $(seq "$NODES"); do nodes+=("$(node_name "$i")"); done
-    echo "BERTH_NODES=${nodes[*]}"
+    echo "BERTH_NODES=\"${nodes[*]}\""
   } >"$D/env"
 }
+
+nodes_registered() { [ "$(kubectl get nodes --no-headers 2>/dev/null | wc -l)" -ge "$NODES" ]; }
 
 up() {
   [ "$(id -u)" = 0 ] || die "run as root: the cluster needs network namespaces, mounts and cgroups"
@@ -517,7 +519,7 @@ up() {
   control_plane
   images
   nodes
-  wait_for 120 "every node to register" test "$(kubectl get nodes --no-headers 2>/dev/null | wc -l)" -ge "$NODES"
+  wait_for 120 "every node to register" nodes_registered
   kubectl wait --for=condition=Ready node --all --timeout=120s >/dev/null || die "nodes not Ready (logs: $D/logs)"
   wait_for 60 "the default ServiceAccount" kubectl get serviceaccount default
   dns

@@ -1,1 +1,279 @@
-//! x
+//! Helpers for Berth's end-to-end tests and benchmarks on a real cluster.
+//!
+//! [`Cluster::from_env`] reads the file `e2e/cluster.sh up` writes (or, when
+//! `KUBECONFIG` is set and `BERTH_E2E_ENV` is not, uses that cluster as it is).
+//! Tests check outcomes from outside Berth: [`Cluster::cri`] opens a CRI client
+//! straight onto a node's containerd socket; [`Cluster::kubectl`] and
+//! [`Cluster::grpcurl`] run the real client tools.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use tonic::transport::Channel;
+
+/// Namespace Berth is installed into by `manifests/`.
+pub const NAMESPACE: &str = "berth-system";
+
+/// The cluster under test.
+pub struct Cluster {
+    env: HashMap<String, String>,
+    /// Kubernetes client with the cluster's admin kubeconfig.
+    pub client: kube::Client,
+    /// Worker node names.
+    pub nodes: Vec<String>,
+}
+
+fn read_env(path: &Path) -> anyhow::Result<HashMap<String, String>> {
+    let text = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "{} not found: bring the cluster up with `e2e/cluster.sh up`, or set BERTH_E2E_ENV",
+            path.display()
+        )
+    })?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+        .collect())
+}
+
+impl Cluster {
+    /// Connects to the cluster the harness brought up.
+    pub async fn from_env() -> anyhow::Result<Self> {
+        let path =
+            std::env::var("BERTH_E2E_ENV").unwrap_or_else(|_| "/var/lib/berth-e2e/env".to_string());
+        let env = read_env(Path::new(&path))?;
+        let kubeconfig = env.get("KUBECONFIG").context("env file lacks KUBECONFIG")?;
+        let config = kube::Config::from_custom_kubeconfig(
+            kube::config::Kubeconfig::read_from(kubeconfig)?,
+            &Default::default(),
+        )
+        .await?;
+        let client = kube::Client::try_from(config)?;
+        let nodes = env
+            .get("BERTH_NODES")
+            .map(|n| n.split_whitespace().map(String::from).collect())
+            .unwrap_or_default();
+        Ok(Cluster { env, client, nodes })
+    }
+
+    /// A value from the harness's env file.
+    pub fn var(&self, key: &str) -> &str {
+        self.env.get(key).map(String::as_str).unwrap_or_default()
+    }
+
+    /// The plain local registry, `host:port`.
+    pub fn registry(&self) -> &str {
+        self.var("BERTH_REGISTRY")
+    }
+
+    /// The htpasswd-protected registry, `host:port`.
+    pub fn auth_registry(&self) -> &str {
+        self.var("BERTH_AUTH_REGISTRY")
+    }
+
+    /// A tool the harness built (kubectl, grpcurl, …).
+    pub fn tool(&self, name: &str) -> PathBuf {
+        Path::new(self.var("BERTH_BIN")).join(name)
+    }
+
+    /// A node's containerd socket, as seen from the host.
+    pub fn node_socket(&self, node: &str) -> PathBuf {
+        Path::new(self.var("BERTH_E2E_DIR"))
+            .join("nodes")
+            .join(node)
+            .join("run/containerd.sock")
+    }
+
+    /// A raw CRI image client on a node's containerd (not Berth's client).
+    pub async fn cri(&self, node: &str) -> anyhow::Result<ImageServiceClient<Channel>> {
+        let path = self.node_socket(node);
+        let channel = tonic::transport::Endpoint::from_static("http://cri.invalid")
+            .connect_with_connector(tower_service(path))
+            .await?;
+        Ok(ImageServiceClient::new(channel))
+    }
+
+    /// IDs of every image on a node, straight from CRI.
+    pub async fn cri_image_ids(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        let mut ids: Vec<String> = self
+            .cri(node)
+            .await?
+            .list_images(k8s_cri::v1::ListImagesRequest { filter: None })
+            .await?
+            .into_inner()
+            .images
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    /// Whether a node's runtime holds `image`, straight from CRI ImageStatus.
+    pub async fn cri_has_image(&self, node: &str, image: &str) -> anyhow::Result<bool> {
+        let spec = k8s_cri::v1::ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        };
+        let r = self
+            .cri(node)
+            .await?
+            .image_status(k8s_cri::v1::ImageStatusRequest {
+                image: Some(spec),
+                verbose: false,
+            })
+            .await?;
+        Ok(r.into_inner().image.is_some())
+    }
+
+    /// Removes an image from a node straight through CRI (absent is fine).
+    pub async fn cri_remove(&self, node: &str, image: &str) -> anyhow::Result<()> {
+        let spec = k8s_cri::v1::ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        };
+        self.cri(node)
+            .await?
+            .remove_image(k8s_cri::v1::RemoveImageRequest { image: Some(spec) })
+            .await?;
+        Ok(())
+    }
+
+    /// `kubectl ARGS`, failing with its stderr.
+    pub fn kubectl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.tool("kubectl"))
+            .env("KUBECONFIG", self.var("KUBECONFIG"))
+            .args(args)
+            .output()
+            .context("running kubectl")?;
+        if !out.status.success() {
+            bail!(
+                "kubectl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// `kubectl port-forward` to a Service; the forward ends when dropped.
+    pub fn port_forward(&self, service: &str, port: u16) -> anyhow::Result<PortForward> {
+        let local = free_port()?;
+        let child = Command::new(self.tool("kubectl"))
+            .env("KUBECONFIG", self.var("KUBECONFIG"))
+            .args([
+                "-n",
+                NAMESPACE,
+                "port-forward",
+                "--address",
+                "127.0.0.1",
+                &format!("svc/{service}"),
+                &format!("{local}:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let pf = PortForward { child, port: local };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", local)).is_err() {
+            if Instant::now() > deadline {
+                bail!("port-forward to svc/{service} did not open");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(pf)
+    }
+
+    /// Runs the real `grpcurl` (reflection, no proto files) and returns stdout.
+    pub fn grpcurl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(self.tool("grpcurl"))
+            .args(args)
+            .output()
+            .context("running grpcurl")?;
+        if !out.status.success() {
+            bail!(
+                "grpcurl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+}
+
+/// A running `kubectl port-forward`.
+pub struct PortForward {
+    child: Child,
+    /// Local port on 127.0.0.1.
+    pub port: u16,
+}
+
+impl PortForward {
+    /// `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PortForward {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A connector that dials one unix socket.
+pub fn tower_service(
+    path: PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_| {
+        let path = path.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(path).await?,
+            ))
+        }
+    })
+}
+
+/// Polls `f` every 250 ms until it returns `Ok(Some(_))` or `timeout` passes.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = anyhow::Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_err = None;
+    loop {
+        match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_err = Some(e),
+        }
+        if Instant::now() > deadline {
+            match last_err {
+                Some(e) => {
+                    bail!("timed out after {timeout:?} waiting for {what}; last error: {e:#}")
+                }
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

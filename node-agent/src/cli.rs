@@ -116,6 +116,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
                 tracing_subscriber::EnvFilter::try_from_default_env()
                     .unwrap_or_else(|_| "info".into()),
             )
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .init();
     }
     let socket = find_socket(args.cri_socket.as_deref())?;

@@ -355,10 +355,11 @@ impl ImageRuntime for CriRuntime {
     ) -> Result<String, CriError> {
         let req = cri::PullImageRequest {
             image: spec(&reference.to_string()),
+            // No server_address: containerd 1.6 parses it as a URL and
+            // fails on `host:port`; the pull names the registry already.
             auth: auth.map(|a| cri::AuthConfig {
                 username: a.username.clone(),
                 password: a.password.clone(),
-                server_address: reference.domain.clone(),
                 ..Default::default()
             }),
             sandbox_config: None,

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Builds Berth, packs its image into the local cluster's registry and installs
+# it with `kubectl apply -f manifests`, then waits for every pod. Used by the
+# quick start and the test run; needs `e2e/cluster.sh up` first.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+D=${BERTH_E2E_DIR:-/var/lib/berth-e2e}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/berth/target}
+# shellcheck disable=SC1091
+set -a; . "$D/env"; set +a
+export PATH=$BERTH_BIN:$PATH
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*" >&2; }
+
+cd "$ROOT"
+say cargo build --bins
+cargo build --bins --quiet
+"$ROOT/e2e/cluster.sh" berth-image "$CARGO_TARGET_DIR/debug"
+installed=$(kubectl -n berth-system get pods -o name 2>/dev/null || true)
+say kubectl apply -f manifests
+kubectl apply -f manifests
+# A reinstall over a running Berth picks up the freshly pushed image.
+if [ -n "$installed" ]; then
+  kubectl -n berth-system rollout restart deploy/berth-coordinator ds/berth-node-agent >/dev/null
+fi
+kubectl -n berth-system rollout status deploy/berth-coordinator --timeout=180s
+kubectl -n berth-system rollout status ds/berth-node-agent --timeout=180s

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Quick start, on a fresh machine as root: brings up the local two-node
+# cluster, installs Berth with `kubectl apply -f manifests`, pulls a sample
+# image on one node with the agent's command line, and shows with grpcurl
+# what the coordinator knows of every node. The cluster stays up;
+# `e2e/cluster.sh down` removes it.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+D=${BERTH_E2E_DIR:-/var/lib/berth-e2e}
+say() { printf '\n\033[1m$ %s\033[0m\n' "$*" >&2; }
+
+"$ROOT/e2e/cluster.sh" up
+"$ROOT/e2e/install-berth.sh"
+set -a; . "$D/env"; set +a
+export PATH=$BERTH_BIN:$PATH
+
+node=${BERTH_NODES%% *}
+agent=$(kubectl -n berth-system get pods -l app.kubernetes.io/name=berth-node-agent \
+  --field-selector spec.nodeName="$node" -o jsonpath='{.items[0].metadata.name}')
+say kubectl -n berth-system exec "$agent" -- node-agent images pull "$BERTH_REGISTRY/test/a:1"
+kubectl -n berth-system exec "$agent" -- node-agent images pull "$BERTH_REGISTRY/test/a:1"
+say kubectl -n berth-system exec "$agent" -- node-agent images ls
+kubectl -n berth-system exec "$agent" -- node-agent images ls
+
+kubectl -n berth-system port-forward --address 127.0.0.1 svc/berth-coordinator 17070:7070 >/dev/null 2>&1 &
+pf=$!
+trap 'kill $pf 2>/dev/null' EXIT
+until grpcurl -plaintext 127.0.0.1:17070 list >/dev/null 2>&1; do sleep 0.2; done
+sleep 3 # the agent reports image changes within its 2 s poll
+say grpcurl -plaintext 127.0.0.1:17070 list
+grpcurl -plaintext 127.0.0.1:17070 list
+say grpcurl -plaintext 127.0.0.1:17070 berth.v1.Inventory/ListNodes
+grpcurl -plaintext 127.0.0.1:17070 berth.v1.Inventory/ListNodes
+for n in $BERTH_NODES; do
+  say grpcurl -plaintext -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages
+  grpcurl -plaintext -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages |
+    jq -r '.node as $n | .images[] | "\($n)  \(.repoTags[0] // .id)  \(.sizeBytes) bytes\(if .inUse then "  (in use)" else "" end)"'
+done
+printf '\nBerth is running. export KUBECONFIG=%s; e2e/cluster.sh down removes the cluster.\n' "$KUBECONFIG"

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Runs every Berth test on this machine, as root: installs what is missing,
+# checks format and lints, runs the unit and fake-runtime tests, brings up the
+# local cluster (building Kubernetes the first time), installs Berth, runs the
+# end-to-end tests against real containerd, registries and Kubernetes, and the
+# benchmarks. Takes the cluster down again unless it was already up or
+# BERTH_KEEP_CLUSTER=1.
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+D=${BERTH_E2E_DIR:-/var/lib/berth-e2e}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/berth/target}
+export CARGO_TERM_COLOR=never
+cd "$ROOT"
+step() { printf '\n==== %s (%s)\n' "$*" "$(date +%T)"; }
+
+step "host packages"
+"$ROOT/e2e/cluster.sh" deps
+step "Rust toolchain (rust-toolchain.toml)"
+rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
+rustup component add rustfmt clippy >/dev/null
+
+was_up=0
+[ -f "$D/env" ] && "$ROOT/e2e/cluster.sh" status | grep -q 'running  kube-apiserver' && was_up=1
+if [ "$was_up" = 0 ] && [ "${BERTH_KEEP_CLUSTER:-0}" != 1 ]; then
+  trap '"$ROOT/e2e/cluster.sh" down' EXIT
+fi
+# The cluster (and the first Kubernetes build) runs while cargo compiles.
+step "local cluster up (background) + cargo build"
+"$ROOT/e2e/cluster.sh" up >"$ROOT/target-cluster-up.log" 2>&1 &
+up_pid=$!
+cargo build --workspace --all-targets --quiet
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+step "unit and fake-runtime tests"
+cargo test --workspace --exclude berth-e2e
+
+step "waiting for the local cluster"
+if ! wait $up_pid; then cat "$ROOT/target-cluster-up.log"; exit 1; fi
+cat "$ROOT/target-cluster-up.log"; rm -f "$ROOT/target-cluster-up.log"
+
+step "install Berth"
+"$ROOT/e2e/install-berth.sh"
+
+step "end-to-end tests"
+export BERTH_E2E_ENV=$D/env
+cargo test -p berth-e2e -- --test-threads=1
+
+step "benchmarks"
+cargo bench -p berth-e2e --profile dev --bench pull
