@@ -21,13 +21,15 @@ rustup component add rustfmt clippy >/dev/null
 
 was_up=0
 [ -f "$D/env" ] && "$ROOT/e2e/cluster.sh" status | grep -q 'running  kube-apiserver' && was_up=1
-if [ "$was_up" = 0 ] && [ "${BERTH_KEEP_CLUSTER:-0}" != 1 ]; then
-  trap '"$ROOT/e2e/cluster.sh" down' EXIT
-fi
-# The cluster (and the first Kubernetes build) runs while cargo compiles.
+# The cluster (and the first Kubernetes build) comes up while cargo compiles.
 step "local cluster up (background) + cargo build"
 "$ROOT/e2e/cluster.sh" up >"$ROOT/target-cluster-up.log" 2>&1 &
 up_pid=$!
+cleanup() {
+  kill "$up_pid" 2>/dev/null && wait "$up_pid" 2>/dev/null
+  if [ "$was_up" = 0 ] && [ "${BERTH_KEEP_CLUSTER:-0}" != 1 ]; then "$ROOT/e2e/cluster.sh" down; fi
+}
+trap cleanup EXIT
 cargo build --workspace --all-targets --quiet
 
 step "format and lints"
