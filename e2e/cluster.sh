@@ -30,7 +30,7 @@ KUBE_VERSION=v1.34.4
 COREDNS_VERSION=1.14.7
 BERTH_IMAGE=ghcr.io/berth-dev/berth:0.1.0   # what manifests/ names; mirrored to $REG
 export KUBECONFIG=$D/admin.kubeconfig
-export PATH=$BIN:$PATH
+export PATH=$BIN:$PATH:/usr/local/go/bin:/usr/local/sbin:/usr/sbin:/sbin
 
 log() { printf '[cluster %s] %s\n' "$(date +%T)" "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -92,7 +92,7 @@ go_build() {
   if [ -x "$BIN/$name" ] && [ "$(cat "$BIN/.$name.stamp" 2>/dev/null)" = "$stamp" ]; then return 0; fi
   log "building $name into $BIN (the first build of kube takes ~10 min on 2 cores)"
   mkdir -p "$BIN"
-  (cd "$dir" && CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$BIN/$name.new" "$pkg") || die "go build of $name failed"
+  (cd "$dir" && CGO_ENABLED=0 go build -buildvcs=false -trimpath -ldflags "$ldflags" -o "$BIN/$name.new" "$pkg") || die "go build of $name failed"
   mv "$BIN/$name.new" "$BIN/$name"
   echo "$stamp" >"$BIN/.$name.stamp"
 }

@@ -8,7 +8,7 @@ D=${BERTH_E2E_DIR:-/var/lib/berth-e2e}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/berth/target}
 # shellcheck disable=SC1091
 set -a; . "$D/env"; set +a
-export PATH=$BERTH_BIN:$PATH
+export PATH=$BERTH_BIN:$HOME/.cargo/bin:$PATH
 say() { printf '\n\033[1m$ %s\033[0m\n' "$*" >&2; }
 
 cd "$ROOT"

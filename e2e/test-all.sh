@@ -10,6 +10,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 D=${BERTH_E2E_DIR:-/var/lib/berth-e2e}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/var/cache/berth/target}
 export CARGO_TERM_COLOR=never
+export PATH=$HOME/.cargo/bin:$PATH
 cd "$ROOT"
 step() { printf '\n==== %s (%s)\n' "$*" "$(date +%T)"; }
 
