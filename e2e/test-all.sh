@@ -5,6 +5,11 @@
 # end-to-end tests against real containerd, registries and Kubernetes, and the
 # benchmarks. Takes the cluster down again unless it was already up or
 # BERTH_KEEP_CLUSTER=1.
+#
+# With KUBECONFIG pointing at a reachable cluster, the end-to-end tests run
+# there instead: Berth is applied from manifests/ as it is (its image must be
+# pullable there) and BERTH_REGISTRY must name a registry holding test/a:1,
+# test/b:1, test/c:1 (as e2e/cluster.sh packs them).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 D=${BERTH_E2E_DIR:-/var/lib/berth-e2e}
@@ -19,6 +24,19 @@ step "host packages"
 step "Rust toolchain (rust-toolchain.toml)"
 rustup show active-toolchain >/dev/null 2>&1 || rustup toolchain install
 rustup component add rustfmt clippy >/dev/null
+
+if [ -n "${KUBECONFIG:-}" ] && [ -f "$KUBECONFIG" ] && kubectl version --request-timeout=5s >/dev/null 2>&1; then
+  step "unit tests, then end-to-end tests on the cluster of KUBECONFIG=$KUBECONFIG"
+  cargo fmt --all -- --check
+  cargo clippy --workspace --all-targets --quiet -- -D warnings
+  cargo test --workspace --exclude berth-e2e
+  kubectl apply -f manifests
+  kubectl -n berth-system rollout status deploy/berth-coordinator --timeout=300s
+  kubectl -n berth-system rollout status ds/berth-node-agent --timeout=300s
+  cargo test -p berth-e2e -- --test-threads=1
+  exit 0
+fi
+unset KUBECONFIG
 
 was_up=0
 [ -f "$D/env" ] && "$ROOT/e2e/cluster.sh" status | grep -q 'running  kube-apiserver' && was_up=1

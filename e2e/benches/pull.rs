@@ -26,6 +26,10 @@ async fn main() -> anyhow::Result<()> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(15);
     let c = Cluster::from_env().await?;
+    anyhow::ensure!(
+        c.local,
+        "the pull benchmark needs the local cluster's node sockets"
+    );
     let node = &c.nodes[0];
     let image = Reference::parse(&format!("{}/busybox:1.36", c.registry()))?;
     let agent = CriRuntime::connect(c.node_socket(node)).await?;

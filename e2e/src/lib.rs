@@ -1,10 +1,13 @@
 //! Helpers for Berth's end-to-end tests and benchmarks on a real cluster.
 //!
-//! [`Cluster::from_env`] reads the file `e2e/cluster.sh up` writes (or, when
-//! `KUBECONFIG` is set and `BERTH_E2E_ENV` is not, uses that cluster as it is).
-//! Tests check outcomes from outside Berth: [`Cluster::cri`] opens a CRI client
-//! straight onto a node's containerd socket; [`Cluster::kubectl`] and
-//! [`Cluster::grpcurl`] run the real client tools.
+//! [`Cluster::from_env`] reads the file `e2e/cluster.sh up` writes. Without
+//! that file (and without `BERTH_E2E_ENV`), a set `KUBECONFIG` selects an
+//! existing cluster instead: its nodes come from the API, test images from the
+//! registry named by `BERTH_REGISTRY`, and node checks go through the agent pod
+//! on each node, since the host cannot reach that node's runtime socket.
+//! On the local cluster, tests check outcomes from outside Berth:
+//! [`Cluster::cri`] opens a CRI client straight onto a node's containerd
+//! socket; [`Cluster::kubectl`] and [`Cluster::grpcurl`] run the real tools.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -18,9 +21,14 @@ use tonic::transport::Channel;
 /// Namespace Berth is installed into by `manifests/`.
 pub const NAMESPACE: &str = "berth-system";
 
+/// Where the env file of the local cluster lives unless `BERTH_E2E_ENV` says.
+pub const LOCAL_ENV: &str = "/var/lib/berth-e2e/env";
+
 /// The cluster under test.
 pub struct Cluster {
     env: HashMap<String, String>,
+    /// The harness's local cluster (node sockets reachable from here).
+    pub local: bool,
     /// Kubernetes client with the cluster's admin kubeconfig.
     pub client: kube::Client,
     /// Worker node names.
@@ -44,9 +52,14 @@ fn read_env(path: &Path) -> anyhow::Result<HashMap<String, String>> {
 impl Cluster {
     /// Connects to the cluster the harness brought up.
     pub async fn from_env() -> anyhow::Result<Self> {
-        let path =
-            std::env::var("BERTH_E2E_ENV").unwrap_or_else(|_| "/var/lib/berth-e2e/env".to_string());
-        let env = read_env(Path::new(&path))?;
+        let explicit = std::env::var("BERTH_E2E_ENV").ok();
+        let external = std::env::var("KUBECONFIG").ok();
+        if let (None, Some(kubeconfig)) = (&explicit, external)
+            && !Path::new(LOCAL_ENV).exists()
+        {
+            return Self::external(kubeconfig).await;
+        }
+        let env = read_env(Path::new(explicit.as_deref().unwrap_or(LOCAL_ENV)))?;
         let kubeconfig = env.get("KUBECONFIG").context("env file lacks KUBECONFIG")?;
         let config = kube::Config::from_custom_kubeconfig(
             kube::config::Kubeconfig::read_from(kubeconfig)?,
@@ -58,9 +71,38 @@ impl Cluster {
             .get("BERTH_NODES")
             .map(|n| n.split_whitespace().map(String::from).collect())
             .unwrap_or_default();
-        Ok(Cluster { env, client, nodes })
+        Ok(Cluster {
+            env,
+            local: true,
+            client,
+            nodes,
+        })
     }
 
+    async fn external(kubeconfig: String) -> anyhow::Result<Self> {
+        let client = kube::Client::try_default().await?;
+        let api: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client.clone());
+        let mut nodes: Vec<String> = api
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter_map(|n| n.metadata.name)
+            .collect();
+        nodes.sort();
+        let mut env = HashMap::from([("KUBECONFIG".to_string(), kubeconfig)]);
+        for key in ["BERTH_REGISTRY", "BERTH_AUTH_REGISTRY", "BERTH_BIN"] {
+            if let Ok(v) = std::env::var(key) {
+                env.insert(key.to_string(), v);
+            }
+        }
+        Ok(Cluster {
+            env,
+            local: false,
+            client,
+            nodes,
+        })
+    }
     /// A value from the harness's env file.
     pub fn var(&self, key: &str) -> &str {
         self.env.get(key).map(String::as_str).unwrap_or_default()
@@ -76,9 +118,14 @@ impl Cluster {
         self.var("BERTH_AUTH_REGISTRY")
     }
 
-    /// A tool the harness built (kubectl, grpcurl, …).
+    /// A tool the harness built (kubectl, grpcurl, …), else the one on PATH.
     pub fn tool(&self, name: &str) -> PathBuf {
-        Path::new(self.var("BERTH_BIN")).join(name)
+        let built = Path::new(self.var("BERTH_BIN")).join(name);
+        if built.is_file() {
+            built
+        } else {
+            PathBuf::from(name)
+        }
     }
 
     /// A node's containerd socket, as seen from the host.
@@ -98,8 +145,36 @@ impl Cluster {
         Ok(ImageServiceClient::new(channel))
     }
 
+    /// `node-agent ARGS` in the agent pod on `node` (external clusters).
+    fn agent_exec(&self, node: &str, args: &[&str]) -> anyhow::Result<String> {
+        let pod = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=berth-node-agent",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ])?;
+        let mut full = vec!["-n", NAMESPACE, "exec", pod.trim(), "--", "node-agent"];
+        full.extend_from_slice(args);
+        self.kubectl(&full)
+    }
+
     /// IDs of every image on a node, straight from CRI.
     pub async fn cri_image_ids(&self, node: &str) -> anyhow::Result<Vec<String>> {
+        if !self.local {
+            let mut ids: Vec<String> = self
+                .agent_exec(node, &["images", "ls", "-q"])?
+                .lines()
+                .map(String::from)
+                .collect();
+            ids.sort();
+            return Ok(ids);
+        }
         let mut ids: Vec<String> = self
             .cri(node)
             .await?
@@ -116,6 +191,9 @@ impl Cluster {
 
     /// Whether a node's runtime holds `image`, straight from CRI ImageStatus.
     pub async fn cri_has_image(&self, node: &str, image: &str) -> anyhow::Result<bool> {
+        if !self.local {
+            return Ok(self.agent_exec(node, &["images", "inspect", image]).is_ok());
+        }
         let spec = k8s_cri::v1::ImageSpec {
             image: image.to_string(),
             ..Default::default()
@@ -133,6 +211,10 @@ impl Cluster {
 
     /// Removes an image from a node straight through CRI (absent is fine).
     pub async fn cri_remove(&self, node: &str, image: &str) -> anyhow::Result<()> {
+        if !self.local {
+            let _ = self.agent_exec(node, &["images", "rm", image]);
+            return Ok(());
+        }
         let spec = k8s_cri::v1::ImageSpec {
             image: image.to_string(),
             ..Default::default()
