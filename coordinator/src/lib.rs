@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod imagecache;
 pub mod nodes;
 pub mod server;
 pub mod session;

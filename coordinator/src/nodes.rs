@@ -1,23 +1,84 @@
 //! The coordinator's live view of nodes, built from agent sessions.
 //!
 //! Plain data behind a lock: sessions call [`NodeRegistry::connect`],
-//! [`NodeRegistry::update_inventory`], [`NodeRegistry::touch`] and
-//! [`NodeRegistry::disconnect`]; the public API reads [`NodeRegistry::list`].
+//! [`NodeRegistry::update_inventory`], [`NodeRegistry::task_update`],
+//! [`NodeRegistry::touch`] and [`NodeRegistry::disconnect`]; the public API
+//! reads [`NodeRegistry::list`]; controllers send work with
+//! [`NodeRegistry::dispatch`] and read [`NodeRegistry::agent_view`].
 //! A node that reconnects gets a new session number, and only the newest
 //! session of a node may change it, so a stale session closing late cannot mark
-//! a freshly reconnected node as gone.
+//! a freshly reconnected node as gone. Every change wakes [`NodeRegistry::changed`].
 
-use std::collections::BTreeMap;
-use std::sync::RwLock;
-use std::time::SystemTime;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent as pb;
+use tokio::sync::{Notify, mpsc};
+
+use crate::imagecache::plan::{AgentView, Failure};
+
+/// Where a session's messages to its agent go.
+pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
+
+/// First retry delay after a failed pull; doubles per attempt up to [`RETRY_MAX`].
+pub const RETRY_BASE: Duration = Duration::from_secs(1);
+/// Longest delay between two attempts of a failing pull.
+pub const RETRY_MAX: Duration = Duration::from_secs(60);
+/// Delay before a refused removal is asked again.
+const REMOVE_RETRY: Duration = Duration::from_secs(60);
+
+/// A task sent and not yet finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskRecord {
+    /// The image it is about.
+    pub image: String,
+    /// A pull (else a remove).
+    pub pull: bool,
+}
+
+/// The last failed pull of an image on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailureRecord {
+    /// Reason name, e.g. `AuthFailed`.
+    pub reason: String,
+    /// The runtime's message.
+    pub message: String,
+    /// Failed attempts in a row.
+    pub attempts: u32,
+    /// Not to be tried before.
+    pub retry_at: Instant,
+}
+
+/// The backoff after `attempts` failures: doubling, capped, with jitter.
+pub fn retry_delay(attempts: u32) -> Duration {
+    let ceiling = RETRY_BASE
+        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
+        .min(RETRY_MAX);
+    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// Status name of a failure reason, as status and metrics show it.
+pub fn reason_name(r: pb::FailureReason) -> &'static str {
+    use pb::FailureReason as F;
+    match r {
+        F::ImageNotFound => "ImageNotFound",
+        F::RegistryUnreachable => "RegistryUnreachable",
+        F::AuthFailed => "AuthFailed",
+        F::PullTimeout => "PullTimeout",
+        F::BadReference => "BadReference",
+        F::RuntimeError => "RuntimeError",
+        F::InUse => "InUse",
+        F::NotManaged => "NotManaged",
+        F::Unspecified => "Unknown",
+    }
+}
 
 /// Identifies one session of one node.
 pub type SessionId = u64;
 
 /// What the coordinator knows of one node.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct NodeView {
     /// The node's name.
     pub name: String,
@@ -33,12 +94,21 @@ pub struct NodeView {
     pub last_seen: SystemTime,
     /// The last inventory the agent sent, if any yet.
     pub inventory: Option<pb::Inventory>,
+    /// Where messages to the current session go.
+    pub outbox: Option<Outbox>,
+    /// Tasks of the current session not yet finished, by id.
+    pub tasks: BTreeMap<String, TaskRecord>,
+    /// Last failed pull per image (kept across sessions).
+    pub failures: BTreeMap<String, FailureRecord>,
+    /// Refused removals, not to be asked again before the instant.
+    pub remove_backoff: BTreeMap<String, Instant>,
 }
 
 /// All nodes that have had a session since the coordinator started.
 #[derive(Debug, Default)]
 pub struct NodeRegistry {
     inner: RwLock<Inner>,
+    changed: Arc<Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -48,13 +118,32 @@ struct Inner {
 }
 
 impl NodeRegistry {
+    /// Woken on every change of any node.
+    pub fn changed(&self) -> Arc<Notify> {
+        self.changed.clone()
+    }
+
     /// Records a new session for `hello.node_name`, replacing any older one.
-    pub fn connect(&self, hello: pb::Hello, now: SystemTime) -> SessionId {
+    pub fn connect(&self, hello: pb::Hello, now: SystemTime, outbox: Option<Outbox>) -> SessionId {
+        let session = self.connect_inner(hello, now, outbox);
+        self.changed.notify_one();
+        session
+    }
+
+    fn connect_inner(
+        &self,
+        hello: pb::Hello,
+        now: SystemTime,
+        outbox: Option<Outbox>,
+    ) -> SessionId {
         let mut inner = self.inner.write().unwrap();
         inner.next_session += 1;
         let session = inner.next_session;
         let name = hello.node_name.clone();
         let previous = inner.nodes.remove(&name);
+        let (inventory, failures) = previous
+            .map(|p| (p.inventory, p.failures))
+            .unwrap_or_default();
         inner.nodes.insert(
             name.clone(),
             NodeView {
@@ -65,7 +154,12 @@ impl NodeRegistry {
                 connected_since: now,
                 last_seen: now,
                 // Keep the old inventory until the new session sends its own.
-                inventory: previous.and_then(|p| p.inventory),
+                inventory,
+                outbox,
+                // The agent joins resent tasks to pulls it still runs.
+                tasks: BTreeMap::new(),
+                failures,
+                remove_backoff: BTreeMap::new(),
             },
         );
         session
@@ -85,6 +179,111 @@ impl NodeRegistry {
         })
     }
 
+    /// Applies a task's progress from the node's current session.
+    pub fn task_update(
+        &self,
+        node: &str,
+        session: SessionId,
+        u: &pb::TaskUpdate,
+        now: Instant,
+    ) -> bool {
+        let state = pb::TaskState::try_from(u.state).unwrap_or_default();
+        if state == pb::TaskState::Accepted {
+            return self.with_current(node, session, |_| {});
+        }
+        self.with_current(node, session, |n| {
+            let Some(task) = n.tasks.remove(&u.task_id) else {
+                return;
+            };
+            let reason = pb::FailureReason::try_from(u.reason).unwrap_or_default();
+            match (state, task.pull) {
+                (pb::TaskState::Done, true) => {
+                    n.failures.remove(&task.image);
+                }
+                (pb::TaskState::Failed, true) => {
+                    let attempts = n.failures.get(&task.image).map_or(0, |f| f.attempts) + 1;
+                    n.failures.insert(
+                        task.image,
+                        FailureRecord {
+                            reason: reason_name(reason).to_string(),
+                            message: u.message.clone(),
+                            attempts,
+                            retry_at: now + retry_delay(attempts),
+                        },
+                    );
+                }
+                (pb::TaskState::Failed, false) => {
+                    n.remove_backoff.insert(task.image, now + REMOVE_RETRY);
+                }
+                _ => {}
+            }
+        })
+    }
+
+    /// Sends `task` to the node's current session; false if it has none or
+    /// its queue is full (the task falls out of the next plan again).
+    pub fn dispatch(&self, node: &str, task: pb::Task, record: TaskRecord) -> bool {
+        let mut inner = self.inner.write().unwrap();
+        let Some(n) = inner.nodes.get_mut(node).filter(|n| n.connected) else {
+            return false;
+        };
+        let Some(outbox) = &n.outbox else {
+            return false;
+        };
+        let id = task.id.clone();
+        let msg = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Task(task)),
+        };
+        if outbox.try_send(Ok(msg)).is_err() {
+            return false;
+        }
+        n.tasks.insert(id, record);
+        true
+    }
+
+    /// What the planner needs to know of a node's agent.
+    pub fn agent_view(&self, node: &str, now: Instant) -> Option<AgentView> {
+        let inner = self.inner.read().unwrap();
+        let n = inner.nodes.get(node)?;
+        let in_flight = |pull: bool| -> BTreeSet<String> {
+            n.tasks
+                .values()
+                .filter(|t| t.pull == pull)
+                .map(|t| t.image.clone())
+                .collect()
+        };
+        let mut removing = in_flight(false);
+        removing.extend(
+            n.remove_backoff
+                .iter()
+                .filter(|(_, t)| **t > now)
+                .map(|(i, _)| i.clone()),
+        );
+        Some(AgentView {
+            connected: n.connected,
+            images: n
+                .inventory
+                .as_ref()
+                .map(|i| i.images.clone())
+                .unwrap_or_default(),
+            pulling: in_flight(true),
+            removing,
+            failures: n
+                .failures
+                .iter()
+                .map(|(image, f)| {
+                    let failure = Failure {
+                        reason: f.reason.clone(),
+                        message: f.message.clone(),
+                        attempts: f.attempts,
+                        retry_due: f.retry_at <= now,
+                    };
+                    (image.clone(), failure)
+                })
+                .collect(),
+        })
+    }
+
     /// Notes that the node's current session is alive.
     pub fn touch(&self, node: &str, session: SessionId, now: SystemTime) -> bool {
         self.with_current(node, session, |n| n.last_seen = now)
@@ -92,7 +291,11 @@ impl NodeRegistry {
 
     /// Marks the node disconnected, if `session` is still its newest.
     pub fn disconnect(&self, node: &str, session: SessionId) -> bool {
-        self.with_current(node, session, |n| n.connected = false)
+        self.with_current(node, session, |n| {
+            n.connected = false;
+            n.outbox = None;
+            n.tasks.clear();
+        })
     }
 
     /// Every node, sorted by name.
@@ -106,14 +309,20 @@ impl NodeRegistry {
     }
 
     fn with_current(&self, node: &str, session: SessionId, f: impl FnOnce(&mut NodeView)) -> bool {
-        let mut inner = self.inner.write().unwrap();
-        match inner.nodes.get_mut(node) {
-            Some(n) if n.session == session => {
-                f(n);
-                true
+        let current = {
+            let mut inner = self.inner.write().unwrap();
+            match inner.nodes.get_mut(node) {
+                Some(n) if n.session == session => {
+                    f(n);
+                    true
+                }
+                _ => false,
             }
-            _ => false,
+        };
+        if current {
+            self.changed.notify_one();
         }
+        current
     }
 }
 
@@ -121,6 +330,12 @@ impl NodeRegistry {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    impl NodeRegistry {
+        fn connect_t(&self, hello: pb::Hello, now: SystemTime) -> SessionId {
+            self.connect(hello, now, None)
+        }
+    }
 
     fn hello(node: &str) -> pb::Hello {
         pb::Hello {
@@ -146,8 +361,8 @@ mod tests {
     fn a_stale_session_closing_late_does_not_disconnect_the_reconnected_node() {
         let reg = NodeRegistry::default();
         let t = SystemTime::UNIX_EPOCH;
-        let old = reg.connect(hello("a"), t);
-        let new = reg.connect(hello("a"), t + Duration::from_secs(1));
+        let old = reg.connect_t(hello("a"), t);
+        let new = reg.connect_t(hello("a"), t + Duration::from_secs(1));
         assert!(!reg.disconnect("a", old));
         assert!(!reg.update_inventory("a", old, inv(&["x"]), t));
         assert!(reg.get("a").unwrap().connected);
@@ -159,20 +374,78 @@ mod tests {
     fn inventory_survives_a_reconnect_until_replaced() {
         let reg = NodeRegistry::default();
         let t = SystemTime::UNIX_EPOCH;
-        let s1 = reg.connect(hello("a"), t);
+        let s1 = reg.connect_t(hello("a"), t);
         reg.update_inventory("a", s1, inv(&["x"]), t);
         reg.disconnect("a", s1);
-        let s2 = reg.connect(hello("a"), t);
+        let s2 = reg.connect_t(hello("a"), t);
         assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["x"])));
         reg.update_inventory("a", s2, inv(&["y"]), t);
         assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["y"])));
     }
 
     #[test]
+    fn failed_pulls_back_off_exponentially_and_success_clears_them() {
+        let reg = NodeRegistry::default();
+        let (tx, mut rx) = mpsc::channel(8);
+        let s = reg.connect(hello("a"), SystemTime::UNIX_EPOCH, Some(tx));
+        let t0 = Instant::now();
+        let mut delays = vec![];
+        for i in 0..8 {
+            let id = format!("t{i}");
+            let task = pb::Task {
+                id: id.clone(),
+                kind: None,
+            };
+            assert!(reg.dispatch(
+                "a",
+                task,
+                TaskRecord {
+                    image: "r/x:1".into(),
+                    pull: true
+                }
+            ));
+            assert!(rx.try_recv().is_ok());
+            assert!(reg.agent_view("a", t0).unwrap().pulling.contains("r/x:1"));
+            let failed = pb::TaskUpdate {
+                task_id: id,
+                state: pb::TaskState::Failed as i32,
+                reason: pb::FailureReason::AuthFailed as i32,
+                ..Default::default()
+            };
+            assert!(reg.task_update("a", s, &failed, t0));
+            let f = reg.get("a").unwrap().failures["r/x:1"].clone();
+            assert_eq!((f.attempts, f.reason.as_str()), (i + 1, "AuthFailed"));
+            delays.push(f.retry_at - t0);
+        }
+        assert!(delays[0] <= RETRY_BASE && delays[7] >= RETRY_MAX / 2 && delays[7] <= RETRY_MAX);
+        let view = reg.agent_view("a", t0).unwrap();
+        assert!(view.pulling.is_empty() && !view.failures["r/x:1"].retry_due);
+        assert!(reg.agent_view("a", t0 + RETRY_MAX).unwrap().failures["r/x:1"].retry_due);
+        reg.dispatch(
+            "a",
+            pb::Task {
+                id: "ok".into(),
+                kind: None,
+            },
+            TaskRecord {
+                image: "r/x:1".into(),
+                pull: true,
+            },
+        );
+        let done = pb::TaskUpdate {
+            task_id: "ok".into(),
+            state: pb::TaskState::Done as i32,
+            ..Default::default()
+        };
+        reg.task_update("a", s, &done, t0);
+        assert!(reg.get("a").unwrap().failures.is_empty());
+    }
+
+    #[test]
     fn nodes_are_listed_by_name() {
         let reg = NodeRegistry::default();
         for n in ["c", "a", "b"] {
-            reg.connect(hello(n), SystemTime::UNIX_EPOCH);
+            reg.connect_t(hello(n), SystemTime::UNIX_EPOCH);
         }
         let names: Vec<_> = reg.list().into_iter().map(|n| n.name).collect();
         assert_eq!(names, ["a", "b", "c"]);

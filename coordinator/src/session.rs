@@ -76,10 +76,12 @@ impl<V: TokenVerifier> AgentService for AgentSessions<V> {
             warn!(node = %node, error = %e, "agent refused");
             e.to_status()
         })?;
-        let session = self.registry.connect(hello, SystemTime::now());
+        let (tx, rx) = mpsc::channel(256);
+        let session = self
+            .registry
+            .connect(hello, SystemTime::now(), Some(tx.clone()));
         info!(node = %node, pod = %identity.pod, session, "agent connected");
 
-        let (tx, rx) = mpsc::channel(16);
         let welcome = pb::CoordinatorMessage {
             kind: Some(pb::coordinator_message::Kind::Welcome(pb::Welcome {
                 session_id: format!("{node}/{session}"),
@@ -122,6 +124,9 @@ async fn pump(
         let current = match msg.kind {
             Some(pb::agent_message::Kind::Inventory(inv)) => {
                 registry.update_inventory(node, session, inv, now)
+            }
+            Some(pb::agent_message::Kind::TaskUpdate(u)) => {
+                registry.task_update(node, session, &u, std::time::Instant::now())
             }
             Some(pb::agent_message::Kind::Heartbeat(_)) | None => {
                 registry.touch(node, session, now)

@@ -52,6 +52,12 @@ pub enum Command {
         /// How often to look for image changes.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         inventory_poll: Duration,
+        /// Pulls at once on this node.
+        #[arg(long, env = "BERTH_MAX_PULLS", default_value_t = 2)]
+        max_pulls: usize,
+        /// Where the agent remembers which images it pulled (survives restarts).
+        #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
+        state_dir: PathBuf,
     },
     /// Image commands.
     #[command(subcommand)]
@@ -127,6 +133,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             node_name,
             token_file,
             inventory_poll,
+            max_pulls,
+            state_dir,
         } => {
             let v = cri.version().await?;
             tracing::info!(runtime = %v.name, version = %v.version, socket = %socket.display(), "connected to runtime");
@@ -137,7 +145,13 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
                 socket: socket.display().to_string(),
                 inventory_poll,
             };
-            session::run(cri, cfg).await;
+            if let Err(e) = std::fs::create_dir_all(&state_dir) {
+                tracing::warn!(dir = %state_dir.display(), error = %e, "no state directory; managed images are forgotten on restart");
+            }
+            let managed = crate::tasks::Managed::load(Some(state_dir));
+            let (runner, updates) =
+                crate::tasks::TaskRunner::new(std::sync::Arc::new(cri), max_pulls, managed);
+            session::run(runner, updates, cfg).await;
             Ok(())
         }
         Command::Version => {

@@ -1,19 +1,30 @@
 //! Builds the agent protocol's `Inventory` from what the runtime reports.
 
+use std::collections::BTreeSet;
+
 use berth_proto::agent as pb;
 
 use crate::cri::CriError;
 use crate::runtime::{ImageRuntime, RuntimeVersion};
 
 /// Reads every image, which of them containers use, and image filesystem
-/// usage, into one `Inventory` with images sorted by ID.
-pub async fn read<R: ImageRuntime>(rt: &R) -> Result<pb::Inventory, CriError> {
+/// usage, into one `Inventory` with images sorted by ID. Images with a tag in
+/// `managed` (references Berth pulled here) are marked managed.
+pub async fn read<R: ImageRuntime>(
+    rt: &R,
+    managed: &BTreeSet<String>,
+) -> Result<pb::Inventory, CriError> {
     let (images, in_use, fs) =
         tokio::try_join!(rt.list_images(), rt.images_in_use(), rt.fs_info())?;
     let mut images: Vec<pb::Image> = images
         .into_iter()
         .map(|i| pb::Image {
             in_use: in_use.contains(&i.id),
+            managed: i
+                .repo_tags
+                .iter()
+                .chain(&i.repo_digests)
+                .any(|t| managed.contains(t)),
             id: i.id,
             repo_tags: i.repo_tags,
             repo_digests: i.repo_digests,
@@ -74,7 +85,8 @@ mod tests {
             .await
             .unwrap();
         rt.set_in_use(&a);
-        let inv = read(&rt).await.unwrap();
+        let managed = BTreeSet::from(["r.io/b:1".to_string()]);
+        let inv = read(&rt, &managed).await.unwrap();
         assert_eq!(inv.images.len(), 2);
         let used: Vec<_> = inv
             .images
@@ -84,5 +96,12 @@ mod tests {
             .collect();
         assert_eq!(used, vec![a]);
         assert_eq!(inv.image_fs.unwrap().used_bytes, 30);
+        let managed: Vec<_> = inv
+            .images
+            .iter()
+            .filter(|i| i.managed)
+            .map(|i| i.repo_tags[0].clone())
+            .collect();
+        assert_eq!(managed, ["r.io/b:1"]);
     }
 }

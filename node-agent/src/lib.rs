@@ -15,3 +15,4 @@ pub mod cri;
 pub mod inventory;
 pub mod runtime;
 pub mod session;
+pub mod tasks;

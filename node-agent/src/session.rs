@@ -18,9 +18,10 @@ use tracing::{info, warn};
 
 use crate::inventory;
 use crate::runtime::ImageRuntime;
+use crate::tasks::TaskRunner;
 
 /// Capabilities this agent offers the coordinator.
-pub const CAPABILITIES: &[&str] = &["inventory"];
+pub const CAPABILITIES: &[&str] = &["inventory", "pull", "remove"];
 
 /// How the agent reaches and talks to the coordinator.
 #[derive(Debug, Clone)]
@@ -102,12 +103,17 @@ impl Backoff {
     }
 }
 
-/// Runs sessions until the process ends.
-pub async fn run<R: ImageRuntime>(rt: R, cfg: SessionConfig) {
+/// Runs sessions until the process ends; tasks run on `runner`, whose
+/// updates arrive on `updates`.
+pub async fn run<R: ImageRuntime>(
+    runner: TaskRunner<R>,
+    mut updates: mpsc::UnboundedReceiver<pb::TaskUpdate>,
+    cfg: SessionConfig,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
     loop {
         let started = Instant::now();
-        match session_once(&rt, &cfg).await {
+        match session_once(&runner, &mut updates, &cfg).await {
             Ok(()) => info!("coordinator closed the session"),
             Err(e) => warn!(error = %e, "session ended"),
         }
@@ -120,7 +126,12 @@ pub async fn run<R: ImageRuntime>(rt: R, cfg: SessionConfig) {
     }
 }
 
-async fn session_once<R: ImageRuntime>(rt: &R, cfg: &SessionConfig) -> Result<(), SessionError> {
+async fn session_once<R: ImageRuntime>(
+    runner: &TaskRunner<R>,
+    updates: &mut mpsc::UnboundedReceiver<pb::TaskUpdate>,
+    cfg: &SessionConfig,
+) -> Result<(), SessionError> {
+    let rt = runner.runtime();
     let token = std::fs::read_to_string(&cfg.token_file).map_err(|source| SessionError::Token {
         path: cfg.token_file.clone(),
         source,
@@ -140,7 +151,7 @@ async fn session_once<R: ImageRuntime>(rt: &R, cfg: &SessionConfig) -> Result<()
         .map_err(connect_err)?;
 
     let version = rt.version().await?;
-    let mut last = inventory::read(rt).await?;
+    let mut last = inventory::read(rt, &runner.managed().all()).await?;
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(16);
     let send = |kind| pb::AgentMessage { kind: Some(kind) };
     let hello = pb::Hello {
@@ -186,12 +197,29 @@ async fn session_once<R: ImageRuntime>(rt: &R, cfg: &SessionConfig) -> Result<()
                         }
                     }
                     Some(pb::coordinator_message::Kind::InventoryRequest(_)) => {
-                        last = inventory::read(rt).await?;
+                        last = inventory::read(rt, &runner.managed().all()).await?;
                         if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {
                             return Ok(());
                         }
                     }
+                    Some(pb::coordinator_message::Kind::Task(task)) => runner.submit(task),
                     Some(pb::coordinator_message::Kind::Heartbeat(_)) | None => {}
+                }
+            }
+            Some(update) = updates.recv() => {
+                let done = update.state == pb::TaskState::Done as i32;
+                if tx.send(send(pb::agent_message::Kind::TaskUpdate(update))).await.is_err() {
+                    return Ok(());
+                }
+                // Report the new image right away rather than at the next poll.
+                if done {
+                    let now = inventory::read(rt, &runner.managed().all()).await?;
+                    if inventory::changed(&last, &now) {
+                        last = now;
+                        if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
                 }
             }
             _ = beat.tick() => {
@@ -201,7 +229,7 @@ async fn session_once<R: ImageRuntime>(rt: &R, cfg: &SessionConfig) -> Result<()
                 }
             }
             _ = poll.tick() => {
-                let now = inventory::read(rt).await?;
+                let now = inventory::read(rt, &runner.managed().all()).await?;
                 if inventory::changed(&last, &now) {
                     last = now;
                     if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {

@@ -1,0 +1,211 @@
+//! The `ImageCache` custom resource (`berth.dev/v1alpha1`), its schema and
+//! admission rules. The CRD YAML in `manifests/` is generated from these types
+//! by the `crdgen` binary; a test fails if the two drift apart.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// Finalizer that lets the coordinator remove images before a cache goes.
+pub const FINALIZER: &str = "berth.dev/image-cache";
+
+/// Images pre-pulled onto chosen nodes, kept there while the cache exists.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[kube(
+    group = "berth.dev",
+    version = "v1alpha1",
+    kind = "ImageCache",
+    namespaced,
+    status = "ImageCacheStatus",
+    shortname = "ic",
+    category = "berth",
+    doc = "Images pre-pulled onto the selected nodes and kept there while the cache exists.",
+    printcolumn = r#"{"name": "Ready", "type": "integer", "jsonPath": ".status.nodes.ready"}"#,
+    printcolumn = r#"{"name": "Target", "type": "integer", "jsonPath": ".status.nodes.target"}"#,
+    printcolumn = r#"{"name": "Status", "type": "string", "jsonPath": ".status.phase"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageCacheSpec {
+    /// Images to keep on every selected node (1 to 256, each reference once).
+    #[schemars(length(min = 1, max = 256))]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["ref"]))]
+    pub images: Vec<CachedImage>,
+    /// Nodes whose labels match. With `nodeNames` too, a node must satisfy both;
+    /// with neither, every node is selected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// Nodes by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 5000))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(n, size(n) > 0 && size(n) <= 253)").message("nodeNames must be node names (1 to 253 characters)"))]
+    pub node_names: Option<Vec<String>>,
+    /// `kubernetes.io/dockerconfigjson` Secrets in the cache's namespace with
+    /// credentials for private registries. They go only to the agents that pull.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub image_pull_secrets: Vec<SecretRef>,
+    /// How fast a rollout may go.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
+    /// What happens to the images when the cache is deleted or stops selecting
+    /// a node: `Retain` (default) leaves them, `RemoveFromNodes` removes those
+    /// Berth pulled, unless a container uses them or another cache wants them.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+    /// Start no new pulls and remove nothing while true.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+/// One image of a cache.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CachedImage {
+    /// Image reference: `[registry[:port]/]repository[:tag][@digest]`.
+    #[serde(rename = "ref")]
+    #[schemars(length(min = 1, max = 512))]
+    #[x_kube(validation = kube::core::Rule::new(REF_RULE).message("ref must be an image reference such as registry.example:5000/team/app:1.2 or app@sha256:<64 hex>"))]
+    pub reference: String,
+    /// Deadline of one pull attempt, e.g. `10m` (1s to 24h; default 30m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('1s') && duration(self) <= duration('24h')").message("pullTimeout must be a duration from 1s to 24h, e.g. 90s or 10m"))]
+    pub pull_timeout: Option<String>,
+}
+
+/// The CEL rule for image references (the distribution reference grammar).
+const REF_RULE: &str = concat!(
+    "self.matches(r'^(?:(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])",
+    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?/)?",
+    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
+    r"(?::[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$')"
+);
+
+/// A Secret in the cache's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct SecretRef {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+}
+
+/// Rollout limits.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Rollout {
+    /// Nodes pulling this cache's images at once (default: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub max_concurrent_nodes: Option<u32>,
+    /// Pulls of this cache's images at once on one node (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 16))]
+    pub max_concurrent_pulls_per_node: Option<u32>,
+}
+
+/// What happens to cached images when they are no longer wanted.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum DeletionPolicy {
+    /// Leave them on the nodes.
+    #[default]
+    Retain,
+    /// Remove those Berth pulled, unless in use or wanted by another cache.
+    RemoveFromNodes,
+}
+
+/// Where a cache stands. Bounded: per-node detail is served by
+/// `berth.v1.Inventory`, not stored here.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageCacheStatus {
+    /// The spec generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, `Paused` or `Deleting`.
+    #[serde(default)]
+    pub phase: String,
+    /// Conditions `Ready`, `Progressing`, `Degraded`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Selected nodes by state.
+    #[serde(default)]
+    pub nodes: NodeCounts,
+    /// Per image.
+    #[serde(default)]
+    pub images: Vec<ImageState>,
+    /// The last rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_rollout: Option<RolloutTimes>,
+}
+
+/// Selected nodes by state; a node counts once, in its worst state.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounts {
+    /// Selected nodes.
+    pub target: u32,
+    /// Holding every image.
+    pub ready: u32,
+    /// Pulling.
+    pub pulling: u32,
+    /// Waiting for a pull.
+    pub pending: u32,
+    /// The last pull of an image failed.
+    pub failed: u32,
+    /// The node's agent is not connected.
+    pub unknown: u32,
+}
+
+/// One image across the selected nodes.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageState {
+    /// The reference, normalised.
+    #[serde(rename = "ref")]
+    pub reference: String,
+    /// Image ID on the nodes that hold it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// Size in bytes, as the runtime reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<u64>,
+    /// Nodes holding it.
+    pub ready_nodes: u32,
+    /// Nodes whose last pull failed.
+    pub failed_nodes: u32,
+    /// Failed nodes by reason, e.g. `AuthFailed: 3`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub failure_reasons: BTreeMap<String, u32>,
+    /// Up to 10 failed nodes, with reason and message.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_nodes_sample: Vec<FailedNode>,
+}
+
+/// A node where a pull failed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct FailedNode {
+    /// The node.
+    pub node: String,
+    /// Why, e.g. `AuthFailed`.
+    pub reason: String,
+    /// The runtime's message.
+    pub message: String,
+}
+
+/// Timing of a rollout: from a change of spec or targets to every node ready.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutTimes {
+    /// When it began (RFC 3339).
+    pub started: String,
+    /// When every selected node held every image (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed: Option<String>,
+    /// Seconds from start to completion.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seconds: Option<f64>,
+}

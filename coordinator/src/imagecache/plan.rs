@@ -1,0 +1,360 @@
+//! What every node should pull or remove, and what each cache's status says:
+//! pure functions of (caches, nodes, agent reports), tested as data in, data
+//! out. The controller builds these views from the apiserver and the agent
+//! sessions and carries the actions out.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use berth_proto::agent as pb;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use super::crd::{DeletionPolicy, FailedNode, ImageState, NodeCounts};
+
+/// Most failed nodes a status lists by name.
+pub const FAILED_SAMPLE: usize = 10;
+
+/// One ImageCache as the planner sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CacheView {
+    /// `namespace/name`.
+    pub key: String,
+    /// Wanted images, references normalised.
+    pub images: Vec<WantedImage>,
+    /// Images the cache held earlier (in its status) that its spec dropped.
+    pub forgotten: Vec<String>,
+    /// Label selector over nodes.
+    pub selector: Option<LabelSelector>,
+    /// Node names.
+    pub node_names: Option<Vec<String>>,
+    /// What happens to images no longer wanted.
+    pub deletion: DeletionPolicy,
+    /// The cache is being deleted.
+    pub deleting: bool,
+    /// No new pulls, no removals.
+    pub paused: bool,
+    /// Nodes pulling this cache's images at once.
+    pub max_concurrent_nodes: Option<u32>,
+    /// Pulls of this cache's images at once on one node.
+    pub max_pulls_per_node: u32,
+}
+
+/// One wanted image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WantedImage {
+    /// Normalised reference.
+    pub reference: String,
+    /// Deadline of one pull attempt.
+    pub timeout: Duration,
+}
+
+/// One node as the planner sees it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeView {
+    /// Node name.
+    pub name: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// What its agent reported; `None` if no agent ever connected.
+    pub agent: Option<AgentView>,
+}
+
+/// A node's agent, as the coordinator knows it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AgentView {
+    /// A session is open.
+    pub connected: bool,
+    /// The runtime's images.
+    pub images: Vec<pb::Image>,
+    /// References being pulled.
+    pub pulling: BTreeSet<String>,
+    /// References being removed.
+    pub removing: BTreeSet<String>,
+    /// Last failed pull per reference.
+    pub failures: BTreeMap<String, Failure>,
+}
+
+/// The last failed pull of an image on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// e.g. `AuthFailed`.
+    pub reason: String,
+    /// The runtime's message.
+    pub message: String,
+    /// Attempts so far.
+    pub attempts: u32,
+    /// Its backoff has passed: it may be tried again.
+    pub retry_due: bool,
+}
+
+/// Something the coordinator should ask an agent to do.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Action {
+    /// Pull `image` on `node` for `cache` (whose pull secrets apply).
+    Pull {
+        /// Node name.
+        node: String,
+        /// Normalised reference.
+        image: String,
+        /// Deadline of the attempt.
+        timeout: Duration,
+        /// The cache it is pulled for.
+        cache: String,
+    },
+    /// Remove `image` from `node`.
+    Remove {
+        /// Node name.
+        node: String,
+        /// Normalised reference.
+        image: String,
+    },
+}
+
+/// Whether `selector` matches `labels` (matchLabels and matchExpressions).
+pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let labels_ok = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+impl CacheView {
+    /// Whether the cache selects `node`.
+    pub fn targets(&self, node: &NodeView) -> bool {
+        let by_name = self
+            .node_names
+            .as_ref()
+            .is_none_or(|names| names.contains(&node.name));
+        let by_label = self
+            .selector
+            .as_ref()
+            .is_none_or(|s| selector_matches(s, &node.labels));
+        by_name && by_label
+    }
+}
+
+impl AgentView {
+    /// Whether the runtime holds `reference` (by tag or by digest).
+    pub fn holds(&self, reference: &str) -> Option<&pb::Image> {
+        self.images.iter().find(|i| {
+            i.repo_tags.iter().any(|t| t == reference)
+                || i.repo_digests.iter().any(|d| d == reference)
+        })
+    }
+}
+
+/// Every (node, reference) some live cache wants kept.
+fn wanted(caches: &[CacheView], nodes: &[NodeView]) -> BTreeSet<(String, String)> {
+    let mut out = BTreeSet::new();
+    for c in caches.iter().filter(|c| !c.deleting) {
+        for n in nodes.iter().filter(|n| c.targets(n)) {
+            for i in &c.images {
+                out.insert((n.name.clone(), i.reference.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// References a RemoveFromNodes cache wants gone from `node`.
+fn unwanted_by<'a>(c: &'a CacheView, node: &NodeView) -> Vec<&'a str> {
+    if c.deletion != DeletionPolicy::RemoveFromNodes || c.paused {
+        return vec![];
+    }
+    let mut out: Vec<&str> = c.forgotten.iter().map(String::as_str).collect();
+    if c.deleting || !c.targets(node) {
+        out.extend(c.images.iter().map(|i| i.reference.as_str()));
+    }
+    out
+}
+
+/// Removals of `cache`'s images still to do (or under way).
+fn pending_removals<'a>(
+    c: &'a CacheView,
+    nodes: &'a [NodeView],
+    wanted: &'a BTreeSet<(String, String)>,
+) -> impl Iterator<Item = (&'a NodeView, &'a str)> + 'a {
+    nodes.iter().flat_map(move |n| {
+        unwanted_by(c, n).into_iter().filter_map(move |r| {
+            let agent = n.agent.as_ref().filter(|a| a.connected)?;
+            let image = agent.holds(r)?;
+            let removable = image.managed
+                && !image.in_use
+                && !wanted.contains(&(n.name.clone(), r.to_string()));
+            removable.then_some((n, r))
+        })
+    })
+}
+
+/// What to ask the agents to do now: pulls of wanted images that are missing,
+/// not under way and not backing off, within each cache's rollout limits; and
+/// removals of images Berth pulled that no live cache wants and no container uses.
+pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
+    let wanted = wanted(caches, nodes);
+    let mut planned: BTreeSet<(String, String)> = BTreeSet::new();
+    let mut out = Vec::new();
+    for c in caches.iter().filter(|c| !c.deleting && !c.paused) {
+        let targets: Vec<(&NodeView, &AgentView)> = nodes
+            .iter()
+            .filter(|n| c.targets(n))
+            .filter_map(|n| Some((n, n.agent.as_ref().filter(|a| a.connected)?)))
+            .collect();
+        let busy = |a: &AgentView| {
+            c.images
+                .iter()
+                .filter(|i| a.pulling.contains(&i.reference))
+                .count()
+        };
+        let mut active_nodes = targets.iter().filter(|(_, a)| busy(a) > 0).count();
+        for (n, a) in targets {
+            let mut running = busy(a);
+            let was_active = running > 0;
+            for i in &c.images {
+                let r = &i.reference;
+                let blocked = a.holds(r).is_some()
+                    || a.pulling.contains(r)
+                    || a.failures.get(r).is_some_and(|f| !f.retry_due)
+                    || planned.contains(&(n.name.clone(), r.clone()));
+                if blocked || running >= c.max_pulls_per_node as usize {
+                    continue;
+                }
+                if !was_active && running == 0 {
+                    if c.max_concurrent_nodes
+                        .is_some_and(|m| active_nodes >= m as usize)
+                    {
+                        break;
+                    }
+                    active_nodes += 1;
+                }
+                running += 1;
+                planned.insert((n.name.clone(), r.clone()));
+                out.push(Action::Pull {
+                    node: n.name.clone(),
+                    image: r.clone(),
+                    timeout: i.timeout,
+                    cache: c.key.clone(),
+                });
+            }
+        }
+    }
+    let mut removals = BTreeSet::new();
+    for c in caches {
+        for (n, r) in pending_removals(c, nodes, &wanted) {
+            let removing = n.agent.as_ref().is_some_and(|a| a.removing.contains(r));
+            if !removing {
+                removals.insert(Action::Remove {
+                    node: n.name.clone(),
+                    image: r.to_string(),
+                });
+            }
+        }
+    }
+    out.extend(removals);
+    out
+}
+
+/// A deleting RemoveFromNodes cache may go once none of its images is left
+/// to remove on a connected node (in-use images are kept, not waited for).
+pub fn deletion_done(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> bool {
+    let wanted = wanted(caches, nodes);
+    pending_removals(cache, nodes, &wanted).next().is_none()
+}
+
+/// The status a cache should show.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Computed {
+    /// Selected nodes by state.
+    pub nodes: NodeCounts,
+    /// Per image.
+    pub images: Vec<ImageState>,
+    /// The most frequent failure reason, if any node failed.
+    pub top_reason: Option<String>,
+}
+
+/// Node state, worst first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum NodeState {
+    Failed,
+    Pulling,
+    Pending,
+    Ready,
+}
+
+/// Counts and per-image detail for `cache` over `nodes`.
+pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
+    let mut counts = NodeCounts::default();
+    let mut images: Vec<ImageState> = cache
+        .images
+        .iter()
+        .map(|i| ImageState {
+            reference: i.reference.clone(),
+            ..Default::default()
+        })
+        .collect();
+    let mut reasons: BTreeMap<String, u32> = BTreeMap::new();
+    for n in nodes.iter().filter(|n| cache.targets(n)) {
+        counts.target += 1;
+        let Some(a) = n.agent.as_ref().filter(|a| a.connected) else {
+            counts.unknown += 1;
+            continue;
+        };
+        let mut worst = NodeState::Ready;
+        for (i, st) in cache.images.iter().zip(images.iter_mut()) {
+            let r = &i.reference;
+            let state = if let Some(img) = a.holds(r) {
+                st.ready_nodes += 1;
+                st.image_id.get_or_insert_with(|| img.id.clone());
+                st.size.get_or_insert(img.size_bytes);
+                NodeState::Ready
+            } else if let Some(f) = a.failures.get(r) {
+                st.failed_nodes += 1;
+                *st.failure_reasons.entry(f.reason.clone()).or_default() += 1;
+                *reasons.entry(f.reason.clone()).or_default() += 1;
+                if st.failed_nodes_sample.len() < FAILED_SAMPLE {
+                    st.failed_nodes_sample.push(FailedNode {
+                        node: n.name.clone(),
+                        reason: f.reason.clone(),
+                        message: f.message.chars().take(512).collect(),
+                    });
+                }
+                NodeState::Failed
+            } else if a.pulling.contains(r) {
+                NodeState::Pulling
+            } else {
+                NodeState::Pending
+            };
+            worst = worst.min(state);
+        }
+        match worst {
+            NodeState::Ready => counts.ready += 1,
+            NodeState::Pulling => counts.pulling += 1,
+            NodeState::Pending => counts.pending += 1,
+            NodeState::Failed => counts.failed += 1,
+        }
+    }
+    let top_reason = reasons
+        .into_iter()
+        .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
+        .map(|(r, _)| r);
+    Computed {
+        nodes: counts,
+        images,
+        top_reason,
+    }
+}
+
+#[cfg(test)]
+mod tests;

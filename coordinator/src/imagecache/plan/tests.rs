@@ -1,0 +1,317 @@
+//! The planner as data in, data out.
+
+use super::*;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelectorRequirement;
+
+const T: Duration = Duration::from_secs(60);
+
+fn cache(key: &str, images: &[&str]) -> CacheView {
+    CacheView {
+        key: key.into(),
+        images: images
+            .iter()
+            .map(|r| WantedImage {
+                reference: r.to_string(),
+                timeout: T,
+            })
+            .collect(),
+        max_pulls_per_node: 2,
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, labels: &[(&str, &str)], held: &[&str]) -> NodeView {
+    NodeView {
+        name: name.into(),
+        labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        agent: Some(AgentView {
+            connected: true,
+            images: held.iter().map(|r| image(r, true, false)).collect(),
+            ..Default::default()
+        }),
+    }
+}
+
+fn image(reference: &str, managed: bool, in_use: bool) -> pb::Image {
+    pb::Image {
+        id: format!("id-{reference}"),
+        repo_tags: vec![reference.into()],
+        size_bytes: 7,
+        managed,
+        in_use,
+        ..Default::default()
+    }
+}
+
+fn pulls(actions: &[Action]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Pull { node, image, .. } => Some((node.clone(), image.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn removes(actions: &[Action]) -> Vec<(String, String)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Remove { node, image } => Some((node.clone(), image.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn p(node: &str, image: &str) -> (String, String) {
+    (node.into(), image.into())
+}
+
+fn selector(k: &str, v: &str) -> LabelSelector {
+    LabelSelector {
+        match_labels: Some([(k.to_string(), v.to_string())].into()),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn missing_images_are_pulled_on_selected_nodes_only() {
+    let mut c = cache("ns/c", &["r/a:1", "r/b:1"]);
+    c.selector = Some(selector("cache", "yes"));
+    let nodes = [
+        node("n1", &[("cache", "yes")], &["r/a:1"]),
+        node("n2", &[], &[]),
+    ];
+    assert_eq!(pulls(&actions(&[c], &nodes)), [p("n1", "r/b:1")]);
+}
+
+#[test]
+fn no_targeting_means_every_node_and_names_and_labels_must_both_match() {
+    let nodes = [
+        node("n1", &[("x", "1")], &[]),
+        node("n2", &[("x", "1")], &[]),
+    ];
+    let all = cache("ns/c", &["r/a:1"]);
+    assert_eq!(pulls(&actions(std::slice::from_ref(&all), &nodes)).len(), 2);
+    let mut both = all;
+    both.selector = Some(selector("x", "1"));
+    both.node_names = Some(vec!["n2".into()]);
+    assert_eq!(pulls(&actions(&[both], &nodes)), [p("n2", "r/a:1")]);
+}
+
+#[test]
+fn match_expressions_follow_kubernetes_semantics() {
+    let labels: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+    let req = |op: &str, values: &[&str]| LabelSelector {
+        match_expressions: Some(vec![LabelSelectorRequirement {
+            key: "zone".into(),
+            operator: op.into(),
+            values: Some(values.iter().map(|v| v.to_string()).collect()),
+        }]),
+        ..Default::default()
+    };
+    assert!(selector_matches(&req("In", &["a", "b"]), &labels));
+    assert!(!selector_matches(&req("NotIn", &["a"]), &labels));
+    assert!(selector_matches(&req("Exists", &[]), &labels));
+    assert!(!selector_matches(&req("DoesNotExist", &[]), &labels));
+    assert!(!selector_matches(&req("Bogus", &[]), &labels));
+}
+
+#[test]
+fn pulls_under_way_or_backing_off_are_not_sent_again() {
+    let c = cache("ns/c", &["r/a:1", "r/b:1", "r/c:1"]);
+    let mut n = node("n1", &[], &[]);
+    let a = n.agent.as_mut().unwrap();
+    a.pulling.insert("r/a:1".into());
+    let fail = |due| Failure {
+        reason: "AuthFailed".into(),
+        message: "401".into(),
+        attempts: 1,
+        retry_due: due,
+    };
+    a.failures.insert("r/b:1".into(), fail(false));
+    a.failures.insert("r/c:1".into(), fail(true));
+    assert_eq!(pulls(&actions(&[c], &[n])), [p("n1", "r/c:1")]);
+}
+
+#[test]
+fn an_image_two_caches_want_is_pulled_once() {
+    let nodes = [node("n1", &[], &[])];
+    let a = pulls(&actions(
+        &[cache("ns/a", &["r/x:1"]), cache("ns/b", &["r/x:1"])],
+        &nodes,
+    ));
+    assert_eq!(a, [p("n1", "r/x:1")]);
+}
+
+#[test]
+fn rollout_limits_bound_nodes_and_pulls_per_node() {
+    let mut c = cache("ns/c", &["r/a:1", "r/b:1", "r/c:1"]);
+    c.max_concurrent_nodes = Some(2);
+    c.max_pulls_per_node = 1;
+    let nodes = [
+        node("n1", &[], &[]),
+        node("n2", &[], &[]),
+        node("n3", &[], &[]),
+    ];
+    assert_eq!(
+        pulls(&actions(&[c.clone()], &nodes)),
+        [p("n1", "r/a:1"), p("n2", "r/a:1")]
+    );
+    // n1 is busy with one pull: it gets no second, and n3 waits for a free slot.
+    let mut busy = nodes.clone();
+    busy[0]
+        .agent
+        .as_mut()
+        .unwrap()
+        .pulling
+        .insert("r/a:1".into());
+    assert_eq!(pulls(&actions(&[c], &busy)), [p("n2", "r/a:1")]);
+}
+
+#[test]
+fn paused_and_disconnected_get_no_pulls() {
+    let mut paused = cache("ns/c", &["r/a:1"]);
+    paused.paused = true;
+    let mut gone = node("n2", &[], &[]);
+    gone.agent.as_mut().unwrap().connected = false;
+    let nodes = [node("n1", &[], &[]), gone];
+    assert!(actions(&[paused], &nodes).is_empty());
+    assert_eq!(
+        pulls(&actions(&[cache("ns/c", &["r/a:1"])], &nodes)),
+        [p("n1", "r/a:1")]
+    );
+}
+
+#[test]
+fn deselected_nodes_lose_the_images_only_with_remove_from_nodes() {
+    let nodes = [
+        node("n1", &[], &["r/a:1"]),
+        node("n2", &[("cache", "yes")], &["r/a:1"]),
+    ];
+    let mut c = cache("ns/c", &["r/a:1"]);
+    c.selector = Some(selector("cache", "yes"));
+    assert!(
+        removes(&actions(&[c.clone()], &nodes)).is_empty(),
+        "Retain keeps them"
+    );
+    c.deletion = DeletionPolicy::RemoveFromNodes;
+    assert_eq!(removes(&actions(&[c], &nodes)), [p("n1", "r/a:1")]);
+}
+
+#[test]
+fn removal_spares_images_in_use_not_pulled_by_berth_or_wanted_by_another_cache() {
+    let mut n = node("n1", &[], &[]);
+    let a = n.agent.as_mut().unwrap();
+    a.images = vec![
+        image("r/used:1", true, true),
+        image("r/theirs:1", false, false),
+        image("r/shared:1", true, false),
+        image("r/mine:1", true, false),
+    ];
+    let mut deleting = cache(
+        "ns/old",
+        &["r/used:1", "r/theirs:1", "r/shared:1", "r/mine:1"],
+    );
+    deleting.deleting = true;
+    deleting.deletion = DeletionPolicy::RemoveFromNodes;
+    let other = cache("ns/other", &["r/shared:1"]);
+    let caches = [deleting.clone(), other];
+    assert_eq!(
+        removes(&actions(&caches, &[n.clone()])),
+        [p("n1", "r/mine:1")]
+    );
+    assert!(!deletion_done(&deleting, &caches, &[n.clone()]));
+    n.agent
+        .as_mut()
+        .unwrap()
+        .images
+        .retain(|i| i.repo_tags[0] != "r/mine:1");
+    assert!(deletion_done(&deleting, &caches, &[n]));
+}
+
+#[test]
+fn images_dropped_from_the_spec_are_removed_and_removals_are_not_repeated() {
+    let mut c = cache("ns/c", &["r/a:1"]);
+    c.forgotten = vec!["r/old:1".into()];
+    c.deletion = DeletionPolicy::RemoveFromNodes;
+    let mut n = node("n1", &[], &["r/a:1", "r/old:1"]);
+    assert_eq!(
+        removes(&actions(&[c.clone()], &[n.clone()])),
+        [p("n1", "r/old:1")]
+    );
+    n.agent.as_mut().unwrap().removing.insert("r/old:1".into());
+    assert!(actions(&[c], &[n]).is_empty());
+}
+
+#[test]
+fn status_counts_each_node_once_in_its_worst_state() {
+    let c = cache("ns/c", &["r/a:1", "r/b:1"]);
+    let ready = node("n1", &[], &["r/a:1", "r/b:1"]);
+    let mut pulling = node("n2", &[], &["r/a:1"]);
+    pulling
+        .agent
+        .as_mut()
+        .unwrap()
+        .pulling
+        .insert("r/b:1".into());
+    let mut failed = node("n3", &[], &[]);
+    failed.agent.as_mut().unwrap().failures.insert(
+        "r/a:1".into(),
+        Failure {
+            reason: "AuthFailed".into(),
+            message: "401 Unauthorized".into(),
+            attempts: 3,
+            retry_due: false,
+        },
+    );
+    let pending = node("n4", &[], &[]);
+    let unknown = NodeView {
+        name: "n5".into(),
+        ..Default::default()
+    };
+    let s = status(&c, &[ready, pulling, failed, pending, unknown]);
+    assert_eq!(
+        s.nodes,
+        NodeCounts {
+            target: 5,
+            ready: 1,
+            pulling: 1,
+            pending: 1,
+            failed: 1,
+            unknown: 1
+        }
+    );
+    assert_eq!(s.images[0].ready_nodes, 2);
+    assert_eq!(s.images[0].image_id.as_deref(), Some("id-r/a:1"));
+    assert_eq!(s.images[0].failure_reasons["AuthFailed"], 1);
+    assert_eq!(s.images[0].failed_nodes_sample[0].node, "n3");
+    assert_eq!(s.top_reason.as_deref(), Some("AuthFailed"));
+}
+
+#[test]
+fn the_failed_node_sample_is_bounded() {
+    let c = cache("ns/c", &["r/a:1"]);
+    let nodes: Vec<NodeView> = (0..50)
+        .map(|i| {
+            let mut n = node(&format!("n{i:02}"), &[], &[]);
+            n.agent.as_mut().unwrap().failures.insert(
+                "r/a:1".into(),
+                Failure {
+                    reason: "RegistryUnreachable".into(),
+                    message: "x".repeat(2000),
+                    attempts: 1,
+                    retry_due: false,
+                },
+            );
+            n
+        })
+        .collect();
+    let s = status(&c, &nodes);
+    assert_eq!(s.images[0].failed_nodes, 50);
+    assert_eq!(s.images[0].failed_nodes_sample.len(), FAILED_SAMPLE);
+    assert!(s.images[0].failed_nodes_sample[0].message.len() <= 512);
+}
