@@ -243,7 +243,7 @@ control_plane() {
 node_config() {
   local i=$1 n N ip
   n=$(node_name "$i"); N=$D/nodes/$n; ip=$(node_ip "$i")
-  mkdir -p "$N"/{run,root,opt,kubelet,pods-logs,containers-logs,netns,cni-net,cni-ipam,cni-cache,cgtmp,certs.d}
+  mkdir -p "$N"/{run,root,opt,kubelet,pods-logs,containers-logs,netns,cni-net,cni-ipam,cni-cache,cgtmp,certs.d,berth}
   local host
   for host in $REG $REG_AUTH; do
     mkdir -p "$N/certs.d/$host"
@@ -339,17 +339,18 @@ EOF
 }
 
 # Runs inside `nsenter --net=/run/netns/NODE unshare -m --propagation private`:
-# gives the node its own /run/containerd, /run/netns, log and CNI dirs and a
+# gives the node its own /run/containerd, /run/netns, /var/lib/berth, log and CNI dirs and a
 # sysfs of its network namespace, then starts containerd, kubelet, kube-proxy.
 node_inner() {
   local i=$1 n N ip
   n=$(node_name "$i"); N=$D/nodes/$n; ip=$(node_ip "$i")
-  mkdir -p /run/containerd /run/netns /var/log/pods /var/log/containers /var/lib/cni
+  mkdir -p /run/containerd /run/netns /var/log/pods /var/log/containers /var/lib/cni /var/lib/berth
   mount --bind "$N/run" /run/containerd
   mount --bind "$N/netns" /run/netns
   mount --bind "$N/pods-logs" /var/log/pods
   mount --bind "$N/containers-logs" /var/log/containers
   mount --bind "$N/cni-cache" /var/lib/cni
+  mount --bind "$N/berth" /var/lib/berth
   mount --rbind /sys/fs/cgroup "$N/cgtmp"
   mount -t sysfs sysfs /sys
   mount --rbind "$N/cgtmp" /sys/fs/cgroup
@@ -446,7 +447,7 @@ images() {
   pack busybox 1.36 rootfs_busybox /bin/sh
   # Small distinct test images (different content, so different IDs).
   local t
-  for t in a b c; do
+  for t in a b c d e f g; do
     BUSYBOX_MARK=$t pack "test/$t" 1 rootfs_busybox /bin/sh
   done
   # A private image, only in the htpasswd registry.

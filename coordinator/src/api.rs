@@ -7,17 +7,19 @@ use berth_proto::api as pb;
 use berth_proto::api::inventory_server::Inventory;
 use tonic::{Request, Response, Status};
 
+use crate::imagecache::controller::CacheDetails;
 use crate::nodes::{NodeRegistry, NodeView};
 
-/// Serves the [`NodeRegistry`] on `berth.v1.Inventory`.
+/// Serves the [`NodeRegistry`] and the caches' per-node detail on `berth.v1.Inventory`.
 pub struct InventoryApi {
     registry: Arc<NodeRegistry>,
+    details: CacheDetails,
 }
 
 impl InventoryApi {
-    /// Serves `registry`.
-    pub fn new(registry: Arc<NodeRegistry>) -> Self {
-        InventoryApi { registry }
+    /// Serves `registry` and `details`.
+    pub fn new(registry: Arc<NodeRegistry>, details: CacheDetails) -> Self {
+        InventoryApi { registry, details }
     }
 }
 
@@ -74,6 +76,46 @@ impl Inventory for InventoryApi {
             node: name,
             images: inv.images,
             image_fs: inv.image_fs,
+        }))
+    }
+
+    async fn get_image_cache(
+        &self,
+        request: Request<pb::GetImageCacheRequest>,
+    ) -> Result<Response<pb::ImageCacheDetail>, Status> {
+        let r = request.into_inner();
+        if r.namespace.is_empty() || r.name.is_empty() {
+            return Err(Status::invalid_argument("namespace and name are required"));
+        }
+        let key = format!("{}/{}", r.namespace, r.name);
+        let nodes = self
+            .details
+            .read()
+            .unwrap()
+            .get(&key)
+            .cloned()
+            .ok_or_else(|| Status::not_found(format!("no ImageCache {key}")))?;
+        let nodes = nodes
+            .into_iter()
+            .map(|n| pb::ImageCacheNode {
+                node: n.node,
+                images: n
+                    .images
+                    .into_iter()
+                    .map(|i| pb::ImageCacheImage {
+                        r#ref: i.reference,
+                        state: i.state,
+                        reason: i.reason,
+                        message: i.message,
+                        attempts: i.attempts,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::ImageCacheDetail {
+            namespace: r.namespace,
+            name: r.name,
+            nodes,
         }))
     }
 }

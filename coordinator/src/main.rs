@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use berth_coordinator::imagecache::{self, controller::CacheDetails};
 use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server};
 use clap::Parser;
 
@@ -35,11 +36,18 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let client = kube::Client::try_default().await?;
     let verifier = KubeVerifier::new(
-        client,
+        client.clone(),
         &args.namespace,
         &args.agent_service_account,
         &args.audience,
     );
+    let registry = Arc::new(NodeRegistry::default());
+    let details = CacheDetails::default();
+    tokio::spawn(imagecache::controller::run(
+        client,
+        registry.clone(),
+        details.clone(),
+    ));
     let listener = server::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, "coordinator serving");
     let shutdown = async {
@@ -48,11 +56,5 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
         tracing::info!("shutting down");
     };
-    server::serve(
-        listener,
-        Arc::new(NodeRegistry::default()),
-        Arc::new(verifier),
-        shutdown,
-    )
-    .await
+    server::serve(listener, registry, details, Arc::new(verifier), shutdown).await
 }

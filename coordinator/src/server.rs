@@ -10,6 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
+use crate::imagecache::controller::CacheDetails;
 use crate::nodes::NodeRegistry;
 use crate::session::AgentSessions;
 
@@ -17,6 +18,7 @@ use crate::session::AgentSessions;
 pub async fn serve<V: TokenVerifier>(
     listener: tokio::net::TcpListener,
     registry: Arc<NodeRegistry>,
+    details: CacheDetails,
     verifier: Arc<V>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
@@ -45,7 +47,7 @@ pub async fn serve<V: TokenVerifier>(
             registry.clone(),
             verifier,
         )))
-        .add_service(InventoryServer::new(InventoryApi::new(registry)))
+        .add_service(InventoryServer::new(InventoryApi::new(registry, details)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -243,6 +243,43 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// `kubectl ARGS` with `input` on stdin; returns (success, stdout, stderr).
+    pub fn kubectl_stdin(
+        &self,
+        args: &[&str],
+        input: &str,
+    ) -> anyhow::Result<(bool, String, String)> {
+        use std::io::Write;
+        let mut child = Command::new(self.tool("kubectl"))
+            .env("KUBECONFIG", self.var("KUBECONFIG"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running kubectl")?;
+        child
+            .stdin
+            .take()
+            .context("kubectl stdin")?
+            .write_all(input.as_bytes())?;
+        let out = child.wait_with_output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        ))
+    }
+
+    /// `kubectl apply -f -` of `yaml`, failing with kubectl's message.
+    pub fn apply(&self, yaml: &str) -> anyhow::Result<()> {
+        let (ok, _, err) = self.kubectl_stdin(&["apply", "-f", "-"], yaml)?;
+        if !ok {
+            bail!("kubectl apply: {err}");
+        }
+        Ok(())
+    }
+
     /// `kubectl port-forward` to a Service; the forward ends when dropped.
     pub fn port_forward(&self, service: &str, port: u16) -> anyhow::Result<PortForward> {
         let local = free_port()?;

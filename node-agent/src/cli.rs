@@ -9,10 +9,10 @@ use anyhow::{Context, bail};
 use berth_proto::reference::Reference;
 use clap::{Parser, Subcommand};
 
-use crate::auth::DockerCredentials;
 use crate::cri::{CriError, CriRuntime, find_socket};
 use crate::runtime::{ImageInfo, ImageRuntime, RegistryAuth};
 use crate::session::{self, SessionConfig};
+use berth_proto::docker_config::DockerCredentials;
 
 /// Berth node agent.
 #[derive(Debug, Parser)]

@@ -6,10 +6,8 @@
 //!   with an in-memory fake for tests.
 //! - [`cli`] is the operator's crictl-like command line (`node-agent images …`).
 //! - [`session`] keeps the agent's stream to the coordinator alive and fed with
-//!   the node's [`inventory`].
-//! - [`auth`] reads registry credentials.
+//!   the node's [`inventory`], and [`tasks`] carries out the coordinator's work.
 
-pub mod auth;
 pub mod cli;
 pub mod cri;
 pub mod inventory;

@@ -47,23 +47,7 @@ pub struct FsInfo {
     pub inodes_used: u64,
 }
 
-/// Credentials for one registry.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct RegistryAuth {
-    /// User name.
-    pub username: String,
-    /// Password or token.
-    pub password: String,
-}
-
-impl std::fmt::Debug for RegistryAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RegistryAuth")
-            .field("username", &self.username)
-            .field("password", &"<redacted>")
-            .finish()
-    }
-}
+pub use berth_proto::docker_config::RegistryAuth;
 
 /// The operations Berth performs on a node's container runtime.
 pub trait ImageRuntime: Send + Sync + 'static {

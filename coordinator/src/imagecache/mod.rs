@@ -5,6 +5,7 @@
 //! what each cache's status says; [`controller`] feeds it from the apiserver
 //! and the agent sessions and carries the plan out.
 
+pub mod controller;
 pub mod crd;
 pub mod plan;
 

@@ -1,12 +1,29 @@
-//! Registry credentials for pulls: from flags, or from a Docker config file
-//! (`~/.docker/config.json`, or the `.dockerconfigjson` of a Kubernetes Secret).
+//! Registry credentials from a Docker config file (`~/.docker/config.json`, or
+//! the `.dockerconfigjson` of a Kubernetes Secret), matched to an image's registry.
 
 use std::collections::BTreeMap;
 
 use base64::Engine as _;
-use berth_proto::reference::Reference;
 
-use crate::runtime::RegistryAuth;
+use crate::reference::Reference;
+
+/// A user name and password for one registry.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RegistryAuth {
+    /// User name.
+    pub username: String,
+    /// Password or token.
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
 
 /// Why credentials could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,604 @@
+//! ImageCache on the real local cluster, checked through CRI on each node,
+//! not only through Berth's own status.
+//!
+//! Each test uses its own namespace and node label and its own test images,
+//! removes those images from every node first, and deletes what it made.
+//! Run with `--test-threads=1`.
+
+use std::time::Duration;
+
+use berth_coordinator::imagecache::crd::ImageCache;
+use berth_e2e::{Cluster, NAMESPACE, eventually};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, DeleteParams, ListParams};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A namespace for one test, deleted (with its caches) when dropped.
+struct Scope<'a> {
+    c: &'a Cluster,
+    ns: String,
+    label: String,
+}
+
+impl<'a> Scope<'a> {
+    async fn new(c: &'a Cluster, name: &str, images: &[&str]) -> Scope<'a> {
+        let ns = format!("ic-{name}");
+        let _ = c.kubectl(&["create", "namespace", &ns]);
+        for node in &c.nodes {
+            c.kubectl(&["label", "node", node, &format!("berth-e2e/{name}-")])
+                .unwrap();
+            for i in images {
+                c.cri_remove(node, &image(c, i)).await.unwrap();
+            }
+        }
+        if !images.is_empty() {
+            // Let the agents report the removal (they poll every 2 s), so no
+            // status below is computed from the inventory of before.
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        Scope {
+            c,
+            ns,
+            label: format!("berth-e2e/{name}"),
+        }
+    }
+
+    fn label(&self, node: &str, on: bool) {
+        let arg = if on {
+            format!("{}=yes", self.label)
+        } else {
+            format!("{}-", self.label)
+        };
+        self.c
+            .kubectl(&["label", "node", node, &arg, "--overwrite"])
+            .unwrap();
+    }
+
+    fn caches(&self) -> Api<ImageCache> {
+        Api::namespaced(self.c.client.clone(), &self.ns)
+    }
+
+    /// Waits until the cache's status satisfies `ok`.
+    async fn wait_status(
+        &self,
+        name: &str,
+        what: &str,
+        ok: impl Fn(&ImageCache) -> bool,
+    ) -> ImageCache {
+        let api = self.caches();
+        eventually(WAIT, what, || async {
+            let c = api.get(name).await?;
+            Ok(ok(&c).then_some(c))
+        })
+        .await
+        .unwrap()
+    }
+
+    async fn wait_gone(&self, name: &str) {
+        let api = self.caches();
+        eventually(WAIT, "the cache to be deleted", || async {
+            Ok(api.get_opt(name).await?.is_none().then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+}
+
+impl Drop for Scope<'_> {
+    fn drop(&mut self) {
+        let _ = self.c.kubectl(&[
+            "delete",
+            "imagecaches",
+            "--all",
+            "-n",
+            &self.ns,
+            "--wait=false",
+        ]);
+        for node in &self.c.nodes {
+            let _ = self
+                .c
+                .kubectl(&["label", "node", node, &format!("{}-", self.label)]);
+        }
+        let _ = self
+            .c
+            .kubectl(&["delete", "namespace", &self.ns, "--wait=false"]);
+    }
+}
+
+fn image(c: &Cluster, name: &str) -> String {
+    format!("{}/{name}", c.registry())
+}
+
+fn phase(c: &ImageCache) -> &str {
+    c.status
+        .as_ref()
+        .map(|s| s.phase.as_str())
+        .unwrap_or_default()
+}
+
+async fn wait_on_node(c: &Cluster, node: &str, image: &str, present: bool) {
+    eventually(
+        WAIT,
+        &format!("{image} present={present} on {node}"),
+        || async { Ok((c.cri_has_image(node, image).await? == present).then_some(())) },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "select", &["test/a:1", "test/b:1"]).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    s.label(n1, true);
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: sel, namespace: {ns}}}
+spec:
+  images: [{{ref: "{a}"}}, {{ref: "{b}", pullTimeout: 2m}}]
+  nodeSelector: {{matchLabels: {{"{label}": "yes"}}}}
+"#,
+        ns = s.ns,
+        a = image(&c, "test/a:1"),
+        b = image(&c, "test/b:1"),
+        label = s.label
+    ))
+    .unwrap();
+    let ready = s
+        .wait_status("sel", "Ready", |ic| phase(ic) == "Ready")
+        .await;
+    let st = ready.status.unwrap();
+    assert_eq!(
+        (st.nodes.target, st.nodes.ready, st.nodes.failed),
+        (1, 1, 0)
+    );
+    assert!(
+        st.images
+            .iter()
+            .all(|i| i.ready_nodes == 1 && i.image_id.is_some())
+    );
+    assert!(
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    );
+    for i in ["test/a:1", "test/b:1"] {
+        assert!(
+            c.cri_has_image(n1, &image(&c, i)).await.unwrap(),
+            "{i} on {n1}"
+        );
+        assert!(
+            !c.cri_has_image(n2, &image(&c, i)).await.unwrap(),
+            "{i} on {n2}"
+        );
+    }
+    // The printer columns read the status.
+    let row = c
+        .kubectl(&["get", "ic", "sel", "-n", &s.ns, "--no-headers"])
+        .unwrap();
+    assert!(
+        row.split_whitespace()
+            .take(4)
+            .eq(["sel", "1", "1", "Ready"]),
+        "{row}"
+    );
+}
+
+#[tokio::test]
+async fn images_follow_relabelled_nodes_and_selector_changes_both_ways() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "follow", &["test/c:1"]).await;
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    let img = image(&c, "test/c:1");
+    s.label(n1, true);
+    let cache = |selector: &str| {
+        format!(
+            r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: follow, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  deletionPolicy: RemoveFromNodes
+  {selector}
+"#,
+            ns = s.ns
+        )
+    };
+    c.apply(&cache(&format!(
+        r#"nodeSelector: {{matchLabels: {{"{}": "yes"}}}}"#,
+        s.label
+    )))
+    .unwrap();
+    wait_on_node(&c, n1, &img, true).await;
+    assert!(!c.cri_has_image(n2, &img).await.unwrap());
+
+    // Relabel: the image moves to the newly selected node and leaves the old one.
+    s.label(n2, true);
+    s.label(n1, false);
+    wait_on_node(&c, n2, &img, true).await;
+    wait_on_node(&c, n1, &img, false).await;
+
+    // Change the selector to a node name: back again.
+    c.apply(&cache(&format!("nodeNames: [{n1}]"))).unwrap();
+    wait_on_node(&c, n1, &img, true).await;
+    wait_on_node(&c, n2, &img, false).await;
+    s.wait_status("follow", "Ready on the named node", |ic| {
+        phase(ic) == "Ready" && ic.status.as_ref().unwrap().nodes.target == 1
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_image_removed_behind_berths_back_is_pulled_again() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "drift", &["test/d:1"]).await;
+    let n2 = &c.nodes[1];
+    let img = image(&c, "test/d:1");
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: drift, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  nodeNames: [{n2}]
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    wait_on_node(&c, n2, &img, true).await;
+    // As kubelet image GC would.
+    c.cri_remove(n2, &img).await.unwrap();
+    assert!(!c.cri_has_image(n2, &img).await.unwrap());
+    wait_on_node(&c, n2, &img, true).await;
+}
+
+#[tokio::test]
+async fn shared_images_stay_until_the_last_cache_goes_and_images_in_use_are_never_removed() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "shared", &["test/e:1", "test/f:1"]).await;
+    let n2 = &c.nodes[1];
+    let (shared, used) = (image(&c, "test/e:1"), image(&c, "test/f:1"));
+    let cache = |name: &str, img: &str| {
+        format!(
+            r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  nodeNames: [{n2}]
+  deletionPolicy: RemoveFromNodes
+"#,
+            ns = s.ns
+        )
+    };
+    c.apply(&cache("one", &shared)).unwrap();
+    c.apply(&cache("two", &shared)).unwrap();
+    c.apply(&cache("three", &used)).unwrap();
+    for name in ["one", "two", "three"] {
+        s.wait_status(name, "Ready", |ic| phase(ic) == "Ready")
+            .await;
+    }
+    // A pod on the node runs from the cached image (no pull: it is there).
+    c.apply(&format!(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: user, namespace: {ns}}}
+spec:
+  nodeName: {n2}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - {{name: c, image: "{used}", imagePullPolicy: Never, command: [sleep, "3600"]}}
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &s.ns);
+    eventually(WAIT, "the pod running", || async {
+        let p = pods.get("user").await?;
+        Ok((p.status.and_then(|s| s.phase).as_deref() == Some("Running")).then_some(()))
+    })
+    .await
+    .unwrap();
+
+    s.caches()
+        .delete("one", &DeleteParams::default())
+        .await
+        .unwrap();
+    s.wait_gone("one").await;
+    assert!(
+        c.cri_has_image(n2, &shared).await.unwrap(),
+        "cache two still wants it"
+    );
+
+    s.caches()
+        .delete("three", &DeleteParams::default())
+        .await
+        .unwrap();
+    s.wait_gone("three").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        c.cri_has_image(n2, &used).await.unwrap(),
+        "a running pod uses it"
+    );
+    let p = pods.get("user").await.unwrap();
+    assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
+
+    s.caches()
+        .delete("two", &DeleteParams::default())
+        .await
+        .unwrap();
+    s.wait_gone("two").await;
+    wait_on_node(&c, n2, &shared, false).await;
+    pods.delete("user", &DeleteParams::default().grace_period(0))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_private_image_is_cached_with_its_pull_secret_and_a_wrong_secret_degrades_with_auth_failed()
+ {
+    let c = Cluster::from_env().await.unwrap();
+    let private = format!("{}/private/a:1", c.auth_registry());
+    let s = Scope::new(&c, "private", &[]).await;
+    for node in &c.nodes {
+        c.cri_remove(node, &private).await.unwrap();
+    }
+    let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
+    for (name, password) in [("good", c.var("BERTH_AUTH_PASSWORD")), ("bad", "wrong")] {
+        c.kubectl(&[
+            "-n",
+            &s.ns,
+            "create",
+            "secret",
+            "docker-registry",
+            name,
+            "--docker-server",
+            c.auth_registry(),
+            "--docker-username",
+            c.var("BERTH_AUTH_USER"),
+            "--docker-password",
+            password,
+        ])
+        .unwrap();
+    }
+    let cache = |name: &str, node: &str, secret: &str| {
+        format!(
+            r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  images: [{{ref: "{private}"}}]
+  nodeNames: [{node}]
+  imagePullSecrets: [{{name: {secret}}}]
+"#,
+            ns = s.ns
+        )
+    };
+    c.apply(&cache("good", n1, "good")).unwrap();
+    c.apply(&cache("bad", n2, "bad")).unwrap();
+    s.wait_status("good", "Ready", |ic| phase(ic) == "Ready")
+        .await;
+    assert!(c.cri_has_image(n1, &private).await.unwrap());
+
+    let bad = s
+        .wait_status("bad", "Degraded", |ic| phase(ic) == "Degraded")
+        .await
+        .status
+        .unwrap();
+    let degraded = bad
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .unwrap();
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "AuthFailed")
+    );
+    assert_eq!(bad.images[0].failure_reasons.get("AuthFailed"), Some(&1));
+    assert_eq!(bad.images[0].failed_nodes_sample[0].node, *n2);
+    assert!(!c.cri_has_image(n2, &private).await.unwrap());
+
+    // Retries back off: within 12 s a failing pull is tried only a few times.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let pf = c.port_forward("berth-coordinator", 7070).unwrap();
+    let detail = c
+        .grpcurl(&[
+            "-plaintext",
+            "-d",
+            &format!(r#"{{"namespace": "{}", "name": "bad"}}"#, s.ns),
+            &pf.addr(),
+            "berth.v1.Inventory/GetImageCache",
+        ])
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&detail).unwrap();
+    let img = &v["nodes"][0]["images"][0];
+    assert_eq!(img["state"], "Failed", "{detail}");
+    assert_eq!(img["reason"], "AuthFailed", "{detail}");
+    let attempts = img["attempts"].as_u64().unwrap();
+    assert!(
+        (1..=6).contains(&attempts),
+        "{attempts} attempts in ~15 s: {detail}"
+    );
+}
+
+#[tokio::test]
+async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "invalid", &[]).await;
+    let cases = [
+        ("images: []", "should have at least 1 items"),
+        (
+            r#"images: [{ref: "Not/Valid:Ref"}]"#,
+            "ref must be an image reference",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}, {ref: "r.io/a:1"}]"#,
+            "Duplicate value",
+        ),
+        (
+            r#"images: [{ref: "r.io/a@sha256:abc"}]"#,
+            "ref must be an image reference",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1", pullTimeout: "forever"}]"#,
+            "pullTimeout must be a duration",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1", pullTimeout: "48h"}]"#,
+            "pullTimeout must be a duration",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  rollout: {maxConcurrentNodes: 0}"#,
+            "maxConcurrentNodes",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  deletionPolicy: Sometimes"#,
+            "Unsupported value",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeNames: [""]"#,
+            "nodeNames must be node names",
+        ),
+    ];
+    for (spec, expected) in cases {
+        let yaml = format!(
+            "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: bad, namespace: {}}}\nspec:\n  {spec}\n",
+            s.ns
+        );
+        let (ok, _, err) = c.kubectl_stdin(&["apply", "-f", "-"], &yaml).unwrap();
+        assert!(!ok, "accepted: {spec}");
+        assert!(err.contains(expected), "{spec}\n→ {err}");
+    }
+    assert!(
+        s.caches()
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
+    let c = Cluster::from_env().await.unwrap();
+    if !c.local {
+        eprintln!("skipped: stops the local cluster's registry");
+        return;
+    }
+    let s = Scope::new(&c, "outage", &["test/g:1"]).await;
+    let n1 = &c.nodes[0];
+    let img = image(&c, "test/g:1");
+    let cluster_sh = concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.sh");
+    let pid_file = format!("{}/pids/registry-plain.pid", c.var("BERTH_E2E_DIR"));
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    std::process::Command::new("kill")
+        .arg(pid.trim())
+        .status()
+        .unwrap();
+    eventually(WAIT, "the registry to stop", || async {
+        Ok(std::net::TcpStream::connect(c.registry())
+            .is_err()
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: outage, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  nodeNames: [{n1}]
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    let st = s
+        .wait_status("outage", "Degraded", |ic| phase(ic) == "Degraded")
+        .await
+        .status
+        .unwrap();
+    assert_eq!(
+        st.images[0].failure_reasons.get("RegistryUnreachable"),
+        Some(&1),
+        "{st:?}"
+    );
+
+    // `up` is idempotent: it restarts only what is not running.
+    let up = std::process::Command::new(cluster_sh)
+        .arg("up")
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    s.wait_status("outage", "Ready after the registry returned", |ic| {
+        phase(ic) == "Ready"
+    })
+    .await;
+    assert!(c.cri_has_image(n1, &img).await.unwrap());
+}
+
+#[tokio::test]
+async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "crash", &["busybox:1.36"]).await;
+    let img = image(&c, "busybox:1.36");
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: crash, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
+    for label in [
+        "app.kubernetes.io/name=berth-node-agent",
+        "app.kubernetes.io/name=berth-coordinator",
+    ] {
+        let list = pods
+            .list(&ListParams::default().labels(label))
+            .await
+            .unwrap();
+        let victim = list.items.into_iter().next().unwrap();
+        pods.delete(
+            &victim.metadata.name.unwrap(),
+            &DeleteParams::default().grace_period(0),
+        )
+        .await
+        .unwrap();
+    }
+    let st = s
+        .wait_status("crash", "Ready on every node", |ic| {
+            phase(ic) == "Ready"
+                && ic.status.as_ref().unwrap().nodes.ready as usize == c.nodes.len()
+        })
+        .await
+        .status
+        .unwrap();
+    assert_eq!(st.nodes.target as usize, c.nodes.len());
+    for n in &c.nodes {
+        wait_on_node(&c, n, &img, true).await;
+    }
+}
