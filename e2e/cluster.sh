@@ -457,8 +457,8 @@ images() {
 }
 
 # berth-image DIR: packs DIR/node-agent and DIR/coordinator with the shared
-# libraries they link, pushes them, and drops the old copy from the nodes so
-# the next pod start pulls the new one.
+# libraries they link, pushes them, and writes the image's by-digest name to
+# $D/berth-image (so a rebuilt image is rolled out even where the tag is cached).
 berth_image() {
   local dir=${1:?usage: cluster.sh berth-image DIR}
   [ -x "$dir/node-agent" ] && [ -x "$dir/coordinator" ] || die "$dir has no node-agent and coordinator binaries"
@@ -477,12 +477,10 @@ berth_image() {
   local repo=${BERTH_IMAGE#*/} ; repo=${repo%:*}
   local tag=${BERTH_IMAGE##*:}
   pack "$repo" "$tag" rootfs_berth /usr/local/bin/node-agent
-  local i S
-  for i in $(seq "$NODES"); do
-    S=$D/nodes/$(node_name "$i")/run/containerd.sock
-    [ -S "$S" ] && ctr -a "$S" -n k8s.io images rm "$BERTH_IMAGE" >/dev/null 2>&1 || true
-  done
-  log "pushed $REG/$repo:$tag (served as $BERTH_IMAGE)"
+  local digest
+  digest=$(skopeo inspect --tls-verify=false --format '{{.Digest}}' "docker://$REG/$repo:$tag")
+  echo "${BERTH_IMAGE%:*}@$digest" >"$D/berth-image"
+  log "pushed $REG/$repo:$tag = $digest (served as $BERTH_IMAGE)"
 }
 
 # ---------------------------------------------------------------- DNS, env

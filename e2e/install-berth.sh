@@ -15,12 +15,11 @@ cd "$ROOT"
 say cargo build --bins
 cargo build --bins --quiet
 "$ROOT/e2e/cluster.sh" berth-image "$CARGO_TARGET_DIR/debug"
-installed=$(kubectl -n berth-system get pods -o name 2>/dev/null || true)
 say kubectl apply -f manifests
 kubectl apply -f manifests
-# A reinstall over a running Berth picks up the freshly pushed image.
-if [ -n "$installed" ]; then
-  kubectl -n berth-system rollout restart deploy/berth-coordinator ds/berth-node-agent >/dev/null
-fi
+# Run exactly this build: the tag may be cached on the nodes from an earlier one.
+image=$(cat "$D/berth-image")
+kubectl -n berth-system set image deploy/berth-coordinator "coordinator=$image" >/dev/null
+kubectl -n berth-system set image ds/berth-node-agent "node-agent=$image" >/dev/null
 kubectl -n berth-system rollout status deploy/berth-coordinator --timeout=180s
 kubectl -n berth-system rollout status ds/berth-node-agent --timeout=180s

@@ -71,3 +71,4 @@ cargo test -p berth-e2e -- --test-threads=1
 
 step "benchmarks"
 cargo bench -p berth-e2e --profile dev --bench pull
+cargo bench -p berth-e2e --profile dev --bench imagecache

@@ -43,18 +43,22 @@ async fn main() -> anyhow::Result<()> {
     );
     let registry = Arc::new(NodeRegistry::default());
     let details = CacheDetails::default();
-    tokio::spawn(imagecache::controller::run(
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let controller = tokio::spawn(imagecache::controller::run(
         client,
         registry.clone(),
         details.clone(),
     ));
     let listener = server::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, "coordinator serving");
-    let shutdown = async {
+    tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
         tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-        tracing::info!("shutting down");
-    };
-    server::serve(listener, registry, details, Arc::new(verifier), shutdown).await
+        tracing::info!("shutting down: controller stopped, agent sessions closed");
+        // No more decisions from this process; the next coordinator takes over.
+        controller.abort();
+        let _ = stop.send(true);
+    });
+    server::serve(listener, registry, details, Arc::new(verifier), stopping).await
 }

@@ -14,14 +14,18 @@ use crate::imagecache::controller::CacheDetails;
 use crate::nodes::NodeRegistry;
 use crate::session::AgentSessions;
 
-/// Serves every coordinator service on `listener` until `shutdown` resolves.
+/// Serves every coordinator service on `listener` until `stopping` turns true.
 pub async fn serve<V: TokenVerifier>(
     listener: tokio::net::TcpListener,
     registry: Arc<NodeRegistry>,
     details: CacheDetails,
     verifier: Arc<V>,
-    shutdown: impl Future<Output = ()> + Send,
+    stopping: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    let mut stop = stopping.clone();
+    let shutdown = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
     let (health_reporter, health) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<AgentServiceServer<AgentSessions<V>>>()
@@ -46,6 +50,7 @@ pub async fn serve<V: TokenVerifier>(
         .add_service(AgentServiceServer::new(AgentSessions::new(
             registry.clone(),
             verifier,
+            stopping,
         )))
         .add_service(InventoryServer::new(InventoryApi::new(registry, details)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

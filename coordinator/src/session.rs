@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 use berth_proto::agent as pb;
 use berth_proto::agent::agent_service_server::AgentService;
 use futures::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
@@ -30,12 +30,23 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AgentSessions<V> {
     registry: Arc<NodeRegistry>,
     verifier: Arc<V>,
+    stopping: watch::Receiver<bool>,
 }
 
 impl<V> AgentSessions<V> {
-    /// Sessions authenticated by `verifier`, recorded in `registry`.
-    pub fn new(registry: Arc<NodeRegistry>, verifier: Arc<V>) -> Self {
-        AgentSessions { registry, verifier }
+    /// Sessions authenticated by `verifier`, recorded in `registry`; all end
+    /// when `stopping` turns true, so agents move to the next coordinator
+    /// instead of holding this one open through its shutdown.
+    pub fn new(
+        registry: Arc<NodeRegistry>,
+        verifier: Arc<V>,
+        stopping: watch::Receiver<bool>,
+    ) -> Self {
+        AgentSessions {
+            registry,
+            verifier,
+            stopping,
+        }
     }
 }
 
@@ -92,8 +103,9 @@ impl<V: TokenVerifier> AgentService for AgentSessions<V> {
             .await
             .map_err(|_| Status::cancelled("agent went away"))?;
         let registry = self.registry.clone();
+        let stopping = self.stopping.clone();
         tokio::spawn(async move {
-            let outcome = pump(&registry, &node, session, inbound, tx).await;
+            let outcome = pump(&registry, &node, session, inbound, tx, stopping).await;
             registry.disconnect(&node, session);
             match outcome {
                 Ok(()) => info!(node = %node, session, "agent disconnected"),
@@ -111,6 +123,7 @@ async fn pump(
     session: SessionId,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::CoordinatorMessage, Status>>,
+    mut stopping: watch::Receiver<bool>,
 ) -> Result<(), Status> {
     loop {
         let msg = tokio::select! {
@@ -118,6 +131,7 @@ async fn pump(
                 m.map_err(|_| Status::deadline_exceeded("agent silent for three heartbeats"))??
             }
             _ = tx.closed() => return Ok(()),
+            _ = stopping.wait_for(|s| *s) => return Err(Status::unavailable("coordinator shutting down")),
         };
         let Some(msg) = msg else { return Ok(()) };
         let now = SystemTime::now();

@@ -23,8 +23,9 @@ struct Scope<'a> {
 
 impl<'a> Scope<'a> {
     async fn new(c: &'a Cluster, name: &str, images: &[&str]) -> Scope<'a> {
-        let ns = format!("ic-{name}");
-        let _ = c.kubectl(&["create", "namespace", &ns]);
+        // Unique per run: an earlier run's namespace may still be terminating.
+        let ns = format!("ic-{name}-{:x}", std::process::id());
+        c.kubectl(&["create", "namespace", &ns]).unwrap();
         for node in &c.nodes {
             c.kubectl(&["label", "node", node, &format!("berth-e2e/{name}-")])
                 .unwrap();
@@ -504,14 +505,16 @@ async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
     let cluster_sh = concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.sh");
     let pid_file = format!("{}/pids/registry-plain.pid", c.var("BERTH_E2E_DIR"));
     let pid = std::fs::read_to_string(&pid_file).unwrap();
+    // SIGKILL: an outage, not a graceful drain (a draining registry still
+    // counts as running to `cluster.sh up`).
+    let pid = pid.trim().to_string();
     std::process::Command::new("kill")
-        .arg(pid.trim())
+        .args(["-9", &pid])
         .status()
         .unwrap();
     eventually(WAIT, "the registry to stop", || async {
-        Ok(std::net::TcpStream::connect(c.registry())
-            .is_err()
-            .then_some(()))
+        let gone = !std::path::Path::new(&format!("/proc/{pid}")).exists();
+        Ok((gone && std::net::TcpStream::connect(c.registry()).is_err()).then_some(()))
     })
     .await
     .unwrap();

@@ -36,7 +36,7 @@ pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Pulls of one cache at once on a node when the spec names no limit.
 pub const DEFAULT_PULLS_PER_NODE: u32 = 2;
 /// Least time between two status writes of one cache.
-const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a coordinator start, how long agents have to reconnect before a
 /// node without one makes its caches Degraded.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
@@ -78,7 +78,8 @@ pub struct Controller {
     nodes: Store<Node>,
     details: CacheDetails,
     recorder: Recorder,
-    written: HashMap<String, Instant>,
+    written: HashMap<String, (Instant, ImageCacheStatus)>,
+    deferred: Option<Instant>,
     phases: HashMap<String, String>,
     next_task: AtomicU64,
     run_id: u64,
@@ -133,16 +134,22 @@ pub async fn run(client: kube::Client, registry: Arc<NodeRegistry>, details: Cac
         nodes,
         details,
         written: HashMap::new(),
+        deferred: None,
         phases: HashMap::new(),
         next_task: AtomicU64::new(0),
         run_id: Timestamp::now().as_millisecond() as u64,
         started: Instant::now(),
     };
     loop {
+        c.deferred = None;
         c.pass().await;
+        // A status write held back by the rate limit is due before the resync.
+        let next = c.deferred.map_or(RESYNC, |t| {
+            t.saturating_duration_since(Instant::now()).min(RESYNC)
+        });
         tokio::select! {
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(RESYNC) => {}
+            _ = tokio::time::sleep(next) => {}
         }
         // Let a burst of events settle into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -321,6 +328,7 @@ pub fn build_status(
 impl Controller {
     async fn pass(&mut self) {
         let now = Instant::now();
+        debug!("pass");
         let caches = self.caches.state();
         let node_views: Vec<NodeView> = self
             .nodes
@@ -467,17 +475,19 @@ impl Controller {
 
     async fn write_status(&mut self, c: &ImageCache, status: ImageCacheStatus) {
         let k = key(c);
+        let last = self.written.get(&k);
+        // The store may not have seen our last write yet: compare with both.
+        if c.status.as_ref() == Some(&status) || last.is_some_and(|(_, s)| *s == status) {
+            return;
+        }
+        if let Some((at, _)) = last.filter(|(at, _)| at.elapsed() < STATUS_INTERVAL) {
+            let due = *at + STATUS_INTERVAL;
+            self.deferred = Some(self.deferred.map_or(due, |d| d.min(due)));
+            debug!(cache = %k, "status write deferred by the rate limit");
+            return;
+        }
         let old_phase = self.phases.insert(k.clone(), status.phase.clone());
-        if c.status.as_ref() == Some(&status) {
-            return;
-        }
-        if self
-            .written
-            .get(&k)
-            .is_some_and(|t| t.elapsed() < STATUS_INTERVAL)
-        {
-            return;
-        }
+        debug!(cache = %k, phase = %status.phase, "writing status");
         let api: Api<ImageCache> =
             Api::namespaced(self.client.clone(), &c.namespace().unwrap_or_default());
         let patch = serde_json::json!({ "status": status });
@@ -490,7 +500,8 @@ impl Controller {
             .await
         {
             Ok(_) => {
-                self.written.insert(k.clone(), Instant::now());
+                self.written
+                    .insert(k.clone(), (Instant::now(), status.clone()));
             }
             Err(e) => warn!(cache = %k, error = %e, "status write failed; retrying"),
         }
