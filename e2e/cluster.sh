@@ -255,7 +255,7 @@ node_config() {
   printf 'server = "https://ghcr.io"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$REG" >"$N/certs.d/ghcr.io/hosts.toml"
   cat >"$N/containerd.toml" <<EOF
 version = 2
-root = "$N/root"
+root = "/var/lib/containerd"
 state = "/run/containerd"
 [grpc]
   address = "/run/containerd/containerd.sock"
@@ -339,18 +339,21 @@ EOF
 }
 
 # Runs inside `nsenter --net=/run/netns/NODE unshare -m --propagation private`:
-# gives the node its own /run/containerd, /run/netns, /var/lib/berth, log and CNI dirs and a
+# gives the node its own /run/containerd, /var/lib/containerd, /run/netns,
+# /var/lib/berth, log and CNI dirs and a
 # sysfs of its network namespace, then starts containerd, kubelet, kube-proxy.
 node_inner() {
   local i=$1 n N ip
   n=$(node_name "$i"); N=$D/nodes/$n; ip=$(node_ip "$i")
-  mkdir -p /run/containerd /run/netns /var/log/pods /var/log/containers /var/lib/cni /var/lib/berth
+  mkdir -p /run/containerd /run/netns /var/log/pods /var/log/containers /var/lib/cni /var/lib/berth \
+    /var/lib/containerd
   mount --bind "$N/run" /run/containerd
   mount --bind "$N/netns" /run/netns
   mount --bind "$N/pods-logs" /var/log/pods
   mount --bind "$N/containers-logs" /var/log/containers
   mount --bind "$N/cni-cache" /var/lib/cni
   mount --bind "$N/berth" /var/lib/berth
+  mount --bind "$N/root" /var/lib/containerd
   mount --rbind /sys/fs/cgroup "$N/cgtmp"
   mount -t sysfs sysfs /sys
   mount --rbind "$N/cgtmp" /sys/fs/cgroup

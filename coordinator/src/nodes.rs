@@ -70,6 +70,7 @@ pub fn reason_name(r: pb::FailureReason) -> &'static str {
         F::RuntimeError => "RuntimeError",
         F::InUse => "InUse",
         F::NotManaged => "NotManaged",
+        F::DiskPressure => "DiskPressure",
         F::Unspecified => "Unknown",
     }
 }

@@ -605,3 +605,79 @@ spec:
         wait_on_node(&c, n, &img, true).await;
     }
 }
+
+/// Sets the agents' disk threshold and waits for them to restart with it.
+fn set_disk_threshold(c: &Cluster, percent: &str) {
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "set",
+        "env",
+        "ds/berth-node-agent",
+        &format!("BERTH_DISK_THRESHOLD={percent}"),
+    ])
+    .unwrap();
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "ds/berth-node-agent",
+        "--timeout=120s",
+    ])
+    .unwrap();
+}
+
+/// Puts the default threshold back even when the test fails.
+struct RestoreThreshold<'a>(&'a Cluster);
+
+impl Drop for RestoreThreshold<'_> {
+    fn drop(&mut self) {
+        set_disk_threshold(self.0, "85");
+    }
+}
+
+#[tokio::test]
+async fn the_disk_guard_refuses_pulls_past_its_threshold_and_says_so() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "disk", &["test/a:1"]).await;
+    let n1 = &c.nodes[0];
+    let img = image(&c, "test/a:1");
+    let restore = RestoreThreshold(&c);
+    // Any real filesystem is fuller than 1 %.
+    set_disk_threshold(&c, "1");
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: disk, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  nodeNames: [{n1}]
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    let st = s
+        .wait_status("disk", "Degraded by the disk guard", |ic| {
+            phase(ic) == "Degraded"
+        })
+        .await
+        .status
+        .unwrap();
+    assert_eq!(
+        st.images[0].failure_reasons.get("DiskPressure"),
+        Some(&1),
+        "{st:?}"
+    );
+    let message = &st.images[0].failed_nodes_sample[0].message;
+    assert!(message.contains("limit 1%"), "{message}");
+    assert!(!c.cri_has_image(n1, &img).await.unwrap());
+
+    drop(restore);
+    s.wait_status("disk", "Ready once the threshold allows it", |ic| {
+        phase(ic) == "Ready"
+    })
+    .await;
+    assert!(c.cri_has_image(n1, &img).await.unwrap());
+}

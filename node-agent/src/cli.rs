@@ -55,6 +55,16 @@ pub enum Command {
         /// Pulls at once on this node.
         #[arg(long, env = "BERTH_MAX_PULLS", default_value_t = 2)]
         max_pulls: usize,
+        /// A path on the runtime's image filesystem, for the disk guard.
+        #[arg(
+            long,
+            env = "BERTH_IMAGEFS_PATH",
+            default_value = "/var/lib/containerd"
+        )]
+        imagefs_path: PathBuf,
+        /// Refuse pulls that would fill the image filesystem past this percentage.
+        #[arg(long, env = "BERTH_DISK_THRESHOLD", default_value_t = 85.0)]
+        disk_threshold: f64,
         /// Where the agent remembers which images it pulled (survives restarts).
         #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
         state_dir: PathBuf,
@@ -135,6 +145,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             inventory_poll,
             max_pulls,
             state_dir,
+            imagefs_path,
+            disk_threshold,
         } => {
             let v = cri.version().await?;
             tracing::info!(runtime = %v.name, version = %v.version, socket = %socket.display(), "connected to runtime");
@@ -151,6 +163,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             let managed = crate::tasks::Managed::load(Some(state_dir));
             let (runner, updates) =
                 crate::tasks::TaskRunner::new(std::sync::Arc::new(cri), max_pulls, managed);
+            let runner =
+                runner.with_disk_guard(crate::disk::DiskGuard::new(imagefs_path, disk_threshold));
             session::run(runner, updates, cfg).await;
             Ok(())
         }

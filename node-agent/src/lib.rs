@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod cri;
+pub mod disk;
 pub mod inventory;
 pub mod runtime;
 pub mod session;

@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tracing::{info, warn};
 
 use crate::cri::CriError;
+use crate::disk::DiskGuard;
 use crate::runtime::{ImageRuntime, RegistryAuth};
 
 /// Deadline of a pull whose task names none.
@@ -77,7 +78,20 @@ pub struct TaskRunner<R> {
     /// Image → ids of the tasks waiting for its pull.
     inflight: Arc<Mutex<HashMap<String, Vec<String>>>>,
     managed: Arc<Managed>,
+    disk: Arc<DiskGuard>,
     updates: mpsc::UnboundedSender<pb::TaskUpdate>,
+}
+
+/// Why a pull did not happen.
+enum PullError {
+    Cri(CriError),
+    Disk(String),
+}
+
+impl From<CriError> for PullError {
+    fn from(e: CriError) -> Self {
+        PullError::Cri(e)
+    }
 }
 
 // By hand: a derive would demand `R: Clone`.
@@ -88,6 +102,7 @@ impl<R> Clone for TaskRunner<R> {
             pulls: self.pulls.clone(),
             inflight: self.inflight.clone(),
             managed: self.managed.clone(),
+            disk: self.disk.clone(),
             updates: self.updates.clone(),
         }
     }
@@ -141,9 +156,16 @@ impl<R: ImageRuntime> TaskRunner<R> {
             pulls: Arc::new(Semaphore::new(max_pulls.max(1))),
             inflight: Arc::default(),
             managed: Arc::new(managed),
+            disk: Arc::new(DiskGuard::disabled()),
             updates,
         };
         (runner, rx)
+    }
+
+    /// Refuses pulls that would pass `guard`'s threshold.
+    pub fn with_disk_guard(mut self, guard: DiskGuard) -> Self {
+        self.disk = Arc::new(guard);
+        self
     }
 
     /// The runtime tasks run on.
@@ -216,14 +238,21 @@ impl<R: ImageRuntime> TaskRunner<R> {
                         elapsed_ms: start.elapsed().as_millis() as u64,
                         ..update(&id, pb::TaskState::Done)
                     },
-                    Err(e) => failed(&id, reason_of(e), e.to_string(), start),
+                    Err(PullError::Cri(e)) => failed(&id, reason_of(e), e.to_string(), start),
+                    Err(PullError::Disk(why)) => {
+                        failed(&id, pb::FailureReason::DiskPressure, why.clone(), start)
+                    }
                 };
                 let _ = this.updates.send(u);
             }
         });
     }
 
-    async fn pull_once(&self, reference: &Reference, p: &pb::PullTask) -> Result<String, CriError> {
+    async fn pull_once(
+        &self,
+        reference: &Reference,
+        p: &pb::PullTask,
+    ) -> Result<String, PullError> {
         let _permit = self
             .pulls
             .acquire()
@@ -234,6 +263,9 @@ impl<R: ImageRuntime> TaskRunner<R> {
         if let Some(present) = self.rt.image_status(reference).await? {
             return Ok(present.id);
         }
+        self.disk
+            .check(&key, p.expected_size_bytes)
+            .map_err(PullError::Disk)?;
         let auth = p.credentials.as_ref().map(|c| RegistryAuth {
             username: c.username.clone(),
             password: c.password.clone(),

@@ -391,6 +391,7 @@ impl Controller {
                 image,
                 timeout,
                 cache,
+                expected_size,
             } => {
                 let credentials = match caches.iter().find(|c| key(c) == cache) {
                     Some(c) => self.credentials_for(c, &image, secrets).await,
@@ -402,6 +403,7 @@ impl Controller {
                         image: image.clone(),
                         credentials,
                         timeout_seconds: timeout.as_secs().min(u32::MAX as u64) as u32,
+                        expected_size_bytes: expected_size,
                     })),
                 };
                 (node, task, TaskRecord { image, pull: true })

@@ -100,6 +100,8 @@ pub enum Action {
         timeout: Duration,
         /// The cache it is pulled for.
         cache: String,
+        /// Its size where another node holds it (0: unknown), for the disk guard.
+        expected_size: u64,
     },
     /// Remove `image` from `node`.
     Remove {
@@ -204,6 +206,14 @@ fn pending_removals<'a>(
 /// removals of images Berth pulled that no live cache wants and no container uses.
 pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
     let wanted = wanted(caches, nodes);
+    let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
+    for a in nodes.iter().filter_map(|n| n.agent.as_ref()) {
+        for i in &a.images {
+            for t in i.repo_tags.iter().chain(&i.repo_digests) {
+                sizes.insert(t, i.size_bytes);
+            }
+        }
+    }
     let mut planned: BTreeSet<(String, String)> = BTreeSet::new();
     let mut out = Vec::new();
     for c in caches.iter().filter(|c| !c.deleting && !c.paused) {
@@ -246,6 +256,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
                     image: r.clone(),
                     timeout: i.timeout,
                     cache: c.key.clone(),
+                    expected_size: sizes.get(r.as_str()).copied().unwrap_or_default(),
                 });
             }
         }

@@ -315,3 +315,18 @@ fn the_failed_node_sample_is_bounded() {
     assert_eq!(s.images[0].failed_nodes_sample.len(), FAILED_SAMPLE);
     assert!(s.images[0].failed_nodes_sample[0].message.len() <= 512);
 }
+
+#[test]
+fn a_pull_carries_the_size_another_node_reports_for_the_disk_guard() {
+    let nodes = [node("n1", &[], &["r/a:1"]), node("n2", &[], &[])];
+    match &actions(&[cache("ns/c", &["r/a:1"])], &nodes)[..] {
+        [
+            Action::Pull {
+                node,
+                expected_size,
+                ..
+            },
+        ] => assert_eq!((node.as_str(), *expected_size), ("n2", 7)),
+        other => panic!("{other:?}"),
+    }
+}
