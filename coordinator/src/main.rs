@@ -20,6 +20,9 @@ struct Args {
     /// ServiceAccount of the node agents.
     #[arg(long, default_value = "berth-node-agent")]
     agent_service_account: String,
+    /// Address of the Prometheus metrics endpoint (`/metrics`).
+    #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
     /// Audience of the agents' projected tokens.
     #[arg(long, default_value = "berth")]
     audience: String,
@@ -49,6 +52,12 @@ async fn main() -> anyhow::Result<()> {
         registry.clone(),
         details.clone(),
     ));
+    let metrics_addr = args.metrics_listen;
+    tokio::spawn(async move {
+        if let Err(e) = berth_coordinator::metrics::serve(metrics_addr).await {
+            tracing::error!(addr = %metrics_addr, error = %e, "metrics endpoint failed");
+        }
+    });
     let listener = server::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, "coordinator serving");
     tokio::spawn(async move {

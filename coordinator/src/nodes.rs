@@ -14,7 +14,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent as pb;
+use std::sync::atomic::Ordering;
 use tokio::sync::{Notify, mpsc};
+
+use crate::metrics::METRICS;
 
 use crate::imagecache::plan::{AgentView, Failure};
 
@@ -142,6 +145,9 @@ impl NodeRegistry {
         let session = inner.next_session;
         let name = hello.node_name.clone();
         let previous = inner.nodes.remove(&name);
+        if !previous.as_ref().is_some_and(|p| p.connected) {
+            METRICS.agents_connected.fetch_add(1, Ordering::Relaxed);
+        }
         let (inventory, failures) = previous
             .map(|p| (p.inventory, p.failures))
             .unwrap_or_default();
@@ -197,6 +203,11 @@ impl NodeRegistry {
                 return;
             };
             let reason = pb::FailureReason::try_from(u.reason).unwrap_or_default();
+            let kind = if task.pull { "pull" } else { "remove" };
+            match state {
+                pb::TaskState::Done => METRICS.task_result(kind, "done", ""),
+                _ => METRICS.task_result(kind, "failed", reason_name(reason)),
+            }
             match (state, task.pull) {
                 (pb::TaskState::Done, true) => {
                     n.failures.remove(&task.image);
@@ -238,6 +249,7 @@ impl NodeRegistry {
         if outbox.try_send(Ok(msg)).is_err() {
             return false;
         }
+        METRICS.task_sent(if record.pull { "pull" } else { "remove" });
         n.tasks.insert(id, record);
         true
     }
@@ -293,6 +305,9 @@ impl NodeRegistry {
     /// Marks the node disconnected, if `session` is still its newest.
     pub fn disconnect(&self, node: &str, session: SessionId) -> bool {
         self.with_current(node, session, |n| {
+            if n.connected {
+                METRICS.agents_connected.fetch_sub(1, Ordering::Relaxed);
+            }
             n.connected = false;
             n.outbox = None;
             n.tasks.clear();

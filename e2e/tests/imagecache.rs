@@ -681,3 +681,62 @@ spec:
     .await;
     assert!(c.cri_has_image(n1, &img).await.unwrap());
 }
+
+/// `GET /metrics` from the coordinator, through a port-forward.
+fn scrape(c: &Cluster) -> String {
+    use std::io::{Read, Write};
+    let pf = c.port_forward("berth-coordinator", 9090).unwrap();
+    let mut conn = std::net::TcpStream::connect(pf.addr()).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    conn.read_to_string(&mut out).unwrap();
+    out
+}
+
+#[tokio::test]
+async fn metrics_show_connected_agents_tasks_and_cache_states() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "metrics", &["test/b:1"]).await;
+    let n2 = &c.nodes[1];
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: m, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  nodeNames: [{n2}]
+"#,
+        ns = s.ns,
+        img = image(&c, "test/b:1")
+    ))
+    .unwrap();
+    s.wait_status("m", "Ready", |ic| phase(ic) == "Ready").await;
+    let text = eventually(WAIT, "metrics of the ready cache", || async {
+        let text = scrape(&c);
+        let want = format!(
+            "berth_imagecache_nodes{{namespace=\"{}\",name=\"m\",state=\"ready\"}} 1",
+            s.ns
+        );
+        Ok(text.contains(&want).then_some(text))
+    })
+    .await
+    .unwrap();
+    assert!(
+        text.starts_with("HTTP/1.0 200") || text.starts_with("HTTP/1.1 200"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("berth_agents_connected {}", c.nodes.len())),
+        "{text}"
+    );
+    assert!(
+        text.contains("berth_task_results_total{kind=\"pull\",result=\"done\",reason=\"\"}"),
+        "{text}"
+    );
+    assert!(
+        text.contains("# TYPE berth_status_writes_total counter"),
+        "{text}"
+    );
+}

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 
 use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, RolloutTimes};
 use super::plan::{self, Action, CacheView, NodeView, WantedImage};
+use crate::metrics::METRICS;
 use crate::nodes::{NodeRegistry, TaskRecord};
 
 /// Deadline of one pull attempt when the spec names none.
@@ -357,8 +358,19 @@ impl Controller {
         }
 
         let mut details = BTreeMap::new();
+        let mut node_counts = BTreeMap::new();
         for (c, v) in caches.iter().zip(&views) {
             let computed = plan::status(v, &node_views);
+            let n = &computed.nodes;
+            for (state, count) in [
+                ("ready", n.ready),
+                ("pulling", n.pulling),
+                ("pending", n.pending),
+                ("failed", n.failed),
+                ("unknown", n.unknown),
+            ] {
+                node_counts.insert((v.key.clone(), state), count.into());
+            }
             let grace = self.started.elapsed() < AGENT_GRACE;
             let status = build_status(c, v, computed, Timestamp::now(), grace);
             details.insert(v.key.clone(), node_details(v, &node_views));
@@ -372,6 +384,11 @@ impl Controller {
             }
         }
         *self.details.write().unwrap() = details;
+        METRICS.set_cache_nodes(node_counts);
+        METRICS.passes.fetch_add(1, Ordering::Relaxed);
+        METRICS
+            .pass_micros
+            .fetch_add(now.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 
     async fn dispatch(
@@ -502,6 +519,7 @@ impl Controller {
             .await
         {
             Ok(_) => {
+                METRICS.status_writes.fetch_add(1, Ordering::Relaxed);
                 self.written
                     .insert(k.clone(), (Instant::now(), status.clone()));
             }

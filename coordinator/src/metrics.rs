@@ -1,0 +1,168 @@
+//! Prometheus metrics of the coordinator, served as text on `/metrics`.
+//!
+//! A handful of counters and gauges in one process-wide [`METRICS`]; labels
+//! are few and bounded (task kind, result, reason; cache and node state).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{LazyLock, Mutex};
+
+/// The coordinator's metrics.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
+
+/// Counters and gauges.
+#[derive(Default)]
+pub struct Metrics {
+    /// Agent sessions open now.
+    pub agents_connected: AtomicU64,
+    /// Reconcile passes run.
+    pub passes: AtomicU64,
+    /// Total seconds spent in passes, in microseconds.
+    pub pass_micros: AtomicU64,
+    /// ImageCache status writes sent to the apiserver.
+    pub status_writes: AtomicU64,
+    /// Tasks sent, by kind.
+    tasks_sent: Mutex<BTreeMap<&'static str, u64>>,
+    /// Task outcomes, by (kind, result, reason).
+    task_results: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
+    /// Selected nodes per cache and state (replaced each pass).
+    cache_nodes: Mutex<BTreeMap<(String, &'static str), u64>>,
+}
+
+impl Metrics {
+    /// Counts a task sent to an agent.
+    pub fn task_sent(&self, kind: &'static str) {
+        *self.tasks_sent.lock().unwrap().entry(kind).or_default() += 1;
+    }
+
+    /// Counts a finished task.
+    pub fn task_result(&self, kind: &'static str, result: &'static str, reason: &str) {
+        *self
+            .task_results
+            .lock()
+            .unwrap()
+            .entry((kind, result, reason.to_string()))
+            .or_default() += 1;
+    }
+
+    /// Replaces the per-cache node counts.
+    pub fn set_cache_nodes(&self, counts: BTreeMap<(String, &'static str), u64>) {
+        *self.cache_nodes.lock().unwrap() = counts;
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let gauge = |out: &mut String, name: &str, help: &str, v: u64, kind: &str| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        gauge(
+            &mut out,
+            "berth_agents_connected",
+            "Agent sessions open now.",
+            self.agents_connected.load(Ordering::Relaxed),
+            "gauge",
+        );
+        gauge(
+            &mut out,
+            "berth_reconcile_passes_total",
+            "ImageCache reconcile passes.",
+            self.passes.load(Ordering::Relaxed),
+            "counter",
+        );
+        let secs = self.pass_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(
+            out,
+            "# HELP berth_reconcile_seconds_total Time spent in reconcile passes.\n# TYPE berth_reconcile_seconds_total counter\nberth_reconcile_seconds_total {secs}"
+        );
+        gauge(
+            &mut out,
+            "berth_status_writes_total",
+            "ImageCache status writes to the apiserver.",
+            self.status_writes.load(Ordering::Relaxed),
+            "counter",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP berth_tasks_sent_total Tasks sent to agents.\n# TYPE berth_tasks_sent_total counter"
+        );
+        for (kind, v) in self.tasks_sent.lock().unwrap().iter() {
+            let _ = writeln!(out, "berth_tasks_sent_total{{kind=\"{kind}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP berth_task_results_total Finished tasks by outcome.\n# TYPE berth_task_results_total counter"
+        );
+        for ((kind, result, reason), v) in self.task_results.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "berth_task_results_total{{kind=\"{kind}\",result=\"{result}\",reason=\"{reason}\"}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP berth_imagecache_nodes Selected nodes of each ImageCache by state.\n# TYPE berth_imagecache_nodes gauge"
+        );
+        for ((cache, state), v) in self.cache_nodes.lock().unwrap().iter() {
+            let (ns, name) = cache.split_once('/').unwrap_or(("", cache));
+            let _ = writeln!(
+                out,
+                "berth_imagecache_nodes{{namespace=\"{ns}\",name=\"{name}\",state=\"{state}\"}} {v}"
+            );
+        }
+        out
+    }
+}
+
+/// Serves `GET /metrics` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    loop {
+        let (stream, _) = listener.accept().await?;
+        tokio::spawn(async move {
+            let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let (status, body) = if req.uri().path() == "/metrics" {
+                    (200, METRICS.render())
+                } else {
+                    (404, "only /metrics here\n".to_string())
+                };
+                hyper::Response::builder()
+                    .status(status)
+                    .header("content-type", "text/plain; version=0.0.4")
+                    .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_has_help_type_and_labelled_samples() {
+        let m = Metrics::default();
+        m.task_sent("pull");
+        m.task_result("pull", "failed", "AuthFailed");
+        m.set_cache_nodes([(("ns/c".to_string(), "ready"), 3)].into());
+        let text = m.render();
+        assert!(text.contains("# TYPE berth_tasks_sent_total counter"));
+        assert!(text.contains("berth_tasks_sent_total{kind=\"pull\"} 1"));
+        assert!(text.contains(
+            "berth_task_results_total{kind=\"pull\",result=\"failed\",reason=\"AuthFailed\"} 1"
+        ));
+        assert!(
+            text.contains("berth_imagecache_nodes{namespace=\"ns\",name=\"c\",state=\"ready\"} 3")
+        );
+    }
+}
