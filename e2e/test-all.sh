@@ -72,3 +72,4 @@ cargo test -p berth-e2e -- --test-threads=1
 step "benchmarks"
 cargo bench -p berth-e2e --profile dev --bench pull
 cargo bench -p berth-e2e --profile dev --bench imagecache
+cargo bench -p berth-e2e --profile dev --bench scale

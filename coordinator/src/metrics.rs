@@ -23,6 +23,8 @@ pub struct Metrics {
     pub pass_micros: AtomicU64,
     /// ImageCache status writes sent to the apiserver.
     pub status_writes: AtomicU64,
+    /// Every write to the apiserver: status, finalizers, Events.
+    pub api_writes: AtomicU64,
     /// Tasks sent, by kind.
     tasks_sent: Mutex<BTreeMap<&'static str, u64>>,
     /// Task outcomes, by (kind, result, reason).
@@ -79,6 +81,13 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP berth_reconcile_seconds_total Time spent in reconcile passes.\n# TYPE berth_reconcile_seconds_total counter\nberth_reconcile_seconds_total {secs}"
+        );
+        gauge(
+            &mut out,
+            "berth_api_writes_total",
+            "Writes to the apiserver (status, finalizers, Events).",
+            self.api_writes.load(Ordering::Relaxed),
+            "counter",
         );
         gauge(
             &mut out,

@@ -520,6 +520,7 @@ impl Controller {
         {
             Ok(_) => {
                 METRICS.status_writes.fetch_add(1, Ordering::Relaxed);
+                METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
                 self.written
                     .insert(k.clone(), (Instant::now(), status.clone()));
             }
@@ -557,6 +558,7 @@ impl Controller {
             action: "Reconcile".into(),
             secondary: None,
         };
+        METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.recorder.publish(&ev, &c.object_ref(&())).await {
             debug!(error = %e, "event not recorded");
         }
@@ -577,6 +579,7 @@ impl Controller {
         let patch = serde_json::json!({
             "metadata": { "finalizers": finalizers, "resourceVersion": c.resource_version() }
         });
+        METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = api
             .patch(
                 &c.name_any(),
