@@ -71,7 +71,7 @@ stop() {
 deps() {
   local want=(containerd runc containernetworking-plugins etcd-server docker-registry iproute2
     iptables conntrack openssl protobuf-compiler busybox-static umoci skopeo apache2-utils curl jq
-    util-linux)
+    util-linux ca-certificates)
   local missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then
@@ -474,6 +474,9 @@ berth_image() {
       mkdir -p "$1$(dirname "$lib")"
       cp -L "$lib" "$1$lib"
     done
+    # CA certificates, for registries over HTTPS.
+    mkdir -p "$1/etc/ssl/certs"
+    cp /etc/ssl/certs/ca-certificates.crt "$1/etc/ssl/certs/"
     echo 'root:x:0:0:root:/:/sbin/nologin' >"$1/etc/passwd"
     echo 'hosts: files dns' >"$1/etc/nsswitch.conf"
   }

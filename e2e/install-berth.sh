@@ -19,6 +19,10 @@ say kubectl apply -f manifests
 kubectl apply -f manifests
 # Run exactly this build: the tag may be cached on the nodes from an earlier one.
 image=$(cat "$D/berth-image")
+# The local registries speak plain HTTP (the nodes' containerd knows; the
+# coordinator, resolving tracked tags, must be told).
+kubectl -n berth-system set env deploy/berth-coordinator \
+  "BERTH_INSECURE_REGISTRIES=$BERTH_REGISTRY,$BERTH_AUTH_REGISTRY" >/dev/null
 kubectl -n berth-system set image deploy/berth-coordinator "coordinator=$image" >/dev/null
 kubectl -n berth-system set image ds/berth-node-agent "node-agent=$image" >/dev/null
 kubectl -n berth-system rollout status deploy/berth-coordinator --timeout=180s

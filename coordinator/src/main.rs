@@ -20,6 +20,14 @@ struct Args {
     /// ServiceAccount of the node agents.
     #[arg(long, default_value = "berth-node-agent")]
     agent_service_account: String,
+    /// Registries (`host:port`) spoken to over plain HTTP when resolving
+    /// tracked tags; comma-separated in the environment.
+    #[arg(
+        long = "insecure-registry",
+        env = "BERTH_INSECURE_REGISTRIES",
+        value_delimiter = ','
+    )]
+    insecure_registries: Vec<String>,
     /// Address of the Prometheus metrics endpoint (`/metrics`).
     #[arg(long, env = "BERTH_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -30,6 +38,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // oci-client's rustls has no default crypto provider; kube uses ring too.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -51,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         client,
         registry.clone(),
         details.clone(),
+        args.insecure_registries.clone(),
     ));
     let metrics_addr = args.metrics_listen;
     tokio::spawn(async move {

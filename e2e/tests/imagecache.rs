@@ -469,6 +469,16 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
         ),
         (
             r#"images: [{ref: "r.io/a:1"}]
+  updatePolicy: {type: TrackTag, interval: 1s}"#,
+            "interval must be a duration",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  updatePolicy: {type: Sometimes}"#,
+            "Unsupported value",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
   nodeNames: [""]"#,
             "nodeNames must be node names",
         ),
@@ -739,4 +749,105 @@ spec:
         text.contains("# TYPE berth_status_writes_total counter"),
         "{text}"
     );
+}
+
+/// Points `$REG/track/app:1` at the content of `$REG/<from>` (as a CI push would).
+fn retag(c: &Cluster, from: &str, to: &str) {
+    let out = std::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            &format!("docker://{}", image(c, from)),
+            &format!("docker://{}", image(c, to)),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The image ID the node's runtime has for `reference`.
+async fn image_id(c: &Cluster, node: &str, reference: &str) -> Option<String> {
+    let spec = k8s_cri::v1::ImageSpec {
+        image: reference.to_string(),
+        ..Default::default()
+    };
+    let r = c
+        .cri(node)
+        .await
+        .unwrap()
+        .image_status(k8s_cri::v1::ImageStatusRequest {
+            image: Some(spec),
+            verbose: false,
+        })
+        .await
+        .unwrap();
+    r.into_inner().image.map(|i| i.id)
+}
+
+#[tokio::test]
+async fn a_tracked_tag_moves_every_selected_node_to_its_new_digest() {
+    let c = Cluster::from_env().await.unwrap();
+    if !c.local {
+        eprintln!("skipped: pushes to the local registry");
+        return;
+    }
+    let s = Scope::new(&c, "track", &["track/app:1", "test/c:1", "test/d:1"]).await;
+    let n1 = &c.nodes[0];
+    let tracked = image(&c, "track/app:1");
+    retag(&c, "test/c:1", "track/app:1");
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: track, namespace: {ns}}}
+spec:
+  images: [{{ref: "{tracked}"}}]
+  nodeNames: [{n1}]
+  updatePolicy: {{type: TrackTag, interval: 10s}}
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    let first = s
+        .wait_status("track", "Ready with a digest", |ic| {
+            phase(ic) == "Ready" && ic.status.as_ref().unwrap().images[0].digest.is_some()
+        })
+        .await
+        .status
+        .unwrap();
+    let old_id = image_id(&c, n1, &tracked).await.expect("pulled");
+
+    // The tag moves to other content; within an interval or two the node follows.
+    retag(&c, "test/d:1", "track/app:1");
+    let new_digest = eventually(
+        Duration::from_secs(90),
+        "the new digest in status",
+        || async {
+            let st = s.caches().get("track").await?.status.unwrap_or_default();
+            let d = st.images.first().and_then(|i| i.digest.clone());
+            Ok(d.filter(|d| Some(d) != first.images[0].digest.as_ref()))
+        },
+    )
+    .await
+    .unwrap();
+    eventually(WAIT, "the node on the new content", || async {
+        let id = image_id(&c, n1, &tracked).await;
+        Ok(id.filter(|id| *id != old_id).map(|_| ()))
+    })
+    .await
+    .unwrap();
+    let st = s
+        .wait_status("track", "Ready on the new digest", |ic| {
+            phase(ic) == "Ready"
+        })
+        .await
+        .status
+        .unwrap();
+    assert_eq!(st.images[0].digest.as_deref(), Some(new_digest.as_str()));
 }

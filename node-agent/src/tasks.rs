@@ -260,7 +260,9 @@ impl<R: ImageRuntime> TaskRunner<R> {
             .expect("semaphore is never closed");
         let key = reference.to_string();
         // An image that was here before Berth pulled it is not Berth's to remove.
-        if let Some(present) = self.rt.image_status(reference).await? {
+        if let Some(present) = self.rt.image_status(reference).await?
+            && (p.pin.is_empty() || present.repo_digests.contains(&p.pin))
+        {
             return Ok(present.id);
         }
         self.disk

@@ -27,11 +27,16 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, RolloutTimes};
+use super::crd::{
+    DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, RolloutTimes, UpdateType,
+};
 use super::plan::{self, Action, CacheView, NodeView, WantedImage};
+use super::tags::{OciRegistry, TagTracker};
 use crate::metrics::METRICS;
 use crate::nodes::{NodeRegistry, TaskRecord};
 
+/// How often a tracked tag is re-resolved when the spec names no interval.
+pub const DEFAULT_TRACK_INTERVAL: Duration = Duration::from_secs(300);
 /// Deadline of one pull attempt when the spec names none.
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Pulls of one cache at once on a node when the spec names no limit.
@@ -79,6 +84,7 @@ pub struct Controller {
     nodes: Store<Node>,
     details: CacheDetails,
     recorder: Recorder,
+    tracker: TagTracker<OciRegistry>,
     written: HashMap<String, (Instant, ImageCacheStatus)>,
     deferred: Option<Instant>,
     phases: HashMap<String, String>,
@@ -88,7 +94,13 @@ pub struct Controller {
 }
 
 /// Starts the reflectors and runs passes until the process ends.
-pub async fn run(client: kube::Client, registry: Arc<NodeRegistry>, details: CacheDetails) {
+/// Tags are resolved over plain HTTP for the `insecure` registries (`host:port`).
+pub async fn run(
+    client: kube::Client,
+    registry: Arc<NodeRegistry>,
+    details: CacheDetails,
+    insecure: Vec<String>,
+) {
     let wake = registry.changed();
     let (caches, cache_writer) = reflector::store();
     let (nodes, node_writer) = reflector::store();
@@ -129,6 +141,7 @@ pub async fn run(client: kube::Client, registry: Arc<NodeRegistry>, details: Cac
     };
     let mut c = Controller {
         recorder: Recorder::new(client.clone(), reporter),
+        tracker: TagTracker::new(OciRegistry::new(insecure), wake.clone()),
         client,
         registry,
         caches,
@@ -163,7 +176,8 @@ fn key(c: &ImageCache) -> String {
 
 /// The planner's view of a cache. References are normalised; the CRD's rules
 /// already refused malformed ones, so one that still fails to parse is skipped.
-pub fn cache_view(c: &ImageCache) -> CacheView {
+/// `pins` maps a tracked reference to the `repository@digest` it points to now.
+pub fn cache_view(c: &ImageCache, pins: &HashMap<String, String>) -> CacheView {
     let images: Vec<WantedImage> = c
         .spec
         .images
@@ -175,7 +189,12 @@ pub fn cache_view(c: &ImageCache) -> CacheView {
                 .as_deref()
                 .and_then(|t| humantime::parse_duration(t).ok())
                 .unwrap_or(DEFAULT_PULL_TIMEOUT);
-            Some(WantedImage { reference, timeout })
+            let pin = pins.get(&reference).cloned();
+            Some(WantedImage {
+                reference,
+                timeout,
+                pin,
+            })
         })
         .collect();
     let forgotten = c
@@ -344,7 +363,12 @@ impl Controller {
                 }
             })
             .collect();
-        let views: Vec<CacheView> = caches.iter().map(|c| cache_view(c)).collect();
+        let mut secrets: HashMap<String, Option<DockerCredentials>> = HashMap::new();
+        let mut views: Vec<CacheView> = Vec::with_capacity(caches.len());
+        for c in &caches {
+            let pins = self.pins(c, &mut secrets).await;
+            views.push(cache_view(c, &pins));
+        }
 
         for (c, v) in caches.iter().zip(&views) {
             if !v.deleting && !c.finalizers().iter().any(|f| f == FINALIZER) {
@@ -352,7 +376,6 @@ impl Controller {
             }
         }
 
-        let mut secrets: HashMap<String, Option<DockerCredentials>> = HashMap::new();
         for action in plan::actions(&views, &node_views) {
             self.dispatch(action, &caches, &mut secrets).await;
         }
@@ -409,6 +432,7 @@ impl Controller {
                 timeout,
                 cache,
                 expected_size,
+                pin,
             } => {
                 let credentials = match caches.iter().find(|c| key(c) == cache) {
                     Some(c) => self.credentials_for(c, &image, secrets).await,
@@ -421,6 +445,7 @@ impl Controller {
                         credentials,
                         timeout_seconds: timeout.as_secs().min(u32::MAX as u64) as u32,
                         expected_size_bytes: expected_size,
+                        pin: pin.unwrap_or_default(),
                     })),
                 };
                 (node, task, TaskRecord { image, pull: true })
@@ -439,6 +464,47 @@ impl Controller {
         if !self.registry.dispatch(&node, task, record) {
             debug!(node = %node, "agent not reachable now; the task falls out of a later pass");
         }
+    }
+
+    /// For a TrackTag cache, the digest each tagged image points to now.
+    async fn pins(
+        &self,
+        c: &ImageCache,
+        secrets: &mut HashMap<String, Option<DockerCredentials>>,
+    ) -> HashMap<String, String> {
+        let mut pins = HashMap::new();
+        let Some(policy) = c
+            .spec
+            .update_policy
+            .as_ref()
+            .filter(|p| p.type_ == UpdateType::TrackTag)
+        else {
+            return pins;
+        };
+        let interval = policy
+            .interval
+            .as_deref()
+            .and_then(|i| humantime::parse_duration(i).ok())
+            .unwrap_or(DEFAULT_TRACK_INTERVAL);
+        for i in &c.spec.images {
+            let Ok(r) = Reference::parse(&i.reference) else {
+                continue;
+            };
+            if r.digest.is_some() {
+                continue;
+            }
+            let reference = r.to_string();
+            let auth = self.credentials_for(c, &reference, secrets).await.map(|a| {
+                berth_proto::docker_config::RegistryAuth {
+                    username: a.username,
+                    password: a.password,
+                }
+            });
+            if let Some(digest) = self.tracker.digest(&reference, interval, auth) {
+                pins.insert(reference, format!("{}@{digest}", r.repository()));
+            }
+        }
+        pins
     }
 
     /// Credentials for `image` from the cache's pull Secrets, first match wins.

@@ -47,6 +47,11 @@ pub struct ImageCacheSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 16))]
     pub image_pull_secrets: Vec<SecretRef>,
+    /// `Pinned` (default): a tag is cached once and kept. `TrackTag`: each
+    /// tag is re-resolved to its digest every `interval`, and nodes are kept
+    /// on the digest it points to now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_policy: Option<UpdatePolicy>,
     /// How fast a rollout may go.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
@@ -83,6 +88,31 @@ const REF_RULE: &str = concat!(
     r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
     r"(?::[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$')"
 );
+
+/// How tags are followed.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+pub struct UpdatePolicy {
+    /// `Pinned` or `TrackTag`.
+    #[serde(rename = "type", default)]
+    pub type_: UpdateType,
+    /// How often a tracked tag is re-resolved, e.g. `5m` (10s to 24h; default 5m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32))]
+    #[x_kube(validation = kube::core::Rule::new("duration(self) >= duration('10s') && duration(self) <= duration('24h')").message("interval must be a duration from 10s to 24h, e.g. 5m"))]
+    pub interval: Option<String>,
+}
+
+/// Whether tags are followed.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum UpdateType {
+    /// Cache what a tag pointed to when first pulled.
+    #[default]
+    Pinned,
+    /// Follow the tag to its current digest.
+    TrackTag,
+}
 
 /// A Secret in the cache's namespace.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -167,6 +197,9 @@ pub struct ImageState {
     /// The reference, normalised.
     #[serde(rename = "ref")]
     pub reference: String,
+    /// For a tracked tag, the digest the nodes are kept on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
     /// Image ID on the nodes that hold it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_id: Option<String>,

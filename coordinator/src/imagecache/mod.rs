@@ -3,11 +3,13 @@
 //! [`crd`] holds the resource types; [`plan`] decides, as a pure function of
 //! caches, nodes and agent reports, what every node should pull or remove and
 //! what each cache's status says; [`controller`] feeds it from the apiserver
-//! and the agent sessions and carries the plan out.
+//! and the agent sessions and carries the plan out; [`tags`] follows the
+//! digests of tracked tags.
 
 pub mod controller;
 pub mod crd;
 pub mod plan;
+pub mod tags;
 
 use kube::CustomResourceExt;
 

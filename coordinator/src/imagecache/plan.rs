@@ -46,6 +46,8 @@ pub struct WantedImage {
     pub reference: String,
     /// Deadline of one pull attempt.
     pub timeout: Duration,
+    /// For a tracked tag, `repository@digest` the node's image must carry.
+    pub pin: Option<String>,
 }
 
 /// One node as the planner sees it.
@@ -102,6 +104,8 @@ pub enum Action {
         cache: String,
         /// Its size where another node holds it (0: unknown), for the disk guard.
         expected_size: u64,
+        /// For a tracked tag, the `repository@digest` to end up with.
+        pin: Option<String>,
     },
     /// Remove `image` from `node`.
     Remove {
@@ -149,6 +153,16 @@ impl CacheView {
 }
 
 impl AgentView {
+    /// Whether the runtime holds `w`: by tag or digest, and for a tracked tag
+    /// the image the tag points to carries the tracked digest.
+    pub fn holds_wanted(&self, w: &WantedImage) -> Option<&pb::Image> {
+        let image = self.holds(&w.reference)?;
+        match &w.pin {
+            Some(pin) if !image.repo_digests.contains(pin) => None,
+            _ => Some(image),
+        }
+    }
+
     /// Whether the runtime holds `reference` (by tag or by digest).
     pub fn holds(&self, reference: &str) -> Option<&pb::Image> {
         self.images.iter().find(|i| {
@@ -234,7 +248,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
             let was_active = running > 0;
             for i in &c.images {
                 let r = &i.reference;
-                let blocked = a.holds(r).is_some()
+                let blocked = a.holds_wanted(i).is_some()
                     || a.pulling.contains(r)
                     || a.failures.get(r).is_some_and(|f| !f.retry_due)
                     || planned.contains(&(n.name.clone(), r.clone()));
@@ -257,6 +271,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
                     timeout: i.timeout,
                     cache: c.key.clone(),
                     expected_size: sizes.get(r.as_str()).copied().unwrap_or_default(),
+                    pin: i.pin.clone(),
                 });
             }
         }
@@ -325,7 +340,10 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
         let mut worst = NodeState::Ready;
         for (i, st) in cache.images.iter().zip(images.iter_mut()) {
             let r = &i.reference;
-            let state = if let Some(img) = a.holds(r) {
+            if let Some(pin) = &i.pin {
+                st.digest = pin.split_once('@').map(|(_, d)| d.to_string());
+            }
+            let state = if let Some(img) = a.holds_wanted(i) {
                 st.ready_nodes += 1;
                 st.image_id.get_or_insert_with(|| img.id.clone());
                 st.size.get_or_insert(img.size_bytes);

@@ -13,6 +13,7 @@ fn cache(key: &str, images: &[&str]) -> CacheView {
             .map(|r| WantedImage {
                 reference: r.to_string(),
                 timeout: T,
+                pin: None,
             })
             .collect(),
         max_pulls_per_node: 2,
@@ -329,4 +330,26 @@ fn a_pull_carries_the_size_another_node_reports_for_the_disk_guard() {
         ] => assert_eq!((node.as_str(), *expected_size), ("n2", 7)),
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_tracked_tag_is_pulled_again_when_it_points_to_a_new_digest() {
+    let mut c = cache("ns/c", &["r/a:1"]);
+    let mut n = node("n1", &[], &[]);
+    let mut img = image("r/a:1", true, false);
+    img.repo_digests = vec!["r/a@sha256:old".into()];
+    n.agent.as_mut().unwrap().images = vec![img];
+    c.images[0].pin = Some("r/a@sha256:old".into());
+    assert!(actions(std::slice::from_ref(&c), std::slice::from_ref(&n)).is_empty());
+    assert_eq!(status(&c, std::slice::from_ref(&n)).nodes.ready, 1);
+    c.images[0].pin = Some("r/a@sha256:new".into());
+    assert_eq!(
+        pulls(&actions(std::slice::from_ref(&c), std::slice::from_ref(&n))),
+        [p("n1", "r/a:1")]
+    );
+    let s = status(&c, &[n]);
+    assert_eq!(
+        (s.nodes.ready, s.images[0].digest.as_deref()),
+        (0, Some("sha256:new"))
+    );
 }

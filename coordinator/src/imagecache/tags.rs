@@ -1,0 +1,199 @@
+//! `updatePolicy: TrackTag`: which digest each tracked tag points to now.
+//!
+//! [`Registry`] resolves a tag to a manifest digest (one real implementation
+//! over the OCI distribution API, one in-memory fake for tests).
+//! [`TagTracker`] re-resolves each tracked reference once per its interval, in
+//! the background, and keeps the last good answer, so every node converges on
+//! one digest and a registry hiccup changes nothing on the nodes.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use berth_proto::docker_config::RegistryAuth;
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+/// Resolves tags to digests.
+pub trait Registry: Send + Sync + 'static {
+    /// The digest (`sha256:…`) `reference` (with a tag) points to now.
+    fn resolve(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+    ) -> impl Future<Output = Result<String, String>> + Send;
+}
+
+/// The OCI distribution API, through `oci-client`.
+pub struct OciRegistry {
+    client: oci_client::Client,
+}
+
+impl OciRegistry {
+    /// A client speaking plain HTTP to the `insecure` registries (`host:port`)
+    /// and HTTPS to every other.
+    pub fn new(insecure: Vec<String>) -> Self {
+        let config = oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(insecure),
+            ..Default::default()
+        };
+        OciRegistry {
+            client: oci_client::Client::new(config),
+        }
+    }
+}
+
+impl Registry for OciRegistry {
+    async fn resolve(&self, reference: &str, auth: Option<RegistryAuth>) -> Result<String, String> {
+        let r: oci_client::Reference = reference.parse().map_err(|e| format!("{e}"))?;
+        let auth = match auth {
+            Some(a) => oci_client::secrets::RegistryAuth::Basic(a.username, a.password),
+            None => oci_client::secrets::RegistryAuth::Anonymous,
+        };
+        self.client
+            .fetch_manifest_digest(&r, &auth)
+            .await
+            .map_err(|e| format!("cannot resolve {reference}: {e}"))
+    }
+}
+
+/// An in-memory registry: reference → digest.
+#[derive(Default, Clone)]
+pub struct MemRegistry {
+    /// What each tag points to.
+    pub tags: Arc<Mutex<HashMap<String, String>>>,
+}
+
+impl Registry for MemRegistry {
+    async fn resolve(
+        &self,
+        reference: &str,
+        _auth: Option<RegistryAuth>,
+    ) -> Result<String, String> {
+        self.tags
+            .lock()
+            .unwrap()
+            .get(reference)
+            .cloned()
+            .ok_or_else(|| format!("{reference}: manifest unknown"))
+    }
+}
+
+#[derive(Default)]
+struct Entry {
+    digest: Option<String>,
+    checked: Option<Instant>,
+    in_flight: bool,
+}
+
+/// The last known digest of every tracked reference.
+pub struct TagTracker<R> {
+    registry: Arc<R>,
+    entries: Arc<Mutex<HashMap<String, Entry>>>,
+    wake: Arc<Notify>,
+}
+
+impl<R: Registry> TagTracker<R> {
+    /// Resolves through `registry`; each new answer wakes `wake`.
+    pub fn new(registry: R, wake: Arc<Notify>) -> Self {
+        TagTracker {
+            registry: Arc::new(registry),
+            entries: Arc::default(),
+            wake,
+        }
+    }
+
+    /// The digest `reference` points to as last seen (`None` until first
+    /// resolved); starts a resolution in the background when `interval` has
+    /// passed since the last one.
+    pub fn digest(
+        &self,
+        reference: &str,
+        interval: Duration,
+        auth: Option<RegistryAuth>,
+    ) -> Option<String> {
+        let mut entries = self.entries.lock().unwrap();
+        let e = entries.entry(reference.to_string()).or_default();
+        let due = e.checked.is_none_or(|t| t.elapsed() >= interval);
+        if due && !e.in_flight {
+            e.in_flight = true;
+            let (registry, entries, wake) = (
+                self.registry.clone(),
+                self.entries.clone(),
+                self.wake.clone(),
+            );
+            let reference = reference.to_string();
+            tokio::spawn(async move {
+                let answer = registry.resolve(&reference, auth).await;
+                let mut entries = entries.lock().unwrap();
+                let e = entries.entry(reference.clone()).or_default();
+                e.in_flight = false;
+                e.checked = Some(Instant::now());
+                match answer {
+                    Ok(d) if e.digest.as_deref() != Some(d.as_str()) => {
+                        debug!(reference = %reference, digest = %d, "tag resolved");
+                        e.digest = Some(d);
+                        wake.notify_one();
+                    }
+                    Ok(_) => {}
+                    Err(why) => warn!(reference = %reference, "{why}; keeping the last digest"),
+                }
+            });
+        }
+        e.digest.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_moved_tag_is_seen_after_the_interval_and_outages_keep_the_last_digest() {
+        let reg = MemRegistry::default();
+        reg.tags
+            .lock()
+            .unwrap()
+            .insert("r.io/a:1".into(), "sha256:aa".into());
+        let wake = Arc::new(Notify::new());
+        let t = TagTracker::new(reg.clone(), wake.clone());
+        let every = Duration::from_millis(50);
+        assert_eq!(
+            t.digest("r.io/a:1", every, None),
+            None,
+            "first answer comes in the background"
+        );
+        wake.notified().await;
+        assert_eq!(
+            t.digest("r.io/a:1", every, None).as_deref(),
+            Some("sha256:aa")
+        );
+
+        reg.tags
+            .lock()
+            .unwrap()
+            .insert("r.io/a:1".into(), "sha256:bb".into());
+        assert_eq!(
+            t.digest("r.io/a:1", every, None).as_deref(),
+            Some("sha256:aa"),
+            "not yet due"
+        );
+        tokio::time::sleep(every).await;
+        t.digest("r.io/a:1", every, None);
+        wake.notified().await;
+        assert_eq!(
+            t.digest("r.io/a:1", every, None).as_deref(),
+            Some("sha256:bb")
+        );
+
+        reg.tags.lock().unwrap().clear();
+        tokio::time::sleep(every * 2).await;
+        t.digest("r.io/a:1", every, None);
+        tokio::time::sleep(every).await;
+        assert_eq!(
+            t.digest("r.io/a:1", every, None).as_deref(),
+            Some("sha256:bb")
+        );
+    }
+}
