@@ -9,14 +9,9 @@
 use std::time::{Duration, Instant};
 
 use berth_coordinator::imagecache::crd::ImageCache;
-use berth_e2e::{Cluster, eventually};
+use berth_e2e::{Cluster, bench_runs, eventually, median};
 use k8s_cri::v1 as cri;
 use kube::api::{Api, DeleteParams};
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
 
 async fn clear(c: &Cluster, image: &str) -> anyhow::Result<()> {
     for n in &c.nodes {
@@ -29,10 +24,7 @@ async fn clear(c: &Cluster, image: &str) -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::var("BERTH_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let runs = bench_runs(5);
     let c = Cluster::from_env().await?;
     anyhow::ensure!(
         c.local,

@@ -6,25 +6,17 @@
 //! `cargo bench -p berth-e2e --bench pull` with the local cluster up;
 //! `BERTH_BENCH_RUNS` sets the number of runs of each (default 15).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use berth_e2e::Cluster;
+use berth_e2e::{Cluster, bench_runs, median};
 use berth_node_agent::cri::CriRuntime;
 use berth_node_agent::runtime::ImageRuntime;
 use berth_proto::reference::Reference;
 use k8s_cri::v1 as cri;
 
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let runs: usize = std::env::var("BERTH_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(15);
+    let runs = bench_runs(15);
     let c = Cluster::from_env().await?;
     anyhow::ensure!(
         c.local,

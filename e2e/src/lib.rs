@@ -396,3 +396,17 @@ where
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
+
+/// Runs per side of a benchmark: `BERTH_BENCH_RUNS`, else `default`.
+pub fn bench_runs(default: usize) -> usize {
+    std::env::var("BERTH_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The median of `v` (upper median for an even count).
+pub fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}

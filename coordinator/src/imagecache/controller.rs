@@ -102,36 +102,8 @@ pub async fn run(
     insecure: Vec<String>,
 ) {
     let wake = registry.changed();
-    let (caches, cache_writer) = reflector::store();
-    let (nodes, node_writer) = reflector::store();
-    let caches_api: Api<ImageCache> = Api::all(client.clone());
-    let nodes_api: Api<Node> = Api::all(client.clone());
-    let w = wake.clone();
-    tokio::spawn(
-        watcher(caches_api, watcher::Config::default())
-            .default_backoff()
-            .reflect(cache_writer)
-            .for_each(move |e| {
-                if let Err(e) = e {
-                    warn!(error = %e, "ImageCache watch failed; retrying");
-                }
-                w.notify_one();
-                futures::future::ready(())
-            }),
-    );
-    let w = wake.clone();
-    tokio::spawn(
-        watcher(nodes_api, watcher::Config::default())
-            .default_backoff()
-            .reflect(node_writer)
-            .for_each(move |e| {
-                if let Err(e) = e {
-                    warn!(error = %e, "Node watch failed; retrying");
-                }
-                w.notify_one();
-                futures::future::ready(())
-            }),
-    );
+    let caches = mirror::<ImageCache>(&client, wake.clone());
+    let nodes = mirror::<Node>(&client, wake.clone());
     let _ = caches.wait_until_ready().await;
     let _ = nodes.wait_until_ready().await;
     info!("ImageCache controller running");
@@ -168,6 +140,34 @@ pub async fn run(
         // Let a burst of events settle into one pass.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Keeps every object of kind `K` in a store, waking `wake` on each change.
+fn mirror<K>(client: &kube::Client, wake: Arc<tokio::sync::Notify>) -> Store<K>
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let kind = K::kind(&());
+    tokio::spawn(
+        watcher(Api::<K>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .reflect(writer)
+            .for_each(move |e| {
+                if let Err(e) = e {
+                    warn!(error = %e, "{kind} watch failed; retrying");
+                }
+                wake.notify_one();
+                futures::future::ready(())
+            }),
+    );
+    store
 }
 
 fn key(c: &ImageCache) -> String {
