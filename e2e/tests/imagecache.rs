@@ -574,6 +574,14 @@ async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges(
     let c = Cluster::from_env().await.unwrap();
     let s = Scope::new(&c, "crash", &["busybox:1.36"]).await;
     let img = image(&c, "busybox:1.36");
+    // The registry's access log counts the pulls that reach it.
+    let log_path = format!("{}/logs/registry-plain.log", c.var("BERTH_E2E_DIR"));
+    let log_lines = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|t| t.lines().count())
+            .unwrap_or(0)
+    };
+    let before = log_lines(&log_path);
     c.apply(&format!(
         r#"
 apiVersion: berth.dev/v1alpha1
@@ -586,6 +594,7 @@ spec:
     ))
     .unwrap();
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
+    let mut killed_on = None;
     for label in [
         "app.kubernetes.io/name=berth-node-agent",
         "app.kubernetes.io/name=berth-coordinator",
@@ -595,6 +604,9 @@ spec:
             .await
             .unwrap();
         let victim = list.items.into_iter().next().unwrap();
+        if label.contains("node-agent") {
+            killed_on = victim.spec.as_ref().and_then(|s| s.node_name.clone());
+        }
         pods.delete(
             &victim.metadata.name.unwrap(),
             &DeleteParams::default().grace_period(0),
@@ -613,6 +625,37 @@ spec:
     assert_eq!(st.nodes.target as usize, c.nodes.len());
     for n in &c.nodes {
         wait_on_node(&c, n, &img, true).await;
+    }
+    // The node whose agent lived through the coordinator's restart got the
+    // resent pull task but pulled once: its tag was resolved at most once.
+    if c.local {
+        let survivor = c
+            .nodes
+            .iter()
+            .find(|n| Some(*n) != killed_on.as_ref())
+            .unwrap();
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
+        let ip = nodes
+            .get(survivor)
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .addresses
+            .unwrap()
+            .into_iter()
+            .find(|a| a.type_ == "InternalIP")
+            .unwrap()
+            .address;
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let pulls = log
+            .lines()
+            .skip(before)
+            .filter(|l| {
+                l.starts_with(&format!("{ip} ")) && l.contains("\"HEAD /v2/busybox/manifests/1.36 ")
+            })
+            .count();
+        assert_eq!(pulls, 1, "{survivor} pulled {img} {pulls} times");
     }
 }
 
