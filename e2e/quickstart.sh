@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Quick start, on a fresh machine as root: brings up the local two-node
 # cluster, installs Berth with `kubectl apply -f manifests`, pulls a sample
-# image on one node with the agent's command line, and shows with grpcurl
-# what the coordinator knows of every node. The cluster stays up;
+# image on one node with the agent's command line, shows with grpcurl what
+# the coordinator knows of every node, and caches two images on every node
+# with an ImageCache. The cluster stays up;
 # `e2e/cluster.sh down` removes it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,4 +37,19 @@ for n in $BERTH_NODES; do
   grpcurl -plaintext -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages |
     jq -r '.node as $n | .images[] | "\($n)  \(.repoTags[0] // .id)  \(.sizeBytes) bytes\(if .inUse then "  (in use)" else "" end)"'
 done
+say "kubectl apply -f - (an ImageCache of test/b:1 and test/c:1 on every node)"
+kubectl apply -f - <<EOF
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {name: sample, namespace: default}
+spec:
+  images: [{ref: "$BERTH_REGISTRY/test/b:1"}, {ref: "$BERTH_REGISTRY/test/c:1"}]
+  deletionPolicy: RemoveFromNodes
+EOF
+kubectl wait --for=jsonpath='{.status.phase}'=Ready imagecache/sample --timeout=120s >/dev/null
+say kubectl get imagecaches
+kubectl get imagecaches
+say grpcurl -plaintext -d '{"namespace": "default", "name": "sample"}' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache
+grpcurl -plaintext -d '{"namespace": "default", "name": "sample"}' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache |
+  jq -r '.nodes[] | .node as $n | .images[] | "\($n)  \(.ref)  \(.state)"'
 printf '\nBerth is running. export KUBECONFIG=%s; e2e/cluster.sh down removes the cluster.\n' "$KUBECONFIG"

@@ -350,7 +350,7 @@ impl Controller {
         let now = Instant::now();
         debug!("pass");
         let caches = self.caches.state();
-        let node_views: Vec<NodeView> = self
+        let mut node_views: Vec<NodeView> = self
             .nodes
             .state()
             .iter()
@@ -363,6 +363,8 @@ impl Controller {
                 }
             })
             .collect();
+        // Stable order: per-node detail is listed by name.
+        node_views.sort_by(|a, b| a.name.cmp(&b.name));
         let mut secrets: HashMap<String, Option<DockerCredentials>> = HashMap::new();
         let mut views: Vec<CacheView> = Vec::with_capacity(caches.len());
         for c in &caches {
