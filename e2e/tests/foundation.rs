@@ -32,6 +32,24 @@ async fn agent_pods(c: &Cluster) -> anyhow::Result<BTreeMap<String, Pod>> {
         .collect())
 }
 
+/// `node-agent images pull IMAGE` in the agent pod on `node`; returns stdout.
+async fn agent_pull(c: &Cluster, node: &str, image: &str) -> String {
+    let pods = agent_pods(c).await.unwrap();
+    let pod = pods[node].metadata.name.clone().unwrap();
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "exec",
+        &pod,
+        "--",
+        "node-agent",
+        "images",
+        "pull",
+        image,
+    ])
+    .unwrap()
+}
+
 /// `ListNodes` through grpcurl, as JSON.
 fn list_nodes(c: &Cluster, addr: &str) -> anyhow::Result<serde_json::Value> {
     let out = c.grpcurl(&[
@@ -131,21 +149,7 @@ async fn an_image_pulled_with_the_agent_cli_on_node_a_is_on_a_and_not_on_b() {
     for n in [a, b] {
         c.cri_remove(n, &image).await.unwrap();
     }
-    let pods = agent_pods(&c).await.unwrap();
-    let pod = pods[a].metadata.name.clone().unwrap();
-    let out = c
-        .kubectl(&[
-            "-n",
-            NAMESPACE,
-            "exec",
-            &pod,
-            "--",
-            "node-agent",
-            "images",
-            "pull",
-            &image,
-        ])
-        .unwrap();
+    let out = agent_pull(&c, a, &image).await;
     assert!(out.trim().starts_with("sha256:"), "pull printed {out:?}");
     assert!(c.cri_has_image(a, &image).await.unwrap(), "not on {a}");
     assert!(
@@ -160,20 +164,7 @@ async fn grpcurl_lists_every_node_with_exactly_the_images_cri_reports() {
     // Make the two nodes differ, so a mix-up between them would show.
     let only_a = format!("{}/test/c:1", c.registry());
     c.cri_remove(&c.nodes[1], &only_a).await.unwrap();
-    let pods = agent_pods(&c).await.unwrap();
-    let pod = pods[&c.nodes[0]].metadata.name.clone().unwrap();
-    c.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "exec",
-        &pod,
-        "--",
-        "node-agent",
-        "images",
-        "pull",
-        &only_a,
-    ])
-    .unwrap();
+    agent_pull(&c, &c.nodes[0], &only_a).await;
 
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
     let services = c.grpcurl(&["-plaintext", &pf.addr(), "list"]).unwrap();

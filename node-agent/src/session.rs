@@ -212,14 +212,8 @@ async fn session_once<R: ImageRuntime>(
                     return Ok(());
                 }
                 // Report the new image right away rather than at the next poll.
-                if done {
-                    let now = inventory::read(rt, &runner.managed().all()).await?;
-                    if inventory::changed(&last, &now) {
-                        last = now;
-                        if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {
-                            return Ok(());
-                        }
-                    }
+                if done && !report_changes(runner, &tx, &mut last).await? {
+                    return Ok(());
                 }
             }
             _ = beat.tick() => {
@@ -229,16 +223,30 @@ async fn session_once<R: ImageRuntime>(
                 }
             }
             _ = poll.tick() => {
-                let now = inventory::read(rt, &runner.managed().all()).await?;
-                if inventory::changed(&last, &now) {
-                    last = now;
-                    if tx.send(send(pb::agent_message::Kind::Inventory(last.clone()))).await.is_err() {
-                        return Ok(());
-                    }
+                if !report_changes(runner, &tx, &mut last).await? {
+                    return Ok(());
                 }
             }
         }
     }
+}
+
+/// Reads the inventory and sends it if it differs from `last`; false once
+/// the session's outbound stream is gone.
+async fn report_changes<R: ImageRuntime>(
+    runner: &TaskRunner<R>,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    last: &mut pb::Inventory,
+) -> Result<bool, SessionError> {
+    let now = inventory::read(runner.runtime(), &runner.managed().all()).await?;
+    if !inventory::changed(last, &now) {
+        return Ok(true);
+    }
+    *last = now;
+    let msg = pb::AgentMessage {
+        kind: Some(pb::agent_message::Kind::Inventory(last.clone())),
+    };
+    Ok(tx.send(msg).await.is_ok())
 }
 
 #[cfg(test)]
