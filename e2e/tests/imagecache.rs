@@ -56,6 +56,17 @@ impl<'a> Scope<'a> {
             .unwrap();
     }
 
+    /// `kubectl apply` of an ImageCache in this namespace; `spec` is the YAML
+    /// under `spec:`, indented two spaces.
+    fn apply_cache(&self, name: &str, spec: &str) {
+        self.c
+            .apply(&format!(
+                "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: {name}, namespace: {}}}\nspec:\n{spec}",
+                self.ns
+            ))
+            .unwrap();
+    }
+
     fn caches(&self) -> Api<ImageCache> {
         Api::namespaced(self.c.client.clone(), &self.ns)
     }
@@ -134,21 +145,17 @@ async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() 
     let s = Scope::new(&c, "select", &["test/a:1", "test/b:1"]).await;
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     s.label(n1, true);
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: sel, namespace: {ns}}}
-spec:
-  images: [{{ref: "{a}"}}, {{ref: "{b}", pullTimeout: 2m}}]
+    s.apply_cache(
+        "sel",
+        &format!(
+            r#"  images: [{{ref: "{a}"}}, {{ref: "{b}", pullTimeout: 2m}}]
   nodeSelector: {{matchLabels: {{"{label}": "yes"}}}}
 "#,
-        ns = s.ns,
-        a = image(&c, "test/a:1"),
-        b = image(&c, "test/b:1"),
-        label = s.label
-    ))
-    .unwrap();
+            a = image(&c, "test/a:1"),
+            b = image(&c, "test/b:1"),
+            label = s.label
+        ),
+    );
     let ready = s
         .wait_status("sel", "Ready", |ic| phase(ic) == "Ready")
         .await;
@@ -240,18 +247,14 @@ async fn an_image_removed_behind_berths_back_is_pulled_again() {
     let s = Scope::new(&c, "drift", &["test/d:1"]).await;
     let n2 = &c.nodes[1];
     let img = image(&c, "test/d:1");
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: drift, namespace: {ns}}}
-spec:
-  images: [{{ref: "{img}"}}]
+    s.apply_cache(
+        "drift",
+        &format!(
+            r#"  images: [{{ref: "{img}"}}]
   nodeNames: [{n2}]
-"#,
-        ns = s.ns
-    ))
-    .unwrap();
+"#
+        ),
+    );
     wait_on_node(&c, n2, &img, true).await;
     // As kubelet image GC would.
     c.cri_remove(n2, &img).await.unwrap();
@@ -529,18 +532,14 @@ async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
     .await
     .unwrap();
 
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: outage, namespace: {ns}}}
-spec:
-  images: [{{ref: "{img}"}}]
+    s.apply_cache(
+        "outage",
+        &format!(
+            r#"  images: [{{ref: "{img}"}}]
   nodeNames: [{n1}]
-"#,
-        ns = s.ns
-    ))
-    .unwrap();
+"#
+        ),
+    );
     let st = s
         .wait_status("outage", "Degraded", |ic| phase(ic) == "Degraded")
         .await
@@ -582,17 +581,13 @@ async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges(
             .unwrap_or(0)
     };
     let before = log_lines(&log_path);
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: crash, namespace: {ns}}}
-spec:
-  images: [{{ref: "{img}"}}]
-"#,
-        ns = s.ns
-    ))
-    .unwrap();
+    s.apply_cache(
+        "crash",
+        &format!(
+            r#"  images: [{{ref: "{img}"}}]
+"#
+        ),
+    );
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
     let mut killed_on = None;
     for label in [
@@ -699,18 +694,14 @@ async fn the_disk_guard_refuses_pulls_past_its_threshold_and_says_so() {
     let restore = RestoreThreshold(&c);
     // Any real filesystem is fuller than 1 %.
     set_disk_threshold(&c, "1");
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: disk, namespace: {ns}}}
-spec:
-  images: [{{ref: "{img}"}}]
+    s.apply_cache(
+        "disk",
+        &format!(
+            r#"  images: [{{ref: "{img}"}}]
   nodeNames: [{n1}]
-"#,
-        ns = s.ns
-    ))
-    .unwrap();
+"#
+        ),
+    );
     let st = s
         .wait_status("disk", "Degraded by the disk guard", |ic| {
             phase(ic) == "Degraded"
@@ -752,19 +743,15 @@ async fn metrics_show_connected_agents_tasks_and_cache_states() {
     let c = Cluster::from_env().await.unwrap();
     let s = Scope::new(&c, "metrics", &["test/b:1"]).await;
     let n2 = &c.nodes[1];
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: m, namespace: {ns}}}
-spec:
-  images: [{{ref: "{img}"}}]
+    s.apply_cache(
+        "m",
+        &format!(
+            r#"  images: [{{ref: "{img}"}}]
   nodeNames: [{n2}]
 "#,
-        ns = s.ns,
-        img = image(&c, "test/b:1")
-    ))
-    .unwrap();
+            img = image(&c, "test/b:1")
+        ),
+    );
     s.wait_status("m", "Ready", |ic| phase(ic) == "Ready").await;
     let text = eventually(WAIT, "metrics of the ready cache", || async {
         let text = scrape(&c);
@@ -844,19 +831,15 @@ async fn a_tracked_tag_moves_every_selected_node_to_its_new_digest() {
     let n1 = &c.nodes[0];
     let tracked = image(&c, "track/app:1");
     retag(&c, "test/c:1", "track/app:1");
-    c.apply(&format!(
-        r#"
-apiVersion: berth.dev/v1alpha1
-kind: ImageCache
-metadata: {{name: track, namespace: {ns}}}
-spec:
-  images: [{{ref: "{tracked}"}}]
+    s.apply_cache(
+        "track",
+        &format!(
+            r#"  images: [{{ref: "{tracked}"}}]
   nodeNames: [{n1}]
   updatePolicy: {{type: TrackTag, interval: 10s}}
-"#,
-        ns = s.ns
-    ))
-    .unwrap();
+"#
+        ),
+    );
     let first = s
         .wait_status("track", "Ready with a digest", |ic| {
             phase(ic) == "Ready" && ic.status.as_ref().unwrap().images[0].digest.is_some()
