@@ -8,6 +8,11 @@
 //! On the local cluster, tests check outcomes from outside Berth:
 //! [`Cluster::cri`] opens a CRI client straight onto a node's containerd
 //! socket; [`Cluster::kubectl`] and [`Cluster::grpcurl`] run the real tools.
+//! Tests make the images they assert on with [`Cluster::fresh_image`] (see
+//! [`registry`]), so they pass on any cluster whatever other caches hold.
+
+pub mod bench;
+pub mod registry;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -91,7 +96,13 @@ impl Cluster {
             .collect();
         nodes.sort();
         let mut env = HashMap::from([("KUBECONFIG".to_string(), kubeconfig)]);
-        for key in ["BERTH_REGISTRY", "BERTH_AUTH_REGISTRY", "BERTH_BIN"] {
+        for key in [
+            "BERTH_REGISTRY",
+            "BERTH_AUTH_REGISTRY",
+            "BERTH_AUTH_USER",
+            "BERTH_AUTH_PASSWORD",
+            "BERTH_BIN",
+        ] {
             if let Ok(v) = std::env::var(key) {
                 env.insert(key.to_string(), v);
             }
@@ -190,9 +201,17 @@ impl Cluster {
     }
 
     /// Whether a node's runtime holds `image`, straight from CRI ImageStatus.
+    /// On an external cluster the agent's `images inspect` answers; only its
+    /// "not found" counts as absent, any other failure is an error.
     pub async fn cri_has_image(&self, node: &str, image: &str) -> anyhow::Result<bool> {
         if !self.local {
-            return Ok(self.agent_exec(node, &["images", "inspect", image]).is_ok());
+            return match self.agent_exec(node, &["images", "inspect", image]) {
+                Ok(_) => Ok(true),
+                Err(e) if format!("{e:#}").contains(&format!("image {image} not found")) => {
+                    Ok(false)
+                }
+                Err(e) => Err(e.context(format!("checking {image} on {node}"))),
+            };
         }
         let spec = k8s_cri::v1::ImageSpec {
             image: image.to_string(),
@@ -224,6 +243,108 @@ impl Cluster {
             .remove_image(k8s_cri::v1::RemoveImageRequest { image: Some(spec) })
             .await?;
         Ok(())
+    }
+
+    /// A client of the plain registry.
+    pub fn plain_registry(&self) -> registry::Registry {
+        registry::Registry::new(self.registry(), None)
+    }
+
+    /// A client of the htpasswd registry, logged in.
+    pub fn private_registry(&self) -> registry::Registry {
+        registry::Registry::new(
+            self.auth_registry(),
+            Some((self.var("BERTH_AUTH_USER"), self.var("BERTH_AUTH_PASSWORD"))),
+        )
+    }
+
+    /// Pushes a new image to the plain registry and returns its reference,
+    /// `REGISTRY/e2e/NAME-UNIQUE:1`: the harness's busybox plus a layer with a
+    /// unique marker, so its repository, tag and ID belong to the caller only.
+    pub async fn fresh_image(&self, name: &str) -> anyhow::Result<String> {
+        let repo = format!("e2e/{name}-{}", registry::unique_suffix());
+        let mark = registry::tar_layer(&[("etc/berth-test-image", repo.as_bytes())])?;
+        self.plain_registry()
+            .push_image(&repo, "1", Some(("busybox", "1.36")), vec![mark])
+            .await
+            .with_context(|| format!("making test image {repo}"))?;
+        Ok(format!("{}/{repo}:1", self.registry()))
+    }
+
+    /// Like [`Cluster::fresh_image`], in the htpasswd registry only.
+    pub async fn fresh_private_image(&self, name: &str) -> anyhow::Result<String> {
+        let repo = format!("private/{name}-{}", registry::unique_suffix());
+        let mark = registry::tar_layer(&[("etc/berth-test-image", repo.as_bytes())])?;
+        self.private_registry()
+            .push_image(&repo, "1", Some(("private/a", "1")), vec![mark])
+            .await
+            .with_context(|| format!("making private test image {repo}"))?;
+        Ok(format!("{}/{repo}:1", self.auth_registry()))
+    }
+
+    /// A new image of `layers` layers of `layer_bytes` random bytes each (so
+    /// nothing compresses or deduplicates), `REGISTRY/e2e/NAME-UNIQUE:1`.
+    pub async fn fresh_big_image(
+        &self,
+        name: &str,
+        layers: usize,
+        layer_bytes: usize,
+    ) -> anyhow::Result<String> {
+        let repo = format!("e2e/{name}-{}", registry::unique_suffix());
+        let mut tars = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let data: Vec<u8> = std::iter::repeat_with(|| fastrand::u8(..))
+                .take(layer_bytes)
+                .collect();
+            tars.push(registry::tar_layer(&[(&format!("data/layer{i}"), &data)])?);
+        }
+        self.plain_registry()
+            .push_image(&repo, "1", None, tars)
+            .await
+            .with_context(|| format!("making test image {repo}"))?;
+        Ok(format!("{}/{repo}:1", self.registry()))
+    }
+
+    /// Pushes new content (busybox plus a fresh marker) into the repository
+    /// of `image` as tag `tag`, e.g. to move a tracked tag onto it later;
+    /// returns that new reference.
+    pub async fn push_variant(&self, image: &str, tag: &str) -> anyhow::Result<String> {
+        let (host, rest) = image
+            .split_once('/')
+            .context("reference without registry")?;
+        let repo = rest.rsplit_once(':').map_or(rest, |(r, _)| r);
+        let mark = registry::tar_layer(&[(
+            "etc/berth-test-image",
+            format!("{repo}:{tag}:{}", registry::unique_suffix()).as_bytes(),
+        )])?;
+        let (reg, base) = if host == self.auth_registry() {
+            (self.private_registry(), ("private/a", "1"))
+        } else {
+            (self.plain_registry(), ("busybox", "1.36"))
+        };
+        reg.push_image(repo, tag, Some(base), vec![mark]).await?;
+        Ok(format!("{host}/{repo}:{tag}"))
+    }
+
+    /// Points `to` (`REGISTRY/REPO:TAG`, same registry and repository as
+    /// `from`) at the manifest of `from`; returns the manifest digest.
+    pub async fn retag_image(&self, from: &str, to: &str) -> anyhow::Result<String> {
+        let split = |r: &str| -> anyhow::Result<(String, String, String)> {
+            let (host, rest) = r.split_once('/').context("reference without registry")?;
+            let (repo, tag) = rest.rsplit_once(':').context("reference without tag")?;
+            Ok((host.into(), repo.into(), tag.into()))
+        };
+        let (host, repo, from_tag) = split(from)?;
+        let (to_host, to_repo, to_tag) = split(to)?;
+        if (host.as_str(), repo.as_str()) != (to_host.as_str(), to_repo.as_str()) {
+            bail!("retag within one repository only: {from} -> {to}");
+        }
+        let reg = if host == self.auth_registry() {
+            self.private_registry()
+        } else {
+            self.plain_registry()
+        };
+        reg.retag(&repo, &from_tag, &to_tag).await
     }
 
     /// `kubectl ARGS`, failing with its stderr.
@@ -397,16 +518,19 @@ where
     }
 }
 
-/// Runs per side of a benchmark: `BERTH_BENCH_RUNS`, else `default`.
-pub fn bench_runs(default: usize) -> usize {
-    std::env::var("BERTH_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+/// Whether a missing prerequisite must fail the run (in CI: `CI` or
+/// `BERTH_REQUIRE_ALL` set) rather than skip the test.
+pub fn prerequisites_required() -> bool {
+    ["CI", "BERTH_REQUIRE_ALL"]
+        .iter()
+        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
-/// The median of `v` (upper median for an even count).
-pub fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
+/// A test cannot run here because `why`: in CI that is a failure (panics);
+/// elsewhere it says so loudly on stderr and the caller returns.
+pub fn skip(test: &str, why: &str) {
+    if prerequisites_required() {
+        panic!("{test}: prerequisite missing in CI: {why}");
+    }
+    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
 }

@@ -12,7 +12,10 @@ macro_rules! local_cluster {
     () => {{
         let c = Cluster::from_env().await.unwrap();
         if !c.local {
-            eprintln!("skipped: needs the local cluster's node sockets");
+            berth_e2e::skip(
+                module_path!(),
+                "dials node sockets from the host: local cluster only",
+            );
             return;
         }
         c
@@ -43,8 +46,7 @@ async fn containerd_answers_version_and_image_filesystem_usage() {
 async fn pull_status_list_and_remove_against_containerd() {
     let c = local_cluster!();
     let cri = node_runtime(&c).await;
-    let image = r(&format!("{}/test/a:1", c.registry()));
-    let _ = cri.remove(&image.to_string()).await;
+    let image = r(&c.fresh_image("cri").await.unwrap());
     assert!(cri.image_status(&image).await.unwrap().is_none());
     let id = cri.pull(&image, None).await.unwrap();
     assert!(id.starts_with("sha256:"));
@@ -92,8 +94,7 @@ async fn a_registry_nobody_listens_on_is_unreachable() {
 async fn the_private_registry_refuses_missing_or_wrong_credentials_and_takes_right_ones() {
     let c = local_cluster!();
     let cri = node_runtime(&c).await;
-    let image = r(&format!("{}/private/a:1", c.auth_registry()));
-    let _ = cri.remove(&image.to_string()).await;
+    let image = r(&c.fresh_private_image("cri").await.unwrap());
 
     let err = cri.pull(&image, None).await.unwrap_err();
     assert!(matches!(err, CriError::AuthRefused { .. }), "{err}");

@@ -17,25 +17,37 @@ use kube::api::{Api, DeleteParams, ListParams};
 const AGENT_LABEL: &str = "app.kubernetes.io/name=berth-node-agent";
 const COORDINATOR_LABEL: &str = "app.kubernetes.io/name=berth-coordinator";
 
-/// Running agent pods by node.
-async fn agent_pods(c: &Cluster) -> anyhow::Result<BTreeMap<String, Pod>> {
+/// Running agent pods, grouped by node (a node with two agents shows two).
+async fn agent_pods(c: &Cluster) -> anyhow::Result<BTreeMap<String, Vec<Pod>>> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
     let list = pods
         .list(&ListParams::default().labels(AGENT_LABEL))
         .await?;
-    Ok(list
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
-        .filter_map(|p| Some((p.spec.as_ref()?.node_name.clone()?, p)))
-        .collect())
+    let mut out: BTreeMap<String, Vec<Pod>> = BTreeMap::new();
+    for p in list.items {
+        let running = p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running");
+        if p.metadata.deletion_timestamp.is_some() || !running {
+            continue;
+        }
+        if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+            out.entry(node).or_default().push(p);
+        }
+    }
+    Ok(out)
+}
+
+/// The one running agent pod on `node`.
+async fn agent_pod(c: &Cluster, node: &str) -> anyhow::Result<Pod> {
+    let mut pods = agent_pods(c).await?.remove(node).unwrap_or_default();
+    match pods.len() {
+        1 => Ok(pods.remove(0)),
+        n => anyhow::bail!("{n} running agent pods on {node}"),
+    }
 }
 
 /// `node-agent images pull IMAGE` in the agent pod on `node`; returns stdout.
 async fn agent_pull(c: &Cluster, node: &str, image: &str) -> String {
-    let pods = agent_pods(c).await.unwrap();
-    let pod = pods[node].metadata.name.clone().unwrap();
+    let pod = agent_pod(c, node).await.unwrap().metadata.name.unwrap();
     c.kubectl(&[
         "-n",
         NAMESPACE,
@@ -122,7 +134,12 @@ async fn every_node_is_ready_and_runs_one_agent_that_reached_the_coordinator_by_
     )
     .await
     .unwrap();
-    assert_eq!(pods.len(), c.nodes.len(), "exactly one agent per node");
+    let per_node: BTreeMap<&str, usize> = pods.iter().map(|(n, p)| (n.as_str(), p.len())).collect();
+    let want: BTreeMap<&str, usize> = c.nodes.iter().map(|n| (n.as_str(), 1)).collect();
+    assert_eq!(
+        per_node, want,
+        "exactly one running agent on every node, none elsewhere"
+    );
 
     // The agents dial `http://berth-coordinator:7070`: the coordinator lists
     // a node only after that node's agent reached it through DNS and the
@@ -131,7 +148,10 @@ async fn every_node_is_ready_and_runs_one_agent_that_reached_the_coordinator_by_
     wait_all_connected(&c, &pf.addr(), Duration::from_secs(60))
         .await
         .unwrap();
-    for (node, pod) in pods {
+    for (node, pod) in pods
+        .into_iter()
+        .flat_map(|(n, p)| p.into_iter().map(move |p| (n.clone(), p)))
+    {
         let name = pod.metadata.name.unwrap();
         let logs = c.kubectl(&["-n", NAMESPACE, "logs", &name]).unwrap();
         assert!(
@@ -145,10 +165,7 @@ async fn every_node_is_ready_and_runs_one_agent_that_reached_the_coordinator_by_
 async fn an_image_pulled_with_the_agent_cli_on_node_a_is_on_a_and_not_on_b() {
     let c = Cluster::from_env().await.unwrap();
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    let image = format!("{}/test/b:1", c.registry());
-    for n in [a, b] {
-        c.cri_remove(n, &image).await.unwrap();
-    }
+    let image = c.fresh_image("cli-pull").await.unwrap();
     let out = agent_pull(&c, a, &image).await;
     assert!(out.trim().starts_with("sha256:"), "pull printed {out:?}");
     assert!(c.cri_has_image(a, &image).await.unwrap(), "not on {a}");
@@ -162,8 +179,7 @@ async fn an_image_pulled_with_the_agent_cli_on_node_a_is_on_a_and_not_on_b() {
 async fn grpcurl_lists_every_node_with_exactly_the_images_cri_reports() {
     let c = Cluster::from_env().await.unwrap();
     // Make the two nodes differ, so a mix-up between them would show.
-    let only_a = format!("{}/test/c:1", c.registry());
-    c.cri_remove(&c.nodes[1], &only_a).await.unwrap();
+    let only_a = c.fresh_image("only-a").await.unwrap();
     agent_pull(&c, &c.nodes[0], &only_a).await;
 
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
@@ -203,8 +219,15 @@ async fn grpcurl_lists_every_node_with_exactly_the_images_cri_reports() {
         ])
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&one).unwrap();
-    let n = v["images"].as_array().map(Vec::len).unwrap_or_default();
-    assert_eq!(n, c.cri_image_ids(&c.nodes[1]).await.unwrap().len());
+    let mut ids: Vec<String> = v["images"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["id"].as_str().map(String::from))
+        .collect();
+    ids.sort();
+    assert_eq!(ids, c.cri_image_ids(&c.nodes[1]).await.unwrap());
+    assert!(!c.cri_has_image(&c.nodes[1], &only_a).await.unwrap());
 }
 
 #[tokio::test]
@@ -212,7 +235,7 @@ async fn a_killed_agent_pod_comes_back_and_reconnects() {
     let c = Cluster::from_env().await.unwrap();
     let node = &c.nodes[0];
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
-    let old = agent_pods(&c).await.unwrap()[node].clone();
+    let old = agent_pod(&c, node).await.unwrap();
     let old_uid = old.metadata.uid.clone().unwrap();
     let killed_at = Instant::now();
     pods.delete(
@@ -225,11 +248,10 @@ async fn a_killed_agent_pod_comes_back_and_reconnects() {
         Duration::from_secs(90),
         "a new agent pod on the node",
         || async {
-            let now = agent_pods(&c).await?;
-            Ok(now
-                .get(node)
+            let now = agent_pod(&c, node).await?;
+            Ok(Some(now)
                 .filter(|p| p.metadata.uid.as_deref() != Some(&old_uid))
-                .and_then(|p| p.metadata.name.clone()))
+                .and_then(|p| p.metadata.name))
         },
     )
     .await
@@ -326,7 +348,7 @@ async fn try_session(addr: &str, token: &str, node: &str) -> Result<(), tonic::S
 async fn forged_and_wrong_node_tokens_are_refused() {
     let c = Cluster::from_env().await.unwrap();
     let (a, b) = (&c.nodes[0], &c.nodes[1]);
-    let pod = agent_pods(&c).await.unwrap()[a].clone();
+    let pod = agent_pod(&c, a).await.unwrap();
     let (name, uid) = (pod.metadata.name.unwrap(), pod.metadata.uid.unwrap());
     let token_for = |audience: &str| {
         c.kubectl(&[

@@ -1,8 +1,9 @@
 //! ImageCache on the real local cluster, checked through CRI on each node,
 //! not only through Berth's own status.
 //!
-//! Each test uses its own namespace and node label and its own test images,
-//! removes those images from every node first, and deletes what it made.
+//! Each test uses its own namespace and node label and images it pushes to
+//! the registry itself (unique repository, tag and digest), so it passes
+//! whatever other caches hold; it deletes what it made.
 //! Run with `--test-threads=1`.
 
 use std::time::Duration;
@@ -22,21 +23,13 @@ struct Scope<'a> {
 }
 
 impl<'a> Scope<'a> {
-    async fn new(c: &'a Cluster, name: &str, images: &[&str]) -> Scope<'a> {
+    fn new(c: &'a Cluster, name: &str) -> Scope<'a> {
         // Unique per run: an earlier run's namespace may still be terminating.
-        let ns = format!("ic-{name}-{:x}", std::process::id());
+        let ns = format!("ic-{name}-{}", berth_e2e::registry::unique_suffix());
         c.kubectl(&["create", "namespace", &ns]).unwrap();
         for node in &c.nodes {
             c.kubectl(&["label", "node", node, &format!("berth-e2e/{name}-")])
                 .unwrap();
-            for i in images {
-                c.cri_remove(node, &image(c, i)).await.unwrap();
-            }
-        }
-        if !images.is_empty() {
-            // Let the agents report the removal (they poll every 2 s), so no
-            // status below is computed from the inventory of before.
-            tokio::time::sleep(Duration::from_secs(3)).await;
         }
         Scope {
             c,
@@ -118,15 +111,16 @@ impl Drop for Scope<'_> {
     }
 }
 
-fn image(c: &Cluster, name: &str) -> String {
-    format!("{}/{name}", c.registry())
-}
-
 fn phase(c: &ImageCache) -> &str {
     c.status
         .as_ref()
         .map(|s| s.phase.as_str())
         .unwrap_or_default()
+}
+
+/// A new image of this test's own (see [`Cluster::fresh_image`]).
+async fn fresh(c: &Cluster, name: &str) -> String {
+    c.fresh_image(name).await.unwrap()
 }
 
 async fn wait_on_node(c: &Cluster, node: &str, image: &str, present: bool) {
@@ -142,7 +136,8 @@ async fn wait_on_node(c: &Cluster, node: &str, image: &str, present: bool) {
 #[tokio::test]
 async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "select", &["test/a:1", "test/b:1"]).await;
+    let s = Scope::new(&c, "select");
+    let (a, b) = (fresh(&c, "select-a").await, fresh(&c, "select-b").await);
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     s.label(n1, true);
     s.apply_cache(
@@ -151,8 +146,6 @@ async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() 
             r#"  images: [{{ref: "{a}"}}, {{ref: "{b}", pullTimeout: 2m}}]
   nodeSelector: {{matchLabels: {{"{label}": "yes"}}}}
 "#,
-            a = image(&c, "test/a:1"),
-            b = image(&c, "test/b:1"),
             label = s.label
         ),
     );
@@ -174,15 +167,9 @@ async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() 
             .iter()
             .any(|c| c.type_ == "Ready" && c.status == "True")
     );
-    for i in ["test/a:1", "test/b:1"] {
-        assert!(
-            c.cri_has_image(n1, &image(&c, i)).await.unwrap(),
-            "{i} on {n1}"
-        );
-        assert!(
-            !c.cri_has_image(n2, &image(&c, i)).await.unwrap(),
-            "{i} on {n2}"
-        );
+    for i in [&a, &b] {
+        assert!(c.cri_has_image(n1, i).await.unwrap(), "{i} on {n1}");
+        assert!(!c.cri_has_image(n2, i).await.unwrap(), "{i} on {n2}");
     }
     // The printer columns read the status.
     let row = c
@@ -199,9 +186,9 @@ async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() 
 #[tokio::test]
 async fn images_follow_relabelled_nodes_and_selector_changes_both_ways() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "follow", &["test/c:1"]).await;
+    let s = Scope::new(&c, "follow");
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
-    let img = image(&c, "test/c:1");
+    let img = fresh(&c, "follow").await;
     s.label(n1, true);
     let cache = |selector: &str| {
         format!(
@@ -244,9 +231,9 @@ spec:
 #[tokio::test]
 async fn an_image_removed_behind_berths_back_is_pulled_again() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "drift", &["test/d:1"]).await;
+    let s = Scope::new(&c, "drift");
     let n2 = &c.nodes[1];
-    let img = image(&c, "test/d:1");
+    let img = fresh(&c, "drift").await;
     s.apply_cache(
         "drift",
         &format!(
@@ -265,9 +252,9 @@ async fn an_image_removed_behind_berths_back_is_pulled_again() {
 #[tokio::test]
 async fn shared_images_stay_until_the_last_cache_goes_and_images_in_use_are_never_removed() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "shared", &["test/e:1", "test/f:1"]).await;
+    let s = Scope::new(&c, "shared");
     let n2 = &c.nodes[1];
-    let (shared, used) = (image(&c, "test/e:1"), image(&c, "test/f:1"));
+    let (shared, used) = (fresh(&c, "shared").await, fresh(&c, "used").await);
     let cache = |name: &str, img: &str| {
         format!(
             r#"
@@ -322,25 +309,26 @@ spec:
         "cache two still wants it"
     );
 
+    // Cache three (the in-use image) goes first, then two (the shared one):
+    // once the shared image is gone, every removal the coordinator planned
+    // for both has run, so the in-use image still being there is the verdict.
     s.caches()
         .delete("three", &DeleteParams::default())
         .await
         .unwrap();
     s.wait_gone("three").await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        c.cri_has_image(n2, &used).await.unwrap(),
-        "a running pod uses it"
-    );
-    let p = pods.get("user").await.unwrap();
-    assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
-
     s.caches()
         .delete("two", &DeleteParams::default())
         .await
         .unwrap();
     s.wait_gone("two").await;
     wait_on_node(&c, n2, &shared, false).await;
+    assert!(
+        c.cri_has_image(n2, &used).await.unwrap(),
+        "a running pod uses it"
+    );
+    let p = pods.get("user").await.unwrap();
+    assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
     pods.delete("user", &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
@@ -350,11 +338,8 @@ spec:
 async fn a_private_image_is_cached_with_its_pull_secret_and_a_wrong_secret_degrades_with_auth_failed()
  {
     let c = Cluster::from_env().await.unwrap();
-    let private = format!("{}/private/a:1", c.auth_registry());
-    let s = Scope::new(&c, "private", &[]).await;
-    for node in &c.nodes {
-        c.cri_remove(node, &private).await.unwrap();
-    }
+    let private = c.fresh_private_image("cached").await.unwrap();
+    let s = Scope::new(&c, "private");
     let (n1, n2) = (&c.nodes[0], &c.nodes[1]);
     for (name, password) in [("good", c.var("BERTH_AUTH_PASSWORD")), ("bad", "wrong")] {
         c.kubectl(&[
@@ -411,33 +396,45 @@ spec:
     assert_eq!(bad.images[0].failed_nodes_sample[0].node, *n2);
     assert!(!c.cri_has_image(n2, &private).await.unwrap());
 
-    // Retries back off: within 12 s a failing pull is tried only a few times.
-    tokio::time::sleep(Duration::from_secs(12)).await;
+    // Retries happen, and back off: the delay after the third failure is
+    // 2–4 s (1 s doubling, ±50 % jitter), so attempt 4 comes well after 3.
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
-    let detail = c
-        .grpcurl(&[
+    let seen: std::sync::Mutex<Vec<(u64, std::time::Instant)>> = Default::default();
+    eventually(Duration::from_secs(90), "a fourth pull attempt", || async {
+        let detail = c.grpcurl(&[
             "-plaintext",
             "-d",
             &format!(r#"{{"namespace": "{}", "name": "bad"}}"#, s.ns),
             &pf.addr(),
             "berth.v1.Inventory/GetImageCache",
-        ])
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&detail).unwrap();
-    let img = &v["nodes"][0]["images"][0];
-    assert_eq!(img["state"], "Failed", "{detail}");
-    assert_eq!(img["reason"], "AuthFailed", "{detail}");
-    let attempts = img["attempts"].as_u64().unwrap();
+        ])?;
+        let v: serde_json::Value = serde_json::from_str(&detail)?;
+        let img = &v["nodes"][0]["images"][0];
+        anyhow::ensure!(img["state"] == "Failed", "{detail}");
+        anyhow::ensure!(img["reason"] == "AuthFailed", "{detail}");
+        let attempts = img["attempts"].as_u64().unwrap_or_default();
+        let mut seen = seen.lock().unwrap();
+        if seen.last().is_none_or(|(a, _)| *a < attempts) {
+            seen.push((attempts, std::time::Instant::now()));
+        }
+        Ok((attempts >= 4).then_some(()))
+    })
+    .await
+    .unwrap();
+    let seen = seen.into_inner().unwrap();
+    let at = |n: u64| seen.iter().find(|(a, _)| *a >= n).map(|(_, t)| *t);
+    let (third, fourth) = (at(3).expect("attempt 3 seen"), at(4).unwrap());
     assert!(
-        (1..=6).contains(&attempts),
-        "{attempts} attempts in ~15 s: {detail}"
+        fourth.duration_since(third) >= Duration::from_millis(1500),
+        "attempt 4 came {:?} after attempt 3: no backoff ({seen:?})",
+        fourth.duration_since(third)
     );
 }
 
 #[tokio::test]
 async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "invalid", &[]).await;
+    let s = Scope::new(&c, "invalid");
     let cases = [
         ("images: []", "should have at least 1 items"),
         (
@@ -509,12 +506,15 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
 async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
     let c = Cluster::from_env().await.unwrap();
     if !c.local {
-        eprintln!("skipped: stops the local cluster's registry");
+        berth_e2e::skip(
+            "a_registry_outage_degrades_the_cache_and_it_recovers_by_itself",
+            "stops the local cluster's registry; this cluster is not the local one",
+        );
         return;
     }
-    let s = Scope::new(&c, "outage", &["test/g:1"]).await;
+    let s = Scope::new(&c, "outage");
     let n1 = &c.nodes[0];
-    let img = image(&c, "test/g:1");
+    let img = fresh(&c, "outage").await;
     let cluster_sh = concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.sh");
     let pid_file = format!("{}/pids/registry-plain.pid", c.var("BERTH_E2E_DIR"));
     let pid = std::fs::read_to_string(&pid_file).unwrap();
@@ -571,8 +571,15 @@ async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
 #[tokio::test]
 async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "crash", &["busybox:1.36"]).await;
-    let img = image(&c, "busybox:1.36");
+    let s = Scope::new(&c, "crash");
+    let img = fresh(&c, "crash").await;
+    let manifest_head = {
+        let (repo, tag) = img
+            .split_once('/')
+            .and_then(|(_, r)| r.rsplit_once(':'))
+            .unwrap();
+        format!("\"HEAD /v2/{repo}/manifests/{tag} ")
+    };
     // The registry's access log counts the pulls that reach it.
     let log_path = format!("{}/logs/registry-plain.log", c.var("BERTH_E2E_DIR"));
     let log_lines = |p: &str| {
@@ -646,9 +653,7 @@ async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges(
         let pulls = log
             .lines()
             .skip(before)
-            .filter(|l| {
-                l.starts_with(&format!("{ip} ")) && l.contains("\"HEAD /v2/busybox/manifests/1.36 ")
-            })
+            .filter(|l| l.starts_with(&format!("{ip} ")) && l.contains(&manifest_head))
             .count();
         assert_eq!(pulls, 1, "{survivor} pulled {img} {pulls} times");
     }
@@ -688,9 +693,9 @@ impl Drop for RestoreThreshold<'_> {
 #[tokio::test]
 async fn the_disk_guard_refuses_pulls_past_its_threshold_and_says_so() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "disk", &["test/a:1"]).await;
+    let s = Scope::new(&c, "disk");
     let n1 = &c.nodes[0];
-    let img = image(&c, "test/a:1");
+    let img = fresh(&c, "disk").await;
     let restore = RestoreThreshold(&c);
     // Any real filesystem is fuller than 1 %.
     set_disk_threshold(&c, "1");
@@ -741,7 +746,8 @@ fn scrape(c: &Cluster) -> String {
 #[tokio::test]
 async fn metrics_show_connected_agents_tasks_and_cache_states() {
     let c = Cluster::from_env().await.unwrap();
-    let s = Scope::new(&c, "metrics", &["test/b:1"]).await;
+    let s = Scope::new(&c, "metrics");
+    let img = fresh(&c, "metrics").await;
     let n2 = &c.nodes[1];
     s.apply_cache(
         "m",
@@ -749,7 +755,6 @@ async fn metrics_show_connected_agents_tasks_and_cache_states() {
             r#"  images: [{{ref: "{img}"}}]
   nodeNames: [{n2}]
 "#,
-            img = image(&c, "test/b:1")
         ),
     );
     s.wait_status("m", "Ready", |ic| phase(ic) == "Ready").await;
@@ -781,26 +786,6 @@ async fn metrics_show_connected_agents_tasks_and_cache_states() {
     );
 }
 
-/// Points `$REG/track/app:1` at the content of `$REG/<from>` (as a CI push would).
-fn retag(c: &Cluster, from: &str, to: &str) {
-    let out = std::process::Command::new("skopeo")
-        .args([
-            "copy",
-            "-q",
-            "--src-tls-verify=false",
-            "--dest-tls-verify=false",
-            &format!("docker://{}", image(c, from)),
-            &format!("docker://{}", image(c, to)),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The image ID the node's runtime has for `reference`.
 async fn image_id(c: &Cluster, node: &str, reference: &str) -> Option<String> {
     let spec = k8s_cri::v1::ImageSpec {
@@ -823,14 +808,9 @@ async fn image_id(c: &Cluster, node: &str, reference: &str) -> Option<String> {
 #[tokio::test]
 async fn a_tracked_tag_moves_every_selected_node_to_its_new_digest() {
     let c = Cluster::from_env().await.unwrap();
-    if !c.local {
-        eprintln!("skipped: pushes to the local registry");
-        return;
-    }
-    let s = Scope::new(&c, "track", &["track/app:1", "test/c:1", "test/d:1"]).await;
+    let s = Scope::new(&c, "track");
     let n1 = &c.nodes[0];
-    let tracked = image(&c, "track/app:1");
-    retag(&c, "test/c:1", "track/app:1");
+    let tracked = fresh(&c, "track").await;
     s.apply_cache(
         "track",
         &format!(
@@ -850,7 +830,8 @@ async fn a_tracked_tag_moves_every_selected_node_to_its_new_digest() {
     let old_id = image_id(&c, n1, &tracked).await.expect("pulled");
 
     // The tag moves to other content; within an interval or two the node follows.
-    retag(&c, "test/d:1", "track/app:1");
+    let next = c.push_variant(&tracked, "next").await.unwrap();
+    c.retag_image(&next, &tracked).await.unwrap();
     let new_digest = eventually(
         Duration::from_secs(90),
         "the new digest in status",
