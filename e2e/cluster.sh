@@ -209,8 +209,24 @@ EOF
   wait_for 20 "registry $REG_AUTH" curl -s -o /dev/null -w '%{http_code}' "http://$REG_AUTH/v2/"
 }
 
+# The apiserver's audit log records every request of Berth's coordinator
+# (only those), so benchmarks count its writes, TokenReviews and
+# SubjectAccessReviews where they land, not with Berth's own counters.
+audit_policy() {
+  cat >"$D/audit-policy.yaml" <<EOF
+apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: Metadata
+  users: ["system:serviceaccount:berth-system:berth-coordinator"]
+- level: None
+EOF
+}
+
 control_plane() {
   local P=$D/pki
+  audit_policy
   start etcd etcd --name berth-e2e --data-dir "$D/etcd" \
     --listen-client-urls http://127.0.0.1:23790 --advertise-client-urls http://127.0.0.1:23790 \
     --listen-peer-urls http://127.0.0.1:23800 --initial-advertise-peer-urls http://127.0.0.1:23800 \
@@ -226,7 +242,9 @@ control_plane() {
     --kubelet-certificate-authority="$P/ca.crt" \
     --kubelet-preferred-address-types=InternalIP \
     --authorization-mode=Node,RBAC --allow-privileged=true \
-    --enable-admission-plugins=NodeRestriction
+    --enable-admission-plugins=NodeRestriction \
+    --audit-policy-file="$D/audit-policy.yaml" --audit-log-path="$D/logs/audit.log" \
+    --audit-log-format=json --audit-log-maxsize=200 --audit-log-maxbackup=1
   wait_for 90 kube-apiserver kubectl get --raw /readyz
   start kube-controller-manager "$BIN/kube-controller-manager" --kubeconfig="$D/kcm.kubeconfig" \
     --authentication-kubeconfig="$D/kcm.kubeconfig" --authorization-kubeconfig="$D/kcm.kubeconfig" \
@@ -504,6 +522,7 @@ write_env() {
     echo "BERTH_AUTH_PASSWORD=$AUTH_PASSWORD"
     echo "BERTH_BIN=$BIN"
     echo "BERTH_E2E_DIR=$D"
+    echo "BERTH_AUDIT_LOG=$D/logs/audit.log"
     local nodes=() i
     for i in $(seq "$NODES"); do nodes+=("$(node_name "$i")"); done
     echo "BERTH_NODES=\"${nodes[*]}\""
