@@ -74,6 +74,7 @@ pub fn reason_name(r: pb::FailureReason) -> &'static str {
         F::InUse => "InUse",
         F::NotManaged => "NotManaged",
         F::DiskPressure => "DiskPressure",
+        F::SharedImage => "SharedImage",
         F::Unspecified => "Unknown",
     }
 }

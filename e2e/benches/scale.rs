@@ -164,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
         for i in &images {
             rt.publish(i, 10 << 20);
         }
-        let (runner, updates) = TaskRunner::new(Arc::new(rt), 2, Managed::load(None));
+        let (runner, updates) = TaskRunner::new(Arc::new(rt), &name, 2, Managed::load(None));
         let cfg = SessionConfig {
             coordinator: format!("http://{coordinator}:7070"),
             node_name: name,

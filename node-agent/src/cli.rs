@@ -62,7 +62,9 @@ pub enum Command {
             default_value = "/var/lib/containerd"
         )]
         imagefs_path: PathBuf,
-        /// Refuse pulls that would fill the image filesystem past this percentage.
+        /// Refuse pulls that would bring the image filesystem's use to this
+        /// percentage, counted as the kubelet's image GC counts it (reserved
+        /// blocks as used; the kubelet's imageGCHighThresholdPercent is 85).
         #[arg(long, env = "BERTH_DISK_THRESHOLD", default_value_t = 85.0)]
         disk_threshold: f64,
         /// Where the agent remembers which images it pulled (survives restarts).
@@ -108,8 +110,8 @@ pub enum ImagesCommand {
         #[arg(long, conflicts_with = "username")]
         auth_file: Option<String>,
         /// Give up after this long.
-        #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
-        timeout: Duration,
+        #[arg(long, default_value_t = berth_proto::DEFAULT_PULL_TIMEOUT.into())]
+        timeout: humantime::Duration,
     },
     /// Remove images.
     Rm {
@@ -152,7 +154,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             tracing::info!(runtime = %v.name, version = %v.version, socket = %socket.display(), "connected to runtime");
             let cfg = SessionConfig {
                 coordinator,
-                node_name,
+                node_name: node_name.clone(),
                 token_file,
                 socket: socket.display().to_string(),
                 inventory_poll,
@@ -161,8 +163,12 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
                 tracing::warn!(dir = %state_dir.display(), error = %e, "no state directory; managed images are forgotten on restart");
             }
             let managed = crate::tasks::Managed::load(Some(state_dir));
-            let (runner, updates) =
-                crate::tasks::TaskRunner::new(std::sync::Arc::new(cri), max_pulls, managed);
+            let (runner, updates) = crate::tasks::TaskRunner::new(
+                std::sync::Arc::new(cri),
+                &node_name,
+                max_pulls,
+                managed,
+            );
             let runner =
                 runner.with_disk_guard(crate::disk::DiskGuard::new(imagefs_path, disk_threshold));
             session::run(runner, updates, cfg).await;
@@ -253,7 +259,7 @@ async fn images(cri: &CriRuntime, cmd: ImagesCommand) -> anyhow::Result<()> {
             };
             let id = with_progress(
                 &format!("pulling {r}"),
-                cri.pull_with_timeout(&r, auth.as_ref(), timeout),
+                cri.pull_with_timeout(&r, auth.as_ref(), timeout.into()),
             )
             .await?;
             println!("{id}");

@@ -6,7 +6,10 @@
 //!   with an in-memory fake for tests.
 //! - [`cli`] is the operator's crictl-like command line (`node-agent images …`).
 //! - [`session`] keeps the agent's stream to the coordinator alive and fed with
-//!   the node's [`inventory`], and [`tasks`] carries out the coordinator's work.
+//!   the node's [`inventory`], and [`tasks`] carries out the coordinator's work,
+//!   pulls only as far as the [`disk`] guard allows.
+//! - [`testing`] lets tests that need something of the machine fail in CI
+//!   and say SKIPPED elsewhere.
 
 pub mod cli;
 pub mod cri;
@@ -15,3 +18,4 @@ pub mod inventory;
 pub mod runtime;
 pub mod session;
 pub mod tasks;
+pub mod testing;

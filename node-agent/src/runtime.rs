@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use berth_proto::reference::Reference;
 
@@ -76,6 +77,12 @@ pub trait ImageRuntime: Send + Sync + 'static {
 
 /// An in-memory [`ImageRuntime`]: images live in a map, pulls succeed for
 /// references registered with [`MemRuntime::publish`].
+///
+/// It models what containerd's CRI does with references: one image (one ID)
+/// may carry several tags; a pull by tag adds the tag and the repository's
+/// digest reference (`repo@digest`), a pull by digest only the latter; and
+/// [`ImageRuntime::remove`] deletes the image with every reference to it,
+/// whichever of them (or the ID) it is given.
 #[derive(Clone, Default)]
 pub struct MemRuntime {
     state: Arc<Mutex<MemState>>,
@@ -89,14 +96,14 @@ struct MemState {
     images: BTreeMap<String, ImageInfo>,
     in_use: Vec<String>,
     pulls: u64,
+    /// How long each pull takes.
+    pull_delay: Duration,
 }
 
 impl MemRuntime {
     /// Makes `reference` pullable as an image of `size_bytes`; returns its ID.
     pub fn publish(&self, reference: &str, size_bytes: u64) -> String {
-        let r = Reference::parse(reference)
-            .expect("valid reference")
-            .to_string();
+        let r = normalise(reference);
         let id = format!("sha256:{:064x}", fxhash(&r));
         self.state
             .lock()
@@ -106,15 +113,52 @@ impl MemRuntime {
         id
     }
 
+    /// Makes `reference` pullable as the same image (same ID) as the already
+    /// published `existing`, as a registry does after a retag; returns the ID.
+    pub fn publish_alias(&self, reference: &str, existing: &str) -> String {
+        let mut st = self.state.lock().unwrap();
+        let image = st
+            .published
+            .get(&normalise(existing))
+            .cloned()
+            .expect("alias of a published reference");
+        st.published.insert(normalise(reference), image.clone());
+        image.0
+    }
+
+    /// Drops one reference, as `ctr images rm` does (CRI has no such call);
+    /// the image goes when no tag or digest reference is left.
+    pub fn remove_reference(&self, reference: &str) {
+        let r = normalise(reference);
+        let mut st = self.state.lock().unwrap();
+        for image in st.images.values_mut() {
+            image.repo_tags.retain(|t| *t != r);
+            image.repo_digests.retain(|d| *d != r);
+        }
+        st.images
+            .retain(|_, i| !i.repo_tags.is_empty() || !i.repo_digests.is_empty());
+    }
+
     /// Marks an image as used by a container.
     pub fn set_in_use(&self, image_id: &str) {
         self.state.lock().unwrap().in_use.push(image_id.to_string());
+    }
+
+    /// Makes every later pull take `delay` (a timer, so other tasks run meanwhile).
+    pub fn set_pull_delay(&self, delay: Duration) {
+        self.state.lock().unwrap().pull_delay = delay;
     }
 
     /// How many pulls reached the runtime.
     pub fn pulls(&self) -> u64 {
         self.state.lock().unwrap().pulls
     }
+}
+
+fn normalise(reference: &str) -> String {
+    Reference::parse(reference)
+        .expect("valid reference")
+        .to_string()
 }
 
 fn fxhash(s: &str) -> u64 {
@@ -158,6 +202,10 @@ impl ImageRuntime for MemRuntime {
         reference: &Reference,
         _auth: Option<&RegistryAuth>,
     ) -> Result<String, CriError> {
+        let delay = self.state.lock().unwrap().pull_delay;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         let r = reference.to_string();
         let mut st = self.state.lock().unwrap();
         st.pulls += 1;
@@ -171,11 +219,17 @@ impl ImageRuntime for MemRuntime {
         let entry = st.images.entry(id.clone()).or_insert_with(|| ImageInfo {
             id: id.clone(),
             repo_tags: vec![],
-            repo_digests: vec![format!("{}@{id}", reference.repository())],
+            repo_digests: vec![],
             size_bytes: size,
             pinned: false,
         });
-        if !entry.repo_tags.contains(&r) {
+        // The fake's manifest digest is the image ID; containerd's differs,
+        // but like it every pulled repository gets its `repo@digest`.
+        let digest_ref = format!("{}@{id}", reference.repository());
+        if !entry.repo_digests.contains(&digest_ref) {
+            entry.repo_digests.push(digest_ref);
+        }
+        if reference.digest.is_none() && !entry.repo_tags.contains(&r) {
             entry.repo_tags.push(r);
         }
         Ok(id)
@@ -186,7 +240,11 @@ impl ImageRuntime for MemRuntime {
         let id = st
             .images
             .values()
-            .find(|i| i.id == image || i.repo_tags.iter().any(|t| t == image))
+            .find(|i| {
+                i.id == image
+                    || i.repo_tags.iter().any(|t| t == image)
+                    || i.repo_digests.iter().any(|d| d == image)
+            })
             .map(|i| i.id.clone());
         match id {
             Some(id) => {
@@ -210,5 +268,80 @@ impl ImageRuntime for MemRuntime {
 
     async fn images_in_use(&self) -> Result<Vec<String>, CriError> {
         Ok(self.state.lock().unwrap().in_use.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(s: &str) -> Reference {
+        Reference::parse(s).unwrap()
+    }
+
+    #[tokio::test]
+    async fn two_tags_of_one_image_share_its_id_and_removing_by_id_drops_both() {
+        let rt = MemRuntime::default();
+        let id = rt.publish("r.io/app:1.2", 1);
+        assert_eq!(rt.publish_alias("r.io/app:prod", "r.io/app:1.2"), id);
+        rt.pull(&r("r.io/app:1.2"), None).await.unwrap();
+        assert_eq!(rt.pull(&r("r.io/app:prod"), None).await.unwrap(), id);
+        let images = rt.list_images().await.unwrap();
+        assert_eq!(images.len(), 1);
+        assert_eq!(images[0].repo_tags, ["r.io/app:1.2", "r.io/app:prod"]);
+        assert_eq!(images[0].repo_digests, [format!("r.io/app@{id}")]);
+
+        rt.remove(&id).await.unwrap();
+        assert!(rt.image_status(&r("r.io/app:1.2")).await.unwrap().is_none());
+        assert!(
+            rt.image_status(&r("r.io/app:prod"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn removing_by_one_tag_drops_every_other_tag_too() {
+        let rt = MemRuntime::default();
+        rt.publish("r.io/app:1.2", 1);
+        rt.publish_alias("r.io/other:x", "r.io/app:1.2");
+        rt.pull(&r("r.io/app:1.2"), None).await.unwrap();
+        rt.pull(&r("r.io/other:x"), None).await.unwrap();
+        rt.remove("r.io/other:x").await.unwrap();
+        assert!(rt.list_images().await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pull_by_digest_adds_a_digest_reference_and_no_tag() {
+        let rt = MemRuntime::default();
+        let id = rt.publish("r.io/app:1.2", 1);
+        let by_digest = format!("r.io/app@{id}");
+        rt.publish_alias(&by_digest, "r.io/app:1.2");
+        rt.pull(&r(&by_digest), None).await.unwrap();
+        let image = rt.image_status(&r(&by_digest)).await.unwrap().unwrap();
+        assert!(image.repo_tags.is_empty());
+        assert_eq!(image.repo_digests, [by_digest]);
+    }
+
+    #[tokio::test]
+    async fn removing_one_reference_keeps_the_image_under_the_others() {
+        let rt = MemRuntime::default();
+        let id = rt.publish("r.io/app:1.2", 1);
+        rt.publish_alias("r.io/app:prod", "r.io/app:1.2");
+        rt.pull(&r("r.io/app:1.2"), None).await.unwrap();
+        rt.pull(&r("r.io/app:prod"), None).await.unwrap();
+        rt.remove_reference("r.io/app:prod");
+        let image = rt.image_status(&r("r.io/app:1.2")).await.unwrap().unwrap();
+        assert_eq!(image.id, id);
+        assert_eq!(image.repo_tags, ["r.io/app:1.2"]);
+        rt.remove_reference("r.io/app:1.2");
+        assert_eq!(
+            rt.list_images().await.unwrap().len(),
+            1,
+            "its digest is left"
+        );
+        rt.remove_reference(&format!("r.io/app@{id}"));
+        assert!(rt.list_images().await.unwrap().is_empty());
     }
 }

@@ -8,9 +8,11 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use berth_node_agent::cri::{CriError, CriRuntime};
 use berth_node_agent::runtime::{ImageRuntime, RegistryAuth};
+use berth_node_agent::testing::missing_prerequisite;
 use berth_proto::reference::Reference;
 use k8s_cri::v1 as cri;
 use k8s_cri::v1::image_service_server::{ImageService, ImageServiceServer};
@@ -349,45 +351,48 @@ async fn a_runtime_that_accepts_but_never_answers_times_out() {
     hold.abort();
 }
 
-fn node_agent() -> std::process::Command {
-    std::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
-}
+/// How long one run of the `node-agent` binary may take.
+const CLI_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Runs `node-agent` as an unprivileged user: root may open any socket.
-#[tokio::test]
-async fn permission_denied_on_the_socket_says_so() {
-    if !nix::unistd::Uid::effective().is_root() {
-        eprintln!("skipped: needs root to switch to an unprivileged user");
-        return;
+/// Runs the `node-agent` binary (as `uid` if given) and returns (success,
+/// stdout, stderr); fails the test if it does not finish within [`CLI_DEADLINE`].
+async fn node_agent(args: &[&str], uid: Option<u32>) -> (bool, String, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-agent"));
+    cmd.args(args).kill_on_drop(true);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
     }
-    let fake = fake_cri().await;
-    let dir = fake.socket.parent().unwrap();
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(&fake.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
-    use std::os::unix::process::CommandExt;
-    let out = node_agent()
-        .args(["--cri-socket", fake.socket.to_str().unwrap(), "version"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success());
-    assert!(stderr.contains("permission denied"), "{stderr}");
-}
-
-fn run_cli(socket: &Path, args: &[&str]) -> (bool, String, String) {
-    let out = node_agent()
-        .arg("--cri-socket")
-        .arg(socket)
-        .args(args)
-        .output()
+    let out = tokio::time::timeout(CLI_DEADLINE, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("node-agent {args:?} did not finish within {CLI_DEADLINE:?}"))
         .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
+}
+
+/// Runs `node-agent` as an unprivileged user: root may open any socket.
+#[tokio::test]
+async fn permission_denied_on_the_socket_says_so() {
+    if !nix::unistd::Uid::effective().is_root() {
+        return missing_prerequisite("needs root to run the agent as an unprivileged user");
+    }
+    let fake = fake_cri().await;
+    let dir = fake.socket.parent().unwrap();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&fake.socket, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let socket = fake.socket.to_str().unwrap();
+    let (ok, _, stderr) = node_agent(&["--cri-socket", socket, "version"], Some(65534)).await;
+    assert!(!ok);
+    assert!(stderr.contains("permission denied"), "{stderr}");
+}
+
+async fn run_cli(socket: &Path, args: &[&str]) -> (bool, String, String) {
+    let mut full = vec!["--cri-socket", socket.to_str().unwrap()];
+    full.extend_from_slice(args);
+    node_agent(&full, None).await
 }
 
 #[tokio::test]
@@ -400,11 +405,7 @@ async fn the_command_line_pulls_lists_inspects_and_removes() {
         .unwrap()
         .registry
         .insert("r.io/app:1".into(), id.clone());
-    let s = fake.socket.clone();
-    let (ok, out, err) =
-        tokio::task::spawn_blocking(move || run_cli(&s, &["images", "pull", "r.io/app:1"]))
-            .await
-            .unwrap();
+    let (ok, out, err) = run_cli(&fake.socket, &["images", "pull", "r.io/app:1"]).await;
     assert!(ok, "{err}");
     assert_eq!(out.trim(), id);
     assert!(
@@ -412,28 +413,16 @@ async fn the_command_line_pulls_lists_inspects_and_removes() {
         "{err}"
     );
 
-    let s = fake.socket.clone();
-    let (ok, out, _) = tokio::task::spawn_blocking(move || run_cli(&s, &["images", "ls", "-q"]))
-        .await
-        .unwrap();
+    let (ok, out, _) = run_cli(&fake.socket, &["images", "ls", "-q"]).await;
     assert!(ok);
     assert_eq!(out.trim(), id);
 
-    let s = fake.socket.clone();
-    let (ok, out, _) =
-        tokio::task::spawn_blocking(move || run_cli(&s, &["images", "inspect", "r.io/app:1"]))
-            .await
-            .unwrap();
+    let (ok, out, _) = run_cli(&fake.socket, &["images", "inspect", "r.io/app:1"]).await;
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["id"], id.as_str());
 
-    let s = fake.socket.clone();
-    let (ok, _, err) = tokio::task::spawn_blocking(move || {
-        run_cli(&s, &["images", "rm", "r.io/app:1", "r.io/gone:1"])
-    })
-    .await
-    .unwrap();
+    let (ok, _, err) = run_cli(&fake.socket, &["images", "rm", "r.io/app:1", "r.io/gone:1"]).await;
     assert!(!ok, "removing an absent image must fail");
     assert!(err.contains("image r.io/gone:1 not found"), "{err}");
     assert!(fake.state.0.lock().unwrap().images.is_empty());
@@ -442,11 +431,7 @@ async fn the_command_line_pulls_lists_inspects_and_removes() {
 #[tokio::test]
 async fn the_command_line_refuses_a_bad_reference_before_calling_the_runtime() {
     let fake = fake_cri().await;
-    let s = fake.socket.clone();
-    let (ok, _, err) =
-        tokio::task::spawn_blocking(move || run_cli(&s, &["images", "pull", "Bad/Name"]))
-            .await
-            .unwrap();
+    let (ok, _, err) = run_cli(&fake.socket, &["images", "pull", "Bad/Name"]).await;
     assert!(!ok);
     assert!(
         err.contains("invalid image reference") && err.contains("lowercase"),

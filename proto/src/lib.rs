@@ -6,6 +6,8 @@
 //! - [`reference`]: the container image reference grammar, so that every component
 //!   accepts and normalises `busybox`, `host:5000/a/b:tag` and `…@sha256:…` alike.
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, for gRPC reflection.
+//! - [`DEFAULT_PULL_TIMEOUT`]: the one default deadline of a pull, shared by the
+//!   coordinator (ImageCache `pullTimeout`) and the agent (`PullTask` without one).
 
 pub mod docker_config;
 pub mod reference;
@@ -33,3 +35,7 @@ pub use berth::v1 as api;
 
 /// Encoded `FileDescriptorSet` of every Berth proto, served by gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("berth_descriptor");
+
+/// Deadline of one pull attempt when nothing names one: an ImageCache image
+/// without `pullTimeout`, a `PullTask` with `timeout_seconds` 0.
+pub const DEFAULT_PULL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
