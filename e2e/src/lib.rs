@@ -429,91 +429,6 @@ impl Cluster {
         Ok(pf)
     }
 
-    /// STUB from branch agent-sem, to be replaced by the integrator's version
-    /// (same signature): pushes a brand-new image to the plain registry as
-    /// `REGISTRY/name:UNIQUE` and returns that reference. It carries
-    /// `test/a:1`'s layers under a config no other image has (a unique label),
-    /// so its image ID is shared with no other test.
-    pub fn fresh_image(&self, name: &str) -> anyhow::Result<String> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_nanos();
-        let unique = format!("fresh-{}-{nanos}", std::process::id());
-        let layout = std::env::temp_dir().join(format!("berth-{unique}"));
-        let oci = format!("oci:{}:base", layout.display());
-        let reference = format!("{}/{name}:{unique}", self.registry());
-        let run = |program: &str, args: &[&str]| -> anyhow::Result<()> {
-            let out = Command::new(program)
-                .args(args)
-                .output()
-                .with_context(|| format!("running {program}"))?;
-            if !out.status.success() {
-                bail!(
-                    "{program} {}: {}",
-                    args.join(" "),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-            Ok(())
-        };
-        let base = format!("docker://{}/test/a:1", self.registry());
-        let pushed = run(
-            "skopeo",
-            &["copy", "-q", "--src-tls-verify=false", &base, &oci],
-        )
-        .and_then(|_| {
-            run(
-                "umoci",
-                &[
-                    "config",
-                    "--image",
-                    &format!("{}:base", layout.display()),
-                    "--config.label",
-                    &format!("dev.berth.fresh={unique}"),
-                ],
-            )
-        })
-        .and_then(|_| {
-            run(
-                "skopeo",
-                &[
-                    "copy",
-                    "-q",
-                    "--dest-tls-verify=false",
-                    &oci,
-                    &format!("docker://{reference}"),
-                ],
-            )
-        });
-        let _ = std::fs::remove_dir_all(&layout);
-        pushed?;
-        Ok(reference)
-    }
-
-    /// STUB from branch agent-sem, to be replaced by the integrator's version
-    /// (same signature): copies the manifest of `from` to the tag reference
-    /// `to_tag_ref` in the registry (both full references).
-    pub fn retag_image(&self, from: &str, to_tag_ref: &str) -> anyhow::Result<()> {
-        let out = Command::new("skopeo")
-            .args([
-                "copy",
-                "-q",
-                "--src-tls-verify=false",
-                "--dest-tls-verify=false",
-                &format!("docker://{from}"),
-                &format!("docker://{to_tag_ref}"),
-            ])
-            .output()
-            .context("running skopeo")?;
-        if !out.status.success() {
-            bail!(
-                "skopeo copy {from} {to_tag_ref}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
-
     /// Runs the real `grpcurl` (reflection, no proto files) and returns stdout.
     pub fn grpcurl(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = Command::new(self.tool("grpcurl"))
@@ -603,19 +518,4 @@ where
     }
 }
 
-/// Whether a missing prerequisite must fail the run (in CI: `CI` or
-/// `BERTH_REQUIRE_ALL` set) rather than skip the test.
-pub fn prerequisites_required() -> bool {
-    ["CI", "BERTH_REQUIRE_ALL"]
-        .iter()
-        .any(|k| std::env::var(k).is_ok_and(|v| !v.is_empty() && v != "0"))
-}
-
-/// A test cannot run here because `why`: in CI that is a failure (panics);
-/// elsewhere it says so loudly on stderr and the caller returns.
-pub fn skip(test: &str, why: &str) {
-    if prerequisites_required() {
-        panic!("{test}: prerequisite missing in CI: {why}");
-    }
-    eprintln!("\n*** SKIPPED {test}: {why} ***\n");
-}
+pub use berth_node_agent::testing::missing_prerequisite;

@@ -12,9 +12,8 @@ macro_rules! local_cluster {
     () => {{
         let c = Cluster::from_env().await.unwrap();
         if !c.local {
-            berth_e2e::skip(
-                module_path!(),
-                "dials node sockets from the host: local cluster only",
+            berth_e2e::missing_prerequisite(
+                "the containerd suite dials node sockets from the host: local cluster only",
             );
             return;
         }

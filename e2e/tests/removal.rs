@@ -105,9 +105,9 @@ async fn a_cached_image_another_tag_shares_is_kept_until_that_tag_is_gone() {
     let node = c.nodes[0].clone();
     // A brand-new image, and a second tag of it in the same repository: the
     // user's `app:prod` beside Berth's `app:1.2`.
-    let cached = c.fresh_image("removal/app").unwrap();
+    let cached = c.fresh_image("removal-app").await.unwrap();
     let foreign = format!("{cached}-prod");
-    c.retag_image(&cached, &foreign).unwrap();
+    c.retag_image(&cached, &foreign).await.unwrap();
 
     let rt = CriRuntime::connect(c.node_socket(&node)).await.unwrap();
     let (runner, mut rx) = TaskRunner::new(Arc::new(rt), &node, 1, Managed::load(None));
