@@ -30,17 +30,15 @@ use tracing::{debug, info, warn};
 use super::crd::{
     DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, RolloutTimes, UpdateType,
 };
-use super::plan::{self, Action, CacheView, NodeView, WantedImage};
+use super::plan::{self, Action, CacheView, NodeView};
 use super::tags::{OciRegistry, TagTracker};
 use crate::metrics::METRICS;
 use crate::nodes::{NodeRegistry, TaskRecord};
 
-/// How often a tracked tag is re-resolved when the spec names no interval.
-pub const DEFAULT_TRACK_INTERVAL: Duration = Duration::from_secs(300);
-/// Deadline of one pull attempt when the spec names none.
-pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
-/// Pulls of one cache at once on a node when the spec names no limit.
-pub const DEFAULT_PULLS_PER_NODE: u32 = 2;
+use super::view::key;
+pub use super::view::{
+    DEFAULT_PULL_TIMEOUT, DEFAULT_PULLS_PER_NODE, DEFAULT_TRACK_INTERVAL, cache_view,
+};
 /// Least time between two status writes of one cache.
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a coordinator start, how long agents have to reconnect before a
@@ -168,57 +166,6 @@ where
             }),
     );
     store
-}
-
-fn key(c: &ImageCache) -> String {
-    format!("{}/{}", c.namespace().unwrap_or_default(), c.name_any())
-}
-
-/// The planner's view of a cache. References are normalised; the CRD's rules
-/// already refused malformed ones, so one that still fails to parse is skipped.
-/// `pins` maps a tracked reference to the `repository@digest` it points to now.
-pub fn cache_view(c: &ImageCache, pins: &HashMap<String, String>) -> CacheView {
-    let images: Vec<WantedImage> = c
-        .spec
-        .images
-        .iter()
-        .filter_map(|i| {
-            let reference = Reference::parse(&i.reference).ok()?.to_string();
-            let timeout = i
-                .pull_timeout
-                .as_deref()
-                .and_then(|t| humantime::parse_duration(t).ok())
-                .unwrap_or(DEFAULT_PULL_TIMEOUT);
-            let pin = pins.get(&reference).cloned();
-            Some(WantedImage {
-                reference,
-                timeout,
-                pin,
-            })
-        })
-        .collect();
-    let forgotten = c
-        .status
-        .iter()
-        .flat_map(|s| &s.images)
-        .map(|i| i.reference.clone())
-        .filter(|r| !images.iter().any(|i| &i.reference == r))
-        .collect();
-    let rollout = c.spec.rollout.clone().unwrap_or_default();
-    CacheView {
-        key: key(c),
-        images,
-        forgotten,
-        selector: c.spec.node_selector.clone(),
-        node_names: c.spec.node_names.clone(),
-        deletion: c.spec.deletion_policy,
-        deleting: c.metadata.deletion_timestamp.is_some(),
-        paused: c.spec.paused,
-        max_concurrent_nodes: rollout.max_concurrent_nodes,
-        max_pulls_per_node: rollout
-            .max_concurrent_pulls_per_node
-            .unwrap_or(DEFAULT_PULLS_PER_NODE),
-    }
 }
 
 fn condition(
@@ -475,19 +422,11 @@ impl Controller {
         secrets: &mut HashMap<String, Option<DockerCredentials>>,
     ) -> HashMap<String, String> {
         let mut pins = HashMap::new();
-        let Some(policy) = c
-            .spec
-            .update_policy
-            .as_ref()
-            .filter(|p| p.type_ == UpdateType::TrackTag)
-        else {
+        let tracking = c.spec.update_policy.as_ref();
+        if !tracking.is_some_and(|p| p.type_ == UpdateType::TrackTag) {
             return pins;
-        };
-        let interval = policy
-            .interval
-            .as_deref()
-            .and_then(|i| humantime::parse_duration(i).ok())
-            .unwrap_or(DEFAULT_TRACK_INTERVAL);
+        }
+        let interval = super::view::track_interval(c);
         for i in &c.spec.images {
             let Ok(r) = Reference::parse(&i.reference) else {
                 continue;

@@ -1,10 +1,22 @@
 //! The `ImageCache` custom resource (`berth.dev/v1alpha1`), its schema and
 //! admission rules. The CRD YAML in `manifests/` is generated from these types
 //! by the `crdgen` binary; a test fails if the two drift apart.
+//!
+//! Admission refuses what the coordinator could not use: image references
+//! are checked against Berth's one grammar ([`berth_proto::reference::PATTERN`]
+//! plus the name length), names against Kubernetes' own rules. What CEL cannot
+//! see (references equal only once normalised, label keys of `matchLabels`,
+//! whose length the apiserver cannot bound for its cost estimate) the
+//! controller reports as the `InvalidSpec` condition instead (see `view`).
+//! `tests/admission.rs` runs these rules on the generated CRD.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector};
+use berth_proto::reference::{DOMAIN_PATTERN, NAME_MAX, NAME_PATTERN, PATTERN, REFERENCE_MAX};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
+    Condition, LabelSelector, LabelSelectorRequirement,
+};
+use kube::core::Rule;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -28,6 +40,9 @@ pub const FINALIZER: &str = "berth.dev/image-cache";
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new(
+    "!has(self.updatePolicy) || !has(self.updatePolicy.type) || self.updatePolicy.type != 'TrackTag' || self.images.all(i, !i.ref.contains('@'))"
+).message("updatePolicy TrackTag follows tags, and an image pinned by digest (ref with @sha256:...) has no tag to follow: remove the digest or use type Pinned"))]
 pub struct ImageCacheSpec {
     /// Images to keep on every selected node (1 to 256, each reference once).
     #[schemars(length(min = 1, max = 256))]
@@ -36,11 +51,11 @@ pub struct ImageCacheSpec {
     /// Nodes whose labels match. With `nodeNames` too, a node must satisfy both;
     /// with neither, every node is selected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_selector: Option<LabelSelector>,
+    pub node_selector: Option<NodeSelector>,
     /// Nodes by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 5000))]
-    #[x_kube(validation = kube::core::Rule::new("self.all(n, size(n) > 0 && size(n) <= 253)").message("nodeNames must be node names (1 to 253 characters)"))]
+    #[schemars(length(max = 5000), inner(length(max = 253)))]
+    #[x_kube(validation = Rule::new(format!("self.all(n, n.matches(r'{DNS_SUBDOMAIN}'))")).message("nodeNames must be node names: lowercase DNS subdomains such as node-1 or ip-10-0-0-1.ec2.internal, 1 to 253 characters"))]
     pub node_names: Option<Vec<String>>,
     /// `kubernetes.io/dockerconfigjson` Secrets in the cache's namespace with
     /// credentials for private registries. They go only to the agents that pull.
@@ -71,8 +86,9 @@ pub struct ImageCacheSpec {
 pub struct CachedImage {
     /// Image reference: `[registry[:port]/]repository[:tag][@digest]`.
     #[serde(rename = "ref")]
-    #[schemars(length(min = 1, max = 512))]
-    #[x_kube(validation = kube::core::Rule::new(REF_RULE).message("ref must be an image reference such as registry.example:5000/team/app:1.2 or app@sha256:<64 hex>"))]
+    #[schemars(length(min = 1, max = REFERENCE_MAX))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{PATTERN}')")).message("ref must be an image reference such as registry.example:5000/team/app:1.2 or app@sha256:<64 hex>: lowercase repository, registry port 1 to 65535, digest sha256/sha384/sha512"))]
+    #[x_kube(validation = name_length_rule())]
     pub reference: String,
     /// Deadline of one pull attempt, e.g. `10m` (1s to 24h; default 30m).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,13 +97,94 @@ pub struct CachedImage {
     pub pull_timeout: Option<String>,
 }
 
-/// The CEL rule for image references (the distribution reference grammar).
-const REF_RULE: &str = concat!(
-    "self.matches(r'^(?:(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])",
-    r"(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9]))*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?/)?",
-    r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*",
-    r"(?::[a-zA-Z0-9_][a-zA-Z0-9_.-]{0,127})?(?:@sha256:[a-f0-9]{64})?$')"
-);
+/// A DNS-1123 subdomain (names of nodes and Secrets), without its 253
+/// character limit, which the schema's `maxLength` carries.
+pub const DNS_SUBDOMAIN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// A label key: an optional DNS subdomain prefix and `/`, then a name of at
+/// most 63 characters. The prefix's 253 limit is a rule of its own.
+pub const LABEL_KEY: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$";
+/// A label value, without its 63 character limit (the schema's `maxLength`).
+pub const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
+
+/// The CEL rule for the length of a reference's normalised name: the name as
+/// written, plus the `docker.io/` and `library/` that normalisation adds.
+fn name_length_rule() -> Rule {
+    let name = format!("size(self.find(r'^{NAME_PATTERN}'))");
+    let added = format!(
+        r"(self.matches(r'^{DOMAIN_PATTERN}/') ? (self.matches(r'^docker\.io/[^/]*$') ? 8 : 0) : (self.find(r'^{NAME_PATTERN}').contains('/') ? 10 : 18))"
+    );
+    Rule::new(format!("{name} + {added} <= {NAME_MAX}")).message(
+        "ref's repository name must be at most 255 characters once normalised (with docker.io/library/ for Docker Hub short names)",
+    )
+}
+
+/// Nodes whose labels match: Kubernetes' `LabelSelector`, with the bounds and
+/// rules the apiserver needs to refuse a selector the coordinator cannot use.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSelector {
+    /// Labels a node must carry, with these values.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "maxLength": 63}))]
+    #[x_kube(validation = Rule::new(format!("self.all(k, self[k].matches(r'{LABEL_VALUE}'))")).message("matchLabels values must be label values: up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))]
+    pub match_labels: Option<BTreeMap<String, String>>,
+    /// Requirements a node's labels must all meet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64))]
+    pub match_expressions: Option<Vec<SelectorRequirement>>,
+}
+
+/// One requirement of a node selector.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[x_kube(validation = Rule::new("(self.operator in ['In', 'NotIn']) == (has(self.values) && size(self.values) > 0)").message("matchExpressions: In and NotIn need values, Exists and DoesNotExist take none"))]
+pub struct SelectorRequirement {
+    /// The label key, e.g. `kubernetes.io/arch`.
+    #[schemars(length(min = 1, max = 317))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{LABEL_KEY}')")).message("matchExpressions key must be a label key: an optional DNS subdomain prefix and '/', then up to 63 letters, digits, '-', '_' or '.'"))]
+    #[x_kube(validation = Rule::new("!self.contains('/') || size(self.find(r'^[^/]*')) <= 253").message("matchExpressions key prefix must be at most 253 characters"))]
+    pub key: String,
+    /// `In`, `NotIn`, `Exists` or `DoesNotExist`.
+    pub operator: SelectorOperator,
+    /// Values for `In` and `NotIn`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(max = 63)))]
+    #[x_kube(validation = Rule::new(format!("self.all(v, v.matches(r'{LABEL_VALUE}'))")).message("matchExpressions values must be label values: up to 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit"))]
+    pub values: Option<Vec<String>>,
+}
+
+/// How a selector requirement tests its key.
+#[derive(
+    schemars::JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq,
+)]
+pub enum SelectorOperator {
+    /// The label's value is one of `values`.
+    #[default]
+    In,
+    /// The label is missing or its value is none of `values`.
+    NotIn,
+    /// The label is there.
+    Exists,
+    /// The label is not there.
+    DoesNotExist,
+}
+
+impl From<NodeSelector> for LabelSelector {
+    fn from(s: NodeSelector) -> Self {
+        LabelSelector {
+            match_labels: s.match_labels,
+            match_expressions: s.match_expressions.map(|es| {
+                es.into_iter()
+                    .map(|e| LabelSelectorRequirement {
+                        key: e.key,
+                        operator: format!("{:?}", e.operator),
+                        values: e.values,
+                    })
+                    .collect()
+            }),
+        }
+    }
+}
 
 /// How tags are followed.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -119,6 +216,7 @@ pub enum UpdateType {
 pub struct SecretRef {
     /// The Secret's name.
     #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{DNS_SUBDOMAIN}')")).message("imagePullSecrets name must be a Secret name: a lowercase DNS subdomain such as regcred"))]
     pub name: String,
 }
 

@@ -3,13 +3,15 @@
 //! [`crd`] holds the resource types; [`plan`] decides, as a pure function of
 //! caches, nodes and agent reports, what every node should pull or remove and
 //! what each cache's status says; [`controller`] feeds it from the apiserver
-//! and the agent sessions and carries the plan out; [`tags`] follows the
-//! digests of tracked tags.
+//! and the agent sessions and carries the plan out; [`view`] turns one cache's
+//! spec into the planner's view and lists what it could not use; [`tags`]
+//! follows the digests of tracked tags.
 
 pub mod controller;
 pub mod crd;
 pub mod plan;
 pub mod tags;
+pub mod view;
 
 use kube::CustomResourceExt;
 

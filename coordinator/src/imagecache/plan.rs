@@ -37,6 +37,8 @@ pub struct CacheView {
     pub max_concurrent_nodes: Option<u32>,
     /// Pulls of this cache's images at once on one node.
     pub max_pulls_per_node: u32,
+    /// What in the spec could not be used as written (see `view`).
+    pub problems: Vec<SpecProblem>,
 }
 
 /// One wanted image.
@@ -382,6 +384,85 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
         nodes: counts,
         images,
         top_reason,
+    }
+}
+
+/// Something in a cache's spec the coordinator cannot use as written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpecProblem {
+    /// An image reference that does not parse; the image is skipped.
+    BadReference {
+        /// As written.
+        reference: String,
+        /// Why it does not parse.
+        reason: String,
+    },
+    /// Two images that are one once normalised; the second is ignored.
+    Duplicate {
+        /// The first, as written.
+        first: String,
+        /// The second, as written.
+        second: String,
+        /// What both normalise to.
+        normal: String,
+    },
+    /// A duration that does not parse; the default is used instead.
+    BadDuration {
+        /// The field, e.g. `pullTimeout`.
+        field: &'static str,
+        /// As written.
+        value: String,
+        /// Why it does not parse.
+        reason: String,
+        /// What is used instead.
+        default: Duration,
+    },
+    /// A `matchLabels` key that no node label can have; it matches no node.
+    BadLabelKey {
+        /// As written.
+        key: String,
+    },
+}
+
+impl std::fmt::Display for SpecProblem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SpecProblem::BadReference { reference, reason } => {
+                write!(f, "image {reference:?} is skipped: {reason}")
+            }
+            SpecProblem::Duplicate {
+                first,
+                second,
+                normal,
+            } => write!(
+                f,
+                "images {first:?} and {second:?} are the same image ({normal}); the second is ignored"
+            ),
+            SpecProblem::BadDuration {
+                field,
+                value,
+                reason,
+                default,
+            } => write!(
+                f,
+                "{field} {value:?} is not a duration such as 90s or 1h30m ({reason}); using the default {}",
+                humanize(*default)
+            ),
+            SpecProblem::BadLabelKey { key } => write!(
+                f,
+                "nodeSelector.matchLabels key {key:?} is not a label key, so it matches no node"
+            ),
+        }
+    }
+}
+
+/// `90s`, `5m`, `2h`: the largest whole unit.
+fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s >= 3600 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s >= 60 && s.is_multiple_of(60) => format!("{}m", s / 60),
+        _ => format!("{s}s"),
     }
 }
 

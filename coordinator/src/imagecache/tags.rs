@@ -5,6 +5,10 @@
 //! [`TagTracker`] re-resolves each tracked reference once per its interval, in
 //! the background, and keeps the last good answer, so every node converges on
 //! one digest and a registry hiccup changes nothing on the nodes.
+//!
+//! References are read with Berth's own grammar ([`Reference`]);
+//! `oci-client` is only the transport, and gets its reference built from
+//! ours by [`oci_reference`], never by parsing the string again.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,6 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_proto::docker_config::RegistryAuth;
+use berth_proto::reference::Reference;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
@@ -46,7 +51,7 @@ impl OciRegistry {
 
 impl Registry for OciRegistry {
     async fn resolve(&self, reference: &str, auth: Option<RegistryAuth>) -> Result<String, String> {
-        let r: oci_client::Reference = reference.parse().map_err(|e| format!("{e}"))?;
+        let r = oci_reference(&Reference::parse(reference).map_err(|e| e.to_string())?);
         let auth = match auth {
             Some(a) => oci_client::secrets::RegistryAuth::Basic(a.username, a.password),
             None => oci_client::secrets::RegistryAuth::Anonymous,
@@ -55,6 +60,22 @@ impl Registry for OciRegistry {
             .fetch_manifest_digest(&r, &auth)
             .await
             .map_err(|e| format!("cannot resolve {reference}: {e}"))
+    }
+}
+
+/// `reference` for `oci-client`: by digest when it has one (as containerd
+/// pulls it), else by tag.
+pub fn oci_reference(reference: &Reference) -> oci_client::Reference {
+    let (registry, repository) = (reference.domain.clone(), reference.path.clone());
+    match (&reference.digest, &reference.tag) {
+        (Some(digest), _) => {
+            oci_client::Reference::with_digest(registry, repository, digest.clone())
+        }
+        (None, tag) => oci_client::Reference::with_tag(
+            registry,
+            repository,
+            tag.clone().unwrap_or_else(|| "latest".into()),
+        ),
     }
 }
 
@@ -148,6 +169,46 @@ impl<R: Registry> TagTracker<R> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_registry_client_gets_every_valid_example_as_our_parser_reads_it() {
+        for e in berth_proto::reference::examples() {
+            let Ok(normal) = e.expected else { continue };
+            let ours = Reference::parse(&e.input).unwrap();
+            let theirs = oci_reference(&ours);
+            assert_eq!(
+                (theirs.registry(), theirs.repository()),
+                (ours.domain.as_str(), ours.path.as_str()),
+                "{:?}",
+                e.input
+            );
+            assert_eq!(theirs.tag(), ours.tag.as_deref(), "{:?}", e.input);
+            assert_eq!(theirs.digest(), ours.digest.as_deref(), "{:?}", e.input);
+            assert_eq!(theirs.whole(), normal, "{:?}", e.input);
+        }
+    }
+
+    #[test]
+    fn oci_client_reads_our_normal_form_back_the_same_way_but_for_ipv6_hosts() {
+        for e in berth_proto::reference::examples() {
+            let Ok(normal) = e.expected else { continue };
+            if normal.starts_with('[') {
+                // oci-client's parser knows no IPv6 hosts: the reason
+                // `oci_reference` builds its reference instead of parsing.
+                assert!(normal.parse::<oci_client::Reference>().is_err());
+                continue;
+            }
+            let reparsed: oci_client::Reference = normal.parse().unwrap_or_else(|err| {
+                panic!("oci-client refuses our normal form {normal:?}: {err}")
+            });
+            assert_eq!(
+                reparsed,
+                oci_reference(&Reference::parse(&e.input).unwrap()),
+                "{:?}",
+                e.input
+            );
+        }
+    }
 
     #[tokio::test]
     async fn a_moved_tag_is_seen_after_the_interval_and_outages_keep_the_last_digest() {

@@ -353,3 +353,37 @@ fn a_tracked_tag_is_pulled_again_when_it_points_to_a_new_digest() {
         (0, Some("sha256:new"))
     );
 }
+
+#[test]
+fn a_tag_beside_a_digest_is_pulled_by_digest_and_held_once_the_runtime_reports_the_digest() {
+    use crate::imagecache::crd::{CachedImage, ImageCache, ImageCacheSpec};
+    let d = format!("sha256:{}", "0123456789abcdef".repeat(4));
+    let spec = ImageCacheSpec {
+        images: vec![CachedImage {
+            reference: format!("r.io/a:1@{d}"),
+            pull_timeout: None,
+        }],
+        ..Default::default()
+    };
+    let c = crate::imagecache::view::cache_view(
+        &ImageCache::new("c", spec),
+        &std::collections::HashMap::new(),
+    );
+    let empty = node("n1", &[], &[]);
+    assert_eq!(
+        pulls(&actions(std::slice::from_ref(&c), &[empty])),
+        [p("n1", &format!("r.io/a@{d}"))]
+    );
+    // What containerd's CRI reports for an image pulled by digest: no tag.
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().images = vec![pb::Image {
+        id: "id-a".into(),
+        repo_digests: vec![format!("r.io/a@{d}")],
+        size_bytes: 7,
+        managed: true,
+        ..Default::default()
+    }];
+    assert!(actions(std::slice::from_ref(&c), std::slice::from_ref(&n)).is_empty());
+    let s = status(&c, &[n]);
+    assert_eq!((s.nodes.ready, s.images[0].ready_nodes), (1, 1));
+}
