@@ -7,7 +7,7 @@ use berth_proto::api as pb;
 use berth_proto::api::inventory_server::Inventory;
 use tonic::{Request, Response, Status};
 
-use crate::imagecache::controller::CacheDetails;
+use crate::domain::CacheDetails;
 use crate::nodes::{NodeRegistry, NodeView};
 
 /// Serves the [`NodeRegistry`] and the caches' per-node detail on `berth.v1.Inventory`.

@@ -19,7 +19,8 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::metrics::METRICS;
 
-use crate::imagecache::plan::{AgentView, Failure};
+pub use crate::domain::TaskRecord;
+use crate::domain::{AgentView, Failure};
 
 /// Where a session's messages to its agent go.
 pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -30,15 +31,6 @@ pub const RETRY_BASE: Duration = Duration::from_secs(1);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Delay before a refused removal is asked again.
 const REMOVE_RETRY: Duration = Duration::from_secs(60);
-
-/// A task sent and not yet finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskRecord {
-    /// The image it is about.
-    pub image: String,
-    /// A pull (else a remove).
-    pub pull: bool,
-}
 
 /// The last failed pull of an image on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,23 +51,6 @@ pub fn retry_delay(attempts: u32) -> Duration {
         .saturating_mul(1 << attempts.saturating_sub(1).min(16))
         .min(RETRY_MAX);
     ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
-}
-
-/// Status name of a failure reason, as status and metrics show it.
-pub fn reason_name(r: pb::FailureReason) -> &'static str {
-    use pb::FailureReason as F;
-    match r {
-        F::ImageNotFound => "ImageNotFound",
-        F::RegistryUnreachable => "RegistryUnreachable",
-        F::AuthFailed => "AuthFailed",
-        F::PullTimeout => "PullTimeout",
-        F::BadReference => "BadReference",
-        F::RuntimeError => "RuntimeError",
-        F::InUse => "InUse",
-        F::NotManaged => "NotManaged",
-        F::DiskPressure => "DiskPressure",
-        F::Unspecified => "Unknown",
-    }
 }
 
 /// Identifies one session of one node.
@@ -202,11 +177,11 @@ impl NodeRegistry {
             let Some(task) = n.tasks.remove(&u.task_id) else {
                 return;
             };
-            let reason = pb::FailureReason::try_from(u.reason).unwrap_or_default();
+            let reason = pb::FailureReason::from_wire(u.reason);
             let kind = if task.pull { "pull" } else { "remove" };
             match state {
                 pb::TaskState::Done => METRICS.task_result(kind, "done", ""),
-                _ => METRICS.task_result(kind, "failed", reason_name(reason)),
+                _ => METRICS.task_result(kind, "failed", reason.name()),
             }
             match (state, task.pull) {
                 (pb::TaskState::Done, true) => {
@@ -217,7 +192,7 @@ impl NodeRegistry {
                     n.failures.insert(
                         task.image,
                         FailureRecord {
-                            reason: reason_name(reason).to_string(),
+                            reason: reason.name().to_string(),
                             message: u.message.clone(),
                             attempts,
                             retry_at: now + retry_delay(attempts),
@@ -417,7 +392,8 @@ mod tests {
                 task,
                 TaskRecord {
                     image: "r/x:1".into(),
-                    pull: true
+                    pull: true,
+                    pin: None,
                 }
             ));
             assert!(rx.try_recv().is_ok());
@@ -446,6 +422,7 @@ mod tests {
             TaskRecord {
                 image: "r/x:1".into(),
                 pull: true,
+                pin: None,
             },
         );
         let done = pb::TaskUpdate {

@@ -9,8 +9,8 @@
 //! publishes per-node detail for `berth.v1.Inventory`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use berth_proto::agent as pb;
@@ -18,7 +18,6 @@ use berth_proto::docker_config::DockerCredentials;
 use berth_proto::reference::Reference;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -27,13 +26,14 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::crd::{
-    DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, RolloutTimes, UpdateType,
-};
+use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, UpdateType};
+use super::detail::node_details;
 use super::plan::{self, Action, CacheView, NodeView, WantedImage};
+use super::status::build_status;
 use super::tags::{OciRegistry, TagTracker};
+use crate::domain::{CacheDetails, TaskRecord};
 use crate::metrics::METRICS;
-use crate::nodes::{NodeRegistry, TaskRecord};
+use crate::nodes::NodeRegistry;
 
 /// How often a tracked tag is re-resolved when the spec names no interval.
 pub const DEFAULT_TRACK_INTERVAL: Duration = Duration::from_secs(300);
@@ -48,33 +48,6 @@ const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 const AGENT_GRACE: Duration = Duration::from_secs(30);
 /// A pass runs at least this often (backoffs expire without an event).
 const RESYNC: Duration = Duration::from_secs(2);
-
-/// Per-node detail of one cache, for the public API.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeDetail {
-    /// Node name.
-    pub node: String,
-    /// `Ready`, `Pulling`, `Pending`, `Failed` or `Unknown`, per image.
-    pub images: Vec<ImageDetail>,
-}
-
-/// One image of a cache on one node.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ImageDetail {
-    /// Normalised reference.
-    pub reference: String,
-    /// `Ready`, `Pulling`, `Pending`, `Failed` or `Unknown`.
-    pub state: String,
-    /// Failure reason, if failed.
-    pub reason: String,
-    /// Failure message, if failed.
-    pub message: String,
-    /// Failed attempts in a row.
-    pub attempts: u32,
-}
-
-/// The latest per-node detail of every cache, keyed `namespace/name`.
-pub type CacheDetails = Arc<RwLock<BTreeMap<String, Vec<NodeDetail>>>>;
 
 /// The ImageCache controller.
 pub struct Controller {
@@ -221,130 +194,6 @@ pub fn cache_view(c: &ImageCache, pins: &HashMap<String, String>) -> CacheView {
     }
 }
 
-fn condition(
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: String,
-    old: &[Condition],
-    now: &Time,
-) -> Condition {
-    let status = if on { "True" } else { "False" }.to_string();
-    let since = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        last_transition_time: since,
-        observed_generation: None,
-    }
-}
-
-/// The status a cache should have, from the planner's counts and its old
-/// status. During `agent_grace` (right after the coordinator starts, while
-/// agents reconnect) a node without an agent counts as waiting, not degraded.
-pub fn build_status(
-    c: &ImageCache,
-    v: &CacheView,
-    computed: plan::Computed,
-    now: Timestamp,
-    agent_grace: bool,
-) -> ImageCacheStatus {
-    let old = c.status.clone().unwrap_or_default();
-    let n = &computed.nodes;
-    let (waiting, troubled) = if agent_grace {
-        (n.pulling + n.pending + n.unknown, n.failed)
-    } else {
-        (n.pulling + n.pending, n.failed + n.unknown)
-    };
-    let ready = troubled == 0 && waiting == 0;
-    let phase = if v.deleting {
-        "Deleting"
-    } else if v.paused {
-        "Paused"
-    } else if troubled > 0 {
-        "Degraded"
-    } else if waiting > 0 {
-        "Progressing"
-    } else {
-        "Ready"
-    };
-    let t = Time(now);
-    let degraded_reason = computed.top_reason.clone().unwrap_or_else(|| {
-        if n.unknown > 0 {
-            "AgentDisconnected".into()
-        } else {
-            "AsExpected".into()
-        }
-    });
-    let conditions = vec![
-        condition(
-            "Ready",
-            ready,
-            if ready {
-                "AllNodesReady"
-            } else {
-                "NodesNotReady"
-            },
-            format!("{}/{} selected nodes hold every image", n.ready, n.target),
-            &old.conditions,
-            &t,
-        ),
-        condition(
-            "Progressing",
-            waiting > 0 && !v.paused,
-            if waiting > 0 { "Pulling" } else { "Idle" },
-            format!("{} nodes pulling, {} waiting", n.pulling, n.pending),
-            &old.conditions,
-            &t,
-        ),
-        condition(
-            "Degraded",
-            troubled > 0,
-            &degraded_reason,
-            format!(
-                "{} nodes failed, {} without a connected agent",
-                n.failed, n.unknown
-            ),
-            &old.conditions,
-            &t,
-        ),
-    ];
-    // A rollout starts when the cache stops being ready and completes when it is again.
-    let was_ready = old.phase == "Ready";
-    let last_rollout = match (old.last_rollout, was_ready, ready) {
-        (Some(r), true, true) => Some(r),
-        (Some(r), false, false) if r.completed.is_none() => Some(r),
-        (Some(r), false, true) if r.completed.is_none() => {
-            let started: Option<Timestamp> = r.started.parse().ok();
-            Some(RolloutTimes {
-                seconds: started.map(|s| now.duration_since(s).as_secs_f64()),
-                completed: Some(now.to_string()),
-                ..r
-            })
-        }
-        (r, _, _) if !ready || r.is_none() => Some(RolloutTimes {
-            started: now.to_string(),
-            completed: ready.then(|| now.to_string()),
-            seconds: ready.then_some(0.0),
-        }),
-        (r, _, _) => r,
-    };
-    ImageCacheStatus {
-        observed_generation: c.metadata.generation,
-        phase: phase.into(),
-        conditions,
-        nodes: computed.nodes,
-        images: computed.images,
-        last_rollout,
-    }
-}
-
 impl Controller {
     async fn pass(&mut self) {
         let now = Instant::now();
@@ -397,7 +246,14 @@ impl Controller {
                 node_counts.insert((v.key.clone(), state), count.into());
             }
             let grace = self.started.elapsed() < AGENT_GRACE;
-            let status = build_status(c, v, computed, Timestamp::now(), grace);
+            let status = build_status(
+                c.status.as_ref(),
+                c.metadata.generation,
+                v,
+                computed,
+                Timestamp::now(),
+                grace,
+            );
             details.insert(v.key.clone(), node_details(v, &node_views));
             self.write_status(c, status).await;
             if v.deleting && c.finalizers().iter().any(|f| f == FINALIZER) {
@@ -447,10 +303,18 @@ impl Controller {
                         credentials,
                         timeout_seconds: timeout.as_secs().min(u32::MAX as u64) as u32,
                         expected_size_bytes: expected_size,
-                        pin: pin.unwrap_or_default(),
+                        pin: pin.clone().unwrap_or_default(),
                     })),
                 };
-                (node, task, TaskRecord { image, pull: true })
+                (
+                    node,
+                    task,
+                    TaskRecord {
+                        image,
+                        pull: true,
+                        pin,
+                    },
+                )
             }
             Action::Remove { node, image } => {
                 let task = pb::Task {
@@ -459,7 +323,15 @@ impl Controller {
                         image: image.clone(),
                     })),
                 };
-                (node, task, TaskRecord { image, pull: false })
+                (
+                    node,
+                    task,
+                    TaskRecord {
+                        image,
+                        pull: false,
+                        pin: None,
+                    },
+                )
             }
         };
         debug!(node = %node, image = %record.image, pull = record.pull, task = %task.id, "dispatching");
@@ -661,41 +533,4 @@ impl Controller {
             info!(cache = %key(c), "finalizer removed");
         }
     }
-}
-
-/// Per-node detail of one cache.
-pub fn node_details(v: &CacheView, nodes: &[NodeView]) -> Vec<NodeDetail> {
-    nodes
-        .iter()
-        .filter(|n| v.targets(n))
-        .map(|n| NodeDetail {
-            node: n.name.clone(),
-            images: v
-                .images
-                .iter()
-                .map(|i| {
-                    let r = &i.reference;
-                    let mut d = ImageDetail {
-                        reference: r.clone(),
-                        ..Default::default()
-                    };
-                    d.state = match n.agent.as_ref().filter(|a| a.connected) {
-                        None => "Unknown".into(),
-                        Some(a) if a.holds(r).is_some() => "Ready".into(),
-                        Some(a) => match a.failures.get(r) {
-                            Some(f) => {
-                                d.reason = f.reason.clone();
-                                d.message = f.message.clone();
-                                d.attempts = f.attempts;
-                                "Failed".into()
-                            }
-                            None if a.pulling.contains(r) => "Pulling".into(),
-                            None => "Pending".into(),
-                        },
-                    };
-                    d
-                })
-                .collect(),
-        })
-        .collect()
 }

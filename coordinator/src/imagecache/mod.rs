@@ -2,13 +2,17 @@
 //!
 //! [`crd`] holds the resource types; [`plan`] decides, as a pure function of
 //! caches, nodes and agent reports, what every node should pull or remove and
-//! what each cache's status says; [`controller`] feeds it from the apiserver
-//! and the agent sessions and carries the plan out; [`tags`] follows the
-//! digests of tracked tags.
+//! what each cache's counts are; [`status`] turns those counts into phase,
+//! conditions and rollout times, and [`detail`] into per-node detail for the
+//! public API (both pure, beside the planner); [`controller`] is the thin loop
+//! that feeds them from the apiserver and the agent sessions and carries the
+//! plan out; [`tags`] follows the digests of tracked tags.
 
 pub mod controller;
 pub mod crd;
+pub mod detail;
 pub mod plan;
+pub mod status;
 pub mod tags;
 
 use kube::CustomResourceExt;

@@ -10,6 +10,7 @@ use berth_proto::agent as pb;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::crd::{DeletionPolicy, FailedNode, ImageState, NodeCounts};
+pub use crate::domain::{AgentView, Failure};
 
 /// Most failed nodes a status lists by name.
 pub const FAILED_SAMPLE: usize = 10;
@@ -59,34 +60,6 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// What its agent reported; `None` if no agent ever connected.
     pub agent: Option<AgentView>,
-}
-
-/// A node's agent, as the coordinator knows it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AgentView {
-    /// A session is open.
-    pub connected: bool,
-    /// The runtime's images.
-    pub images: Vec<pb::Image>,
-    /// References being pulled.
-    pub pulling: BTreeSet<String>,
-    /// References being removed.
-    pub removing: BTreeSet<String>,
-    /// Last failed pull per reference.
-    pub failures: BTreeMap<String, Failure>,
-}
-
-/// The last failed pull of an image on a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// e.g. `AuthFailed`.
-    pub reason: String,
-    /// The runtime's message.
-    pub message: String,
-    /// Attempts so far.
-    pub attempts: u32,
-    /// Its backoff has passed: it may be tried again.
-    pub retry_due: bool,
 }
 
 /// Something the coordinator should ask an agent to do.

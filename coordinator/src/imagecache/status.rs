@@ -1,0 +1,140 @@
+//! The status a cache should show: phase, conditions and rollout times, as a
+//! pure function of the planner's counts and the cache's previous status.
+//! The controller writes what this returns.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+
+use super::crd::{ImageCacheStatus, RolloutTimes};
+use super::plan::{CacheView, Computed};
+
+/// A condition of `type_`, keeping its transition time from `old` when its
+/// status did not change.
+fn condition(
+    type_: &str,
+    on: bool,
+    reason: &str,
+    message: String,
+    old: &[Condition],
+    now: &Time,
+) -> Condition {
+    let status = if on { "True" } else { "False" }.to_string();
+    let since = old
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(|| now.clone());
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        last_transition_time: since,
+        observed_generation: None,
+    }
+}
+
+/// The status a cache should have, from the planner's counts and its old
+/// status (`old`, describing spec `generation`). During `agent_grace` (right
+/// after the coordinator starts, while agents reconnect) a node without an
+/// agent counts as waiting, not degraded.
+pub fn build_status(
+    old: Option<&ImageCacheStatus>,
+    generation: Option<i64>,
+    v: &CacheView,
+    computed: Computed,
+    now: Timestamp,
+    agent_grace: bool,
+) -> ImageCacheStatus {
+    let old = old.cloned().unwrap_or_default();
+    let n = &computed.nodes;
+    let (waiting, troubled) = if agent_grace {
+        (n.pulling + n.pending + n.unknown, n.failed)
+    } else {
+        (n.pulling + n.pending, n.failed + n.unknown)
+    };
+    let ready = troubled == 0 && waiting == 0;
+    let phase = if v.deleting {
+        "Deleting"
+    } else if v.paused {
+        "Paused"
+    } else if troubled > 0 {
+        "Degraded"
+    } else if waiting > 0 {
+        "Progressing"
+    } else {
+        "Ready"
+    };
+    let t = Time(now);
+    let degraded_reason = computed.top_reason.clone().unwrap_or_else(|| {
+        if n.unknown > 0 {
+            "AgentDisconnected".into()
+        } else {
+            "AsExpected".into()
+        }
+    });
+    let conditions = vec![
+        condition(
+            "Ready",
+            ready,
+            if ready {
+                "AllNodesReady"
+            } else {
+                "NodesNotReady"
+            },
+            format!("{}/{} selected nodes hold every image", n.ready, n.target),
+            &old.conditions,
+            &t,
+        ),
+        condition(
+            "Progressing",
+            waiting > 0 && !v.paused,
+            if waiting > 0 { "Pulling" } else { "Idle" },
+            format!("{} nodes pulling, {} waiting", n.pulling, n.pending),
+            &old.conditions,
+            &t,
+        ),
+        condition(
+            "Degraded",
+            troubled > 0,
+            &degraded_reason,
+            format!(
+                "{} nodes failed, {} without a connected agent",
+                n.failed, n.unknown
+            ),
+            &old.conditions,
+            &t,
+        ),
+    ];
+    // A rollout starts when the cache stops being ready and completes when it is again.
+    let was_ready = old.phase == "Ready";
+    let last_rollout = match (old.last_rollout, was_ready, ready) {
+        (Some(r), true, true) => Some(r),
+        (Some(r), false, false) if r.completed.is_none() => Some(r),
+        (Some(r), false, true) if r.completed.is_none() => {
+            let started: Option<Timestamp> = r.started.parse().ok();
+            Some(RolloutTimes {
+                seconds: started.map(|s| now.duration_since(s).as_secs_f64()),
+                completed: Some(now.to_string()),
+                ..r
+            })
+        }
+        (r, _, _) if !ready || r.is_none() => Some(RolloutTimes {
+            started: now.to_string(),
+            completed: ready.then(|| now.to_string()),
+            seconds: ready.then_some(0.0),
+        }),
+        (r, _, _) => r,
+    };
+    ImageCacheStatus {
+        observed_generation: generation,
+        phase: phase.into(),
+        conditions,
+        nodes: computed.nodes,
+        images: computed.images,
+        last_rollout,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,125 @@
+//! Status building as data in, data out.
+
+use super::*;
+use crate::imagecache::crd::NodeCounts;
+
+fn at(s: &str) -> Timestamp {
+    s.parse().unwrap()
+}
+
+fn counts(target: u32, ready: u32, pulling: u32, failed: u32, unknown: u32) -> Computed {
+    Computed {
+        nodes: NodeCounts {
+            target,
+            ready,
+            pulling,
+            pending: target - ready - pulling - failed - unknown,
+            failed,
+            unknown,
+        },
+        top_reason: (failed > 0).then(|| "AuthFailed".to_string()),
+        ..Default::default()
+    }
+}
+
+fn cond<'a>(s: &'a ImageCacheStatus, type_: &str) -> &'a Condition {
+    s.conditions.iter().find(|c| c.type_ == type_).unwrap()
+}
+
+#[test]
+fn every_node_ready_is_phase_ready_with_ready_true() {
+    let s = build_status(
+        None,
+        Some(3),
+        &CacheView::default(),
+        counts(2, 2, 0, 0, 0),
+        at("2026-01-01T00:00:00Z"),
+        false,
+    );
+    assert_eq!(s.phase, "Ready");
+    assert_eq!(s.observed_generation, Some(3));
+    assert_eq!(cond(&s, "Ready").status, "True");
+    assert_eq!(
+        cond(&s, "Ready").message,
+        "2/2 selected nodes hold every image"
+    );
+    assert_eq!(cond(&s, "Degraded").status, "False");
+}
+
+#[test]
+fn a_failed_node_makes_the_cache_degraded_with_the_top_reason() {
+    let s = build_status(
+        None,
+        None,
+        &CacheView::default(),
+        counts(3, 1, 1, 1, 0),
+        at("2026-01-01T00:00:00Z"),
+        false,
+    );
+    assert_eq!(s.phase, "Degraded");
+    assert_eq!(cond(&s, "Degraded").reason, "AuthFailed");
+    assert_eq!(cond(&s, "Progressing").status, "True");
+}
+
+#[test]
+fn a_node_without_agent_waits_during_the_grace_and_degrades_after_it() {
+    let v = CacheView::default();
+    let t = at("2026-01-01T00:00:00Z");
+    let during = build_status(None, None, &v, counts(2, 1, 0, 0, 1), t, true);
+    assert_eq!(during.phase, "Progressing");
+    let after = build_status(None, None, &v, counts(2, 1, 0, 0, 1), t, false);
+    assert_eq!(after.phase, "Degraded");
+    assert_eq!(cond(&after, "Degraded").reason, "AgentDisconnected");
+}
+
+#[test]
+fn deleting_and_paused_override_the_counts() {
+    let t = at("2026-01-01T00:00:00Z");
+    let deleting = CacheView {
+        deleting: true,
+        ..Default::default()
+    };
+    let paused = CacheView {
+        paused: true,
+        ..Default::default()
+    };
+    let c = counts(1, 0, 1, 0, 0);
+    assert_eq!(
+        build_status(None, None, &deleting, c.clone(), t, false).phase,
+        "Deleting"
+    );
+    let p = build_status(None, None, &paused, c, t, false);
+    assert_eq!(p.phase, "Paused");
+    assert_eq!(cond(&p, "Progressing").status, "False");
+}
+
+#[test]
+fn a_rollout_is_timed_from_not_ready_to_ready_and_transition_times_are_kept() {
+    let v = CacheView::default();
+    let t0 = at("2026-01-01T00:00:00Z");
+    let t1 = at("2026-01-01T00:00:02Z");
+    let t2 = at("2026-01-01T00:00:05Z");
+    let s0 = build_status(None, None, &v, counts(2, 0, 2, 0, 0), t0, false);
+    let started = s0.last_rollout.clone().unwrap();
+    assert_eq!(
+        (started.started.as_str(), started.completed),
+        ("2026-01-01T00:00:00Z", None)
+    );
+    let s1 = build_status(Some(&s0), None, &v, counts(2, 1, 1, 0, 0), t1, false);
+    assert_eq!(s1.last_rollout, s0.last_rollout, "still rolling out");
+    assert_eq!(
+        cond(&s1, "Ready").last_transition_time,
+        Time(t0),
+        "Ready stayed False since t0"
+    );
+    let s2 = build_status(Some(&s1), None, &v, counts(2, 2, 0, 0, 0), t2, false);
+    let done = s2.last_rollout.clone().unwrap();
+    assert_eq!(done.completed.as_deref(), Some("2026-01-01T00:00:05Z"));
+    assert_eq!(done.seconds, Some(5.0));
+    assert_eq!(cond(&s2, "Ready").last_transition_time, Time(t2));
+    let s3 = build_status(Some(&s2), None, &v, counts(2, 2, 0, 0, 0), t2, false);
+    assert_eq!(
+        s3.last_rollout, s2.last_rollout,
+        "a ready cache keeps its last rollout"
+    );
+}
