@@ -26,6 +26,16 @@ pub struct AgentView {
     pub failures: BTreeMap<String, Failure>,
 }
 
+impl AgentView {
+    /// Whether the runtime holds `reference` (by tag or by digest).
+    pub fn holds(&self, reference: &str) -> Option<&pb::Image> {
+        self.images.iter().find(|i| {
+            i.repo_tags.iter().any(|t| t == reference)
+                || i.repo_digests.iter().any(|d| d == reference)
+        })
+    }
+}
+
 /// The last failed pull of an image on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {

@@ -53,6 +53,23 @@ pub fn retry_delay(attempts: u32) -> Duration {
     ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
 }
 
+/// The image a finished pull left, as the next inventory will show it: the
+/// reference as a tag (or digest), the pinned digest, managed by Berth.
+fn pulled_image(task: &TaskRecord, image_id: &str) -> pb::Image {
+    let mut image = pb::Image {
+        id: image_id.to_string(),
+        managed: true,
+        ..Default::default()
+    };
+    if task.image.contains('@') {
+        image.repo_digests.push(task.image.clone());
+    } else {
+        image.repo_tags.push(task.image.clone());
+    }
+    image.repo_digests.extend(task.pin.clone());
+    image
+}
+
 /// Identifies one session of one node.
 pub type SessionId = u64;
 
@@ -77,6 +94,10 @@ pub struct NodeView {
     pub outbox: Option<Outbox>,
     /// Tasks of the current session not yet finished, by id.
     pub tasks: BTreeMap<String, TaskRecord>,
+    /// Images whose pull the agent reported done and no inventory has shown
+    /// yet, by reference: counted as held at once, so a finished pull reaches
+    /// the status without waiting for the agent's next inventory.
+    pub pulled: BTreeMap<String, pb::Image>,
     /// Last failed pull per image (kept across sessions).
     pub failures: BTreeMap<String, FailureRecord>,
     /// Refused removals, not to be asked again before the instant.
@@ -140,6 +161,7 @@ impl NodeRegistry {
                 outbox,
                 // The agent joins resent tasks to pulls it still runs.
                 tasks: BTreeMap::new(),
+                pulled: BTreeMap::new(),
                 failures,
                 remove_backoff: BTreeMap::new(),
             },
@@ -157,6 +179,7 @@ impl NodeRegistry {
     ) -> bool {
         self.with_current(node, session, |n| {
             n.inventory = Some(inv);
+            n.pulled.clear();
             n.last_seen = now;
         })
     }
@@ -186,6 +209,8 @@ impl NodeRegistry {
             match (state, task.pull) {
                 (pb::TaskState::Done, true) => {
                     n.failures.remove(&task.image);
+                    let image = pulled_image(&task, &u.image_id);
+                    n.pulled.insert(task.image, image);
                 }
                 (pb::TaskState::Failed, true) => {
                     let attempts = n.failures.get(&task.image).map_or(0, |f| f.attempts) + 1;
@@ -247,13 +272,15 @@ impl NodeRegistry {
                 .filter(|(_, t)| **t > now)
                 .map(|(i, _)| i.clone()),
         );
+        let mut images = n
+            .inventory
+            .as_ref()
+            .map(|i| i.images.clone())
+            .unwrap_or_default();
+        images.extend(n.pulled.values().cloned());
         Some(AgentView {
             connected: n.connected,
-            images: n
-                .inventory
-                .as_ref()
-                .map(|i| i.images.clone())
-                .unwrap_or_default(),
+            images,
             pulling: in_flight(true),
             removing,
             failures: n
@@ -432,6 +459,39 @@ mod tests {
         };
         reg.task_update("a", s, &done, t0);
         assert!(reg.get("a").unwrap().failures.is_empty());
+    }
+
+    #[test]
+    fn a_finished_pull_counts_as_held_before_the_next_inventory() {
+        let reg = NodeRegistry::default();
+        let (tx, _rx) = mpsc::channel(8);
+        let s = reg.connect(hello("a"), SystemTime::UNIX_EPOCH, Some(tx));
+        let record = TaskRecord {
+            image: "r/x:1".into(),
+            pull: true,
+            pin: Some("r/x@sha256:aa".into()),
+        };
+        let task = pb::Task {
+            id: "t".into(),
+            kind: None,
+        };
+        assert!(reg.dispatch("a", task, record));
+        let done = pb::TaskUpdate {
+            task_id: "t".into(),
+            state: pb::TaskState::Done as i32,
+            image_id: "sha256:img".into(),
+            ..Default::default()
+        };
+        assert!(reg.task_update("a", s, &done, Instant::now()));
+        let view = reg.agent_view("a", Instant::now()).unwrap();
+        let held = view.holds("r/x:1").expect("held at once");
+        assert_eq!(held.id, "sha256:img");
+        assert_eq!(held.repo_digests, ["r/x@sha256:aa"]);
+        assert!(view.pulling.is_empty());
+        // The inventory that follows replaces the stand-in.
+        reg.update_inventory("a", s, inv(&["other"]), SystemTime::UNIX_EPOCH);
+        let view = reg.agent_view("a", Instant::now()).unwrap();
+        assert!(view.holds("r/x:1").is_none());
     }
 
     #[test]

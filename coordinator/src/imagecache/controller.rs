@@ -4,8 +4,9 @@
 //! wakes the loop at once); agent sessions wake it through the node registry.
 //! Each pass turns both into planner views, sends the resulting tasks (with
 //! credentials from the cache's pull Secrets, only to the agents that pull),
-//! writes each cache's status when it changed (at most once a second per
-//! cache), records Events on phase changes, manages the finalizer and
+//! writes each cache's status when it changed (a new phase or condition at
+//! once, new counts at most twice a second per cache), records Events on
+//! phase changes, manages the finalizer and
 //! publishes per-node detail for `berth.v1.Inventory`.
 
 use std::collections::{BTreeMap, HashMap};
@@ -29,7 +30,7 @@ use tracing::{debug, info, warn};
 use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, UpdateType};
 use super::detail::node_details;
 use super::plan::{self, Action, CacheView, NodeView, WantedImage};
-use super::status::build_status;
+use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
 use crate::domain::{CacheDetails, TaskRecord};
 use crate::metrics::METRICS;
@@ -41,13 +42,14 @@ pub const DEFAULT_TRACK_INTERVAL: Duration = Duration::from_secs(300);
 pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Pulls of one cache at once on a node when the spec names no limit.
 pub const DEFAULT_PULLS_PER_NODE: u32 = 2;
-/// Least time between two status writes of one cache.
-const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a coordinator start, how long agents have to reconnect before a
 /// node without one makes its caches Degraded.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
 /// A pass runs at least this often (backoffs expire without an event).
 const RESYNC: Duration = Duration::from_secs(2);
+/// Passes start at most this often, so a burst of events makes one pass; a
+/// wake after a quiet spell runs at once.
+const PASS_GAP: Duration = Duration::from_millis(50);
 
 /// The ImageCache controller.
 pub struct Controller {
@@ -100,6 +102,7 @@ pub async fn run(
         started: Instant::now(),
     };
     loop {
+        let started = Instant::now();
         c.deferred = None;
         c.pass().await;
         // A status write held back by the rate limit is due before the resync.
@@ -110,8 +113,7 @@ pub async fn run(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(next) => {}
         }
-        // Let a burst of events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep_until((started + PASS_GAP).into()).await;
     }
 }
 
@@ -434,16 +436,15 @@ impl Controller {
 
     async fn write_status(&mut self, c: &ImageCache, status: ImageCacheStatus) {
         let k = key(c);
-        let last = self.written.get(&k);
-        // The store may not have seen our last write yet: compare with both.
-        if c.status.as_ref() == Some(&status) || last.is_some_and(|(_, s)| *s == status) {
-            return;
-        }
-        if let Some((at, _)) = last.filter(|(at, _)| at.elapsed() < STATUS_INTERVAL) {
-            let due = *at + STATUS_INTERVAL;
-            self.deferred = Some(self.deferred.map_or(due, |d| d.min(due)));
-            debug!(cache = %k, "status write deferred by the rate limit");
-            return;
+        let last = self.written.get(&k).map(|(at, s)| (*at, s));
+        match write_decision(c.status.as_ref(), last, &status, Instant::now()) {
+            Write::Skip => return,
+            Write::At(due) => {
+                self.deferred = Some(self.deferred.map_or(due, |d| d.min(due)));
+                debug!(cache = %k, "status write deferred by the rate limit");
+                return;
+            }
+            Write::Now => {}
         }
         let old_phase = self.phases.insert(k.clone(), status.phase.clone());
         debug!(cache = %k, phase = %status.phase, "writing status");

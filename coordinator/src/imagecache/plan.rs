@@ -135,14 +135,6 @@ impl AgentView {
             _ => Some(image),
         }
     }
-
-    /// Whether the runtime holds `reference` (by tag or by digest).
-    pub fn holds(&self, reference: &str) -> Option<&pb::Image> {
-        self.images.iter().find(|i| {
-            i.repo_tags.iter().any(|t| t == reference)
-                || i.repo_digests.iter().any(|d| d == reference)
-        })
-    }
 }
 
 /// Every (node, reference) some live cache wants kept.

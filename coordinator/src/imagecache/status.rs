@@ -2,6 +2,8 @@
 //! pure function of the planner's counts and the cache's previous status.
 //! The controller writes what this returns.
 
+use std::time::{Duration, Instant};
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
@@ -134,6 +136,59 @@ pub fn build_status(
         images: computed.images,
         last_rollout,
     }
+}
+
+/// Least time between two status writes of one cache that change only counts.
+pub const STATUS_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What to do with a newly built status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// It says nothing new.
+    Skip,
+    /// Write it now.
+    Now,
+    /// Only counts changed and the last write was recent: write at this instant.
+    At(Instant),
+}
+
+/// Whether to write `new` now. `stored` is the status the cache store shows,
+/// `last` this process's last write of it (the store may not have seen it
+/// yet). A change of phase or of any condition's status is written at once;
+/// a change of counts only is held to one write per [`STATUS_INTERVAL`].
+pub fn write_decision(
+    stored: Option<&ImageCacheStatus>,
+    last: Option<(Instant, &ImageCacheStatus)>,
+    new: &ImageCacheStatus,
+    now: Instant,
+) -> Write {
+    if stored == Some(new) || last.is_some_and(|(_, s)| s == new) {
+        return Write::Skip;
+    }
+    let Some((at, written)) = last else {
+        return Write::Now;
+    };
+    let due = at + STATUS_INTERVAL;
+    if due <= now || turned(written, new) {
+        Write::Now
+    } else {
+        Write::At(due)
+    }
+}
+
+/// Whether the phase or the status of a condition differs.
+fn turned(old: &ImageCacheStatus, new: &ImageCacheStatus) -> bool {
+    let status = |s: &ImageCacheStatus, t: &str| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .map(|c| c.status.clone())
+    };
+    old.phase != new.phase
+        || new
+            .conditions
+            .iter()
+            .any(|c| status(old, &c.type_) != Some(c.status.clone()))
 }
 
 #[cfg(test)]

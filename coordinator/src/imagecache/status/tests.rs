@@ -123,3 +123,67 @@ fn a_rollout_is_timed_from_not_ready_to_ready_and_transition_times_are_kept() {
         "a ready cache keeps its last rollout"
     );
 }
+
+#[test]
+fn a_phase_change_is_written_at_once_and_a_count_change_waits_for_the_interval() {
+    let v = CacheView::default();
+    let t = at("2026-01-01T00:00:00Z");
+    let pulling = build_status(None, None, &v, counts(2, 0, 2, 0, 0), t, false);
+    let half = build_status(Some(&pulling), None, &v, counts(2, 1, 1, 0, 0), t, false);
+    let ready = build_status(Some(&half), None, &v, counts(2, 2, 0, 0, 0), t, false);
+    let t0 = Instant::now();
+    let soon = t0 + Duration::from_millis(10);
+    let last = Some((t0, &pulling));
+    assert_eq!(
+        write_decision(None, None, &pulling, t0),
+        Write::Now,
+        "first write"
+    );
+    assert_eq!(
+        write_decision(Some(&pulling), None, &pulling, soon),
+        Write::Skip
+    );
+    assert_eq!(
+        write_decision(None, last, &pulling, soon),
+        Write::Skip,
+        "store lags"
+    );
+    assert_eq!(
+        write_decision(Some(&pulling), last, &half, soon),
+        Write::At(t0 + STATUS_INTERVAL),
+        "counts only"
+    );
+    assert_eq!(
+        write_decision(Some(&pulling), last, &half, t0 + STATUS_INTERVAL),
+        Write::Now
+    );
+    assert_eq!(
+        write_decision(Some(&pulling), last, &ready, soon),
+        Write::Now,
+        "Progressing to Ready"
+    );
+}
+
+#[test]
+fn a_condition_turning_without_a_phase_change_is_written_at_once() {
+    let paused = CacheView {
+        paused: true,
+        ..Default::default()
+    };
+    let t = at("2026-01-01T00:00:00Z");
+    let waiting = build_status(None, None, &paused, counts(1, 0, 1, 0, 0), t, false);
+    let ready = build_status(
+        Some(&waiting),
+        None,
+        &paused,
+        counts(1, 1, 0, 0, 0),
+        t,
+        false,
+    );
+    assert_eq!(waiting.phase, ready.phase);
+    let t0 = Instant::now();
+    assert_eq!(
+        write_decision(None, Some((t0, &waiting)), &ready, t0),
+        Write::Now
+    );
+}
