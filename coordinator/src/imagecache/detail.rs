@@ -1,8 +1,9 @@
 //! Per-node detail of a cache for `berth.v1.Inventory/GetImageCache`: a pure
-//! function of the planner's views, published by the controller into
+//! function of the planner's views (each image's state from
+//! [`image_state`], the same decision the status counts come from), published by the controller into
 //! [`crate::domain::CacheDetails`].
 
-use super::plan::{CacheView, NodeView};
+use super::plan::{CacheView, ImageOnNode, NodeView, image_state};
 use crate::domain::{ImageDetail, NodeDetail};
 
 /// Per-node detail of one cache, one entry per selected node in `nodes` order.
@@ -16,25 +17,17 @@ pub fn node_details(v: &CacheView, nodes: &[NodeView]) -> Vec<NodeDetail> {
                 .images
                 .iter()
                 .map(|i| {
-                    let r = &i.reference;
+                    let state = image_state(n, i);
                     let mut d = ImageDetail {
-                        reference: r.clone(),
+                        reference: i.reference.clone(),
+                        state: state.name().into(),
                         ..Default::default()
                     };
-                    d.state = match n.agent.as_ref().filter(|a| a.connected) {
-                        None => "Unknown".into(),
-                        Some(a) if a.holds(r).is_some() => "Ready".into(),
-                        Some(a) => match a.failures.get(r) {
-                            Some(f) => {
-                                d.reason = f.reason.clone();
-                                d.message = f.message.clone();
-                                d.attempts = f.attempts;
-                                "Failed".into()
-                            }
-                            None if a.pulling.contains(r) => "Pulling".into(),
-                            None => "Pending".into(),
-                        },
-                    };
+                    if let ImageOnNode::Failed(f) = state {
+                        d.reason = f.reason;
+                        d.message = f.message;
+                        d.attempts = f.attempts;
+                    }
                     d
                 })
                 .collect(),

@@ -137,6 +137,51 @@ impl AgentView {
     }
 }
 
+/// Where one wanted image of a cache stands on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageOnNode<'a> {
+    /// No connected agent: nobody can tell.
+    Unknown,
+    /// The node holds it (for a tracked tag, at the tracked digest).
+    Ready(&'a pb::Image),
+    /// Its last pull failed.
+    Failed(Failure),
+    /// A pull is under way.
+    Pulling,
+    /// Waiting for a pull.
+    Pending,
+}
+
+impl ImageOnNode<'_> {
+    /// `Ready`, `Pulling`, `Pending`, `Failed` or `Unknown`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ImageOnNode::Unknown => "Unknown",
+            ImageOnNode::Ready(_) => "Ready",
+            ImageOnNode::Failed(_) => "Failed",
+            ImageOnNode::Pulling => "Pulling",
+            ImageOnNode::Pending => "Pending",
+        }
+    }
+}
+
+/// The one decision of where image `w` of a cache stands on `node`; the
+/// status counts and the per-node detail both come from it.
+pub fn image_state<'a>(node: &'a NodeView, w: &WantedImage) -> ImageOnNode<'a> {
+    let Some(a) = node.agent.as_ref().filter(|a| a.connected) else {
+        return ImageOnNode::Unknown;
+    };
+    if let Some(image) = a.holds_wanted(w) {
+        ImageOnNode::Ready(image)
+    } else if let Some(f) = a.failures.get(&w.reference) {
+        ImageOnNode::Failed(f.clone())
+    } else if a.pulling.contains(&w.reference) {
+        ImageOnNode::Pulling
+    } else {
+        ImageOnNode::Pending
+    }
+}
+
 /// Every (node, reference) some live cache wants kept.
 fn wanted(caches: &[CacheView], nodes: &[NodeView]) -> BTreeSet<(String, String)> {
     let mut out = BTreeSet::new();
@@ -298,37 +343,37 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
     let mut reasons: BTreeMap<String, u32> = BTreeMap::new();
     for n in nodes.iter().filter(|n| cache.targets(n)) {
         counts.target += 1;
-        let Some(a) = n.agent.as_ref().filter(|a| a.connected) else {
+        if n.agent.as_ref().is_none_or(|a| !a.connected) {
             counts.unknown += 1;
             continue;
-        };
+        }
         let mut worst = NodeState::Ready;
         for (i, st) in cache.images.iter().zip(images.iter_mut()) {
-            let r = &i.reference;
             if let Some(pin) = &i.pin {
                 st.digest = pin.split_once('@').map(|(_, d)| d.to_string());
             }
-            let state = if let Some(img) = a.holds_wanted(i) {
-                st.ready_nodes += 1;
-                st.image_id.get_or_insert_with(|| img.id.clone());
-                st.size.get_or_insert(img.size_bytes);
-                NodeState::Ready
-            } else if let Some(f) = a.failures.get(r) {
-                st.failed_nodes += 1;
-                *st.failure_reasons.entry(f.reason.clone()).or_default() += 1;
-                *reasons.entry(f.reason.clone()).or_default() += 1;
-                if st.failed_nodes_sample.len() < FAILED_SAMPLE {
-                    st.failed_nodes_sample.push(FailedNode {
-                        node: n.name.clone(),
-                        reason: f.reason.clone(),
-                        message: f.message.chars().take(512).collect(),
-                    });
+            let state = match image_state(n, i) {
+                ImageOnNode::Ready(img) => {
+                    st.ready_nodes += 1;
+                    st.image_id.get_or_insert_with(|| img.id.clone());
+                    st.size.get_or_insert(img.size_bytes);
+                    NodeState::Ready
                 }
-                NodeState::Failed
-            } else if a.pulling.contains(r) {
-                NodeState::Pulling
-            } else {
-                NodeState::Pending
+                ImageOnNode::Failed(f) => {
+                    st.failed_nodes += 1;
+                    *st.failure_reasons.entry(f.reason.clone()).or_default() += 1;
+                    *reasons.entry(f.reason.clone()).or_default() += 1;
+                    if st.failed_nodes_sample.len() < FAILED_SAMPLE {
+                        st.failed_nodes_sample.push(FailedNode {
+                            node: n.name.clone(),
+                            reason: f.reason.clone(),
+                            message: f.message.chars().take(512).collect(),
+                        });
+                    }
+                    NodeState::Failed
+                }
+                ImageOnNode::Pulling => NodeState::Pulling,
+                ImageOnNode::Pending | ImageOnNode::Unknown => NodeState::Pending,
             };
             worst = worst.min(state);
         }

@@ -95,3 +95,24 @@ fn each_selected_node_lists_each_image_in_its_state() {
         ("AuthFailed", "401", 2)
     );
 }
+
+#[test]
+fn a_node_holding_a_tracked_tag_at_its_old_digest_is_not_ready_in_detail_or_status() {
+    let mut tracked = wanted("r/a:1");
+    tracked.pin = Some("r/a@sha256:new".into());
+    let v = CacheView {
+        key: "ns/c".into(),
+        images: vec![tracked],
+        ..Default::default()
+    };
+    let mut a = agent(&["r/a:1"]);
+    a.images[0].repo_digests = vec!["r/a@sha256:old".into()];
+    let nodes = [NodeView {
+        name: "n1".into(),
+        agent: Some(a),
+        ..Default::default()
+    }];
+    assert_eq!(node_details(&v, &nodes)[0].images[0].state, "Pending");
+    let s = crate::imagecache::plan::status(&v, &nodes);
+    assert_eq!((s.nodes.ready, s.nodes.pending), (0, 1));
+}
