@@ -2,8 +2,11 @@
 //!
 //! Reflectors keep ImageCaches and Nodes in memory (a relabelled or new node
 //! wakes the loop at once); agent sessions wake it through the node registry.
-//! Each pass turns both into planner views, sends the resulting tasks (with
-//! credentials from the cache's pull Secrets, only to the agents that pull),
+//! Each pass turns both into planner views, has the caches that share an
+//! image with different credentials checked against the registry
+//! ([`super::access`]), sends the resulting tasks (with credentials from the
+//! wanting caches' pull Secrets, in turn after failures, only to the agents
+//! that pull),
 //! writes each cache's status when it changed (a new phase or condition at
 //! once, new counts at most twice a second per cache), records Events on
 //! phase changes, manages the finalizer and
@@ -15,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_proto::agent as pb;
-use berth_proto::docker_config::DockerCredentials;
+use berth_proto::docker_config::{DockerCredentials, RegistryAuth};
 use berth_proto::reference::Reference;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
@@ -27,9 +30,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
+use super::access::{AccessChecker, Verdict, fingerprint, needing_check, pick_credentials};
 use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, UpdateType};
 use super::detail::node_details;
-use super::plan::{self, Action, CacheView, NodeView, WantedImage};
+use super::plan::{self, Access, Action, CacheView, NodeView, WantedImage};
 use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
 use crate::domain::{CacheDetails, TaskRecord};
@@ -60,6 +64,7 @@ pub struct Controller {
     details: CacheDetails,
     recorder: Recorder,
     tracker: TagTracker<OciRegistry>,
+    access: AccessChecker<OciRegistry>,
     written: HashMap<String, (Instant, ImageCacheStatus)>,
     deferred: Option<Instant>,
     phases: HashMap<String, String>,
@@ -88,7 +93,8 @@ pub async fn run(
     };
     let mut c = Controller {
         recorder: Recorder::new(client.clone(), reporter),
-        tracker: TagTracker::new(OciRegistry::new(insecure), wake.clone()),
+        tracker: TagTracker::new(OciRegistry::new(insecure.clone()), wake.clone()),
+        access: AccessChecker::new(OciRegistry::new(insecure), wake.clone()),
         client,
         registry,
         caches,
@@ -193,6 +199,7 @@ pub fn cache_view(c: &ImageCache, pins: &HashMap<String, String>) -> CacheView {
         max_pulls_per_node: rollout
             .max_concurrent_pulls_per_node
             .unwrap_or(DEFAULT_PULLS_PER_NODE),
+        access: Default::default(),
     }
 }
 
@@ -222,6 +229,7 @@ impl Controller {
             let pins = self.pins(c, &mut secrets).await;
             views.push(cache_view(c, &pins));
         }
+        self.check_access(&caches, &mut views, &mut secrets).await;
 
         for (c, v) in caches.iter().zip(&views) {
             if !v.deleting && !c.finalizers().iter().any(|f| f == FINALIZER) {
@@ -290,14 +298,18 @@ impl Controller {
                 node,
                 image,
                 timeout,
-                cache,
+                caches: lenders,
+                attempt,
                 expected_size,
                 pin,
             } => {
-                let credentials = match caches.iter().find(|c| key(c) == cache) {
-                    Some(c) => self.credentials_for(c, &image, secrets).await,
-                    None => None,
-                };
+                let mut candidates = Vec::with_capacity(lenders.len());
+                for k in &lenders {
+                    if let Some(c) = caches.iter().find(|c| &key(c) == k) {
+                        candidates.push(self.credentials_for(c, &image, secrets).await);
+                    }
+                }
+                let credentials = pick_credentials(&candidates, attempt);
                 let task = pb::Task {
                     id,
                     kind: Some(pb::task::Kind::Pull(pb::PullTask {
@@ -342,6 +354,68 @@ impl Controller {
         }
     }
 
+    /// Marks, in each cache's view, the images whose readiness must wait on or
+    /// was refused by a check of the cache's own credentials: those that
+    /// caches with different credentials share. Secrets are read only for
+    /// images more than one cache wants.
+    async fn check_access(
+        &self,
+        caches: &[Arc<ImageCache>],
+        views: &mut [CacheView],
+        secrets: &mut HashMap<String, Option<DockerCredentials>>,
+    ) {
+        let mut wanting: HashMap<&str, usize> = HashMap::new();
+        for v in views.iter().filter(|v| !v.deleting) {
+            for i in &v.images {
+                *wanting.entry(i.reference.as_str()).or_default() += 1;
+            }
+        }
+        let shared: Vec<String> = wanting
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(r, _)| r.to_string())
+            .collect();
+        if shared.is_empty() {
+            return;
+        }
+        let mut uses = Vec::new();
+        let mut auths = HashMap::new();
+        for (c, v) in caches.iter().zip(views.iter()).filter(|(_, v)| !v.deleting) {
+            for i in v.images.iter().filter(|i| shared.contains(&i.reference)) {
+                let auth = self
+                    .credentials_for(c, &i.reference, secrets)
+                    .await
+                    .map(|a| RegistryAuth {
+                        username: a.username,
+                        password: a.password,
+                    });
+                let f = fingerprint(auth.as_ref());
+                uses.push((v.key.clone(), i.reference.clone(), f));
+                auths.insert((v.key.clone(), i.reference.clone()), auth);
+            }
+        }
+        let check = needing_check(&uses);
+        for v in views.iter_mut() {
+            v.access.clear();
+            for i in &v.images {
+                let k = (v.key.clone(), i.reference.clone());
+                if !check.contains(&k) {
+                    continue;
+                }
+                let auth = auths.get(&k).cloned().flatten();
+                match self.access.verdict(&v.key, &i.reference, auth) {
+                    None => {
+                        v.access.insert(i.reference.clone(), Access::Unverified);
+                    }
+                    Some(Verdict::Denied(why)) => {
+                        v.access.insert(i.reference.clone(), Access::Denied(why));
+                    }
+                    Some(Verdict::Allowed) => {}
+                }
+            }
+        }
+    }
+
     /// For a TrackTag cache, the digest each tagged image points to now.
     async fn pins(
         &self,
@@ -370,12 +444,13 @@ impl Controller {
                 continue;
             }
             let reference = r.to_string();
-            let auth = self.credentials_for(c, &reference, secrets).await.map(|a| {
-                berth_proto::docker_config::RegistryAuth {
+            let auth = self
+                .credentials_for(c, &reference, secrets)
+                .await
+                .map(|a| RegistryAuth {
                     username: a.username,
                     password: a.password,
-                }
-            });
+                });
             if let Some(digest) = self.tracker.digest(&reference, interval, auth) {
                 pins.insert(reference, format!("{}@{digest}", r.repository()));
             }

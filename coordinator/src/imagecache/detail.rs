@@ -17,7 +17,7 @@ pub fn node_details(v: &CacheView, nodes: &[NodeView]) -> Vec<NodeDetail> {
                 .images
                 .iter()
                 .map(|i| {
-                    let state = image_state(n, i);
+                    let state = image_state(v, n, i);
                     let mut d = ImageDetail {
                         reference: i.reference.clone(),
                         state: state.name().into(),

@@ -6,8 +6,10 @@
 //! conditions and rollout times, and [`detail`] into per-node detail for the
 //! public API (both pure, beside the planner); [`controller`] is the thin loop
 //! that feeds them from the apiserver and the agent sessions and carries the
-//! plan out; [`tags`] follows the digests of tracked tags.
+//! plan out; [`tags`] follows the digests of tracked tags; [`access`] keeps
+//! one tenant's pull Secret from deciding another tenant's pulls and readiness.
 
+pub mod access;
 pub mod controller;
 pub mod crd;
 pub mod detail;

@@ -38,6 +38,20 @@ pub struct CacheView {
     pub max_concurrent_nodes: Option<u32>,
     /// Pulls of this cache's images at once on one node.
     pub max_pulls_per_node: u32,
+    /// Images whose readiness for this cache waits on, or was refused by, a
+    /// check of the cache's own credentials (see `access`); absent: no doubt.
+    pub access: BTreeMap<String, Access>,
+}
+
+/// Doubt about a cache's own right to an image another cache's credentials pulled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// The registry has not yet answered for this cache's credentials: a node
+    /// holding the image counts as waiting, not ready.
+    Unverified,
+    /// The registry refused this cache's credentials (its words): the image is
+    /// Failed with `AuthFailed` for this cache on every selected node.
+    Denied(String),
 }
 
 /// One wanted image.
@@ -65,7 +79,7 @@ pub struct NodeView {
 /// Something the coordinator should ask an agent to do.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
-    /// Pull `image` on `node` for `cache` (whose pull secrets apply).
+    /// Pull `image` on `node` for `caches` (whose pull secrets apply).
     Pull {
         /// Node name.
         node: String,
@@ -73,8 +87,12 @@ pub enum Action {
         image: String,
         /// Deadline of the attempt.
         timeout: Duration,
-        /// The cache it is pulled for.
-        cache: String,
+        /// Every live cache that wants it on the node and is not refused it,
+        /// the one whose rollout admitted the pull first; their credentials
+        /// are tried in turn.
+        caches: Vec<String>,
+        /// Failed attempts so far on this node.
+        attempt: u32,
         /// Its size where another node holds it (0: unknown), for the disk guard.
         expected_size: u64,
         /// For a tracked tag, the `repository@digest` to end up with.
@@ -167,12 +185,25 @@ impl ImageOnNode<'_> {
 
 /// The one decision of where image `w` of a cache stands on `node`; the
 /// status counts and the per-node detail both come from it.
-pub fn image_state<'a>(node: &'a NodeView, w: &WantedImage) -> ImageOnNode<'a> {
+pub fn image_state<'a>(cache: &CacheView, node: &'a NodeView, w: &WantedImage) -> ImageOnNode<'a> {
     let Some(a) = node.agent.as_ref().filter(|a| a.connected) else {
         return ImageOnNode::Unknown;
     };
+    let access = cache.access.get(&w.reference);
+    if let Some(Access::Denied(why)) = access {
+        return ImageOnNode::Failed(Failure {
+            reason: pb::FailureReason::AuthFailed.name().into(),
+            message: format!("the registry refused this cache's own credentials: {why}"),
+            attempts: 0,
+            retry_due: false,
+        });
+    }
     if let Some(image) = a.holds_wanted(w) {
-        ImageOnNode::Ready(image)
+        if access == Some(&Access::Unverified) {
+            ImageOnNode::Pending
+        } else {
+            ImageOnNode::Ready(image)
+        }
     } else if let Some(f) = a.failures.get(&w.reference) {
         ImageOnNode::Failed(f.clone())
     } else if a.pulling.contains(&w.reference) {
@@ -259,6 +290,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
             for i in &c.images {
                 let r = &i.reference;
                 let blocked = a.holds_wanted(i).is_some()
+                    || matches!(c.access.get(r), Some(Access::Denied(_)))
                     || a.pulling.contains(r)
                     || a.failures.get(r).is_some_and(|f| !f.retry_due)
                     || planned.contains(&(n.name.clone(), r.clone()));
@@ -279,10 +311,33 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
                     node: n.name.clone(),
                     image: r.clone(),
                     timeout: i.timeout,
-                    cache: c.key.clone(),
+                    caches: vec![c.key.clone()],
+                    attempt: a.failures.get(r).map_or(0, |f| f.attempts),
                     expected_size: sizes.get(r.as_str()).copied().unwrap_or_default(),
                     pin: i.pin.clone(),
                 });
+            }
+        }
+    }
+    // Every other cache wanting the image on the node lends its credentials.
+    for action in &mut out {
+        let Action::Pull {
+            node,
+            image,
+            caches: lenders,
+            ..
+        } = action
+        else {
+            continue;
+        };
+        let Some(n) = nodes.iter().find(|n| &n.name == node) else {
+            continue;
+        };
+        for c in caches.iter().filter(|c| !c.deleting && c.targets(n)) {
+            let wants = c.images.iter().any(|i| &i.reference == image);
+            let refused = matches!(c.access.get(image.as_str()), Some(Access::Denied(_)));
+            if wants && !refused && !lenders.contains(&c.key) {
+                lenders.push(c.key.clone());
             }
         }
     }
@@ -352,7 +407,7 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
             if let Some(pin) = &i.pin {
                 st.digest = pin.split_once('@').map(|(_, d)| d.to_string());
             }
-            let state = match image_state(n, i) {
+            let state = match image_state(cache, n, i) {
                 ImageOnNode::Ready(img) => {
                     st.ready_nodes += 1;
                     st.image_id.get_or_insert_with(|| img.id.clone());

@@ -353,3 +353,79 @@ fn a_tracked_tag_is_pulled_again_when_it_points_to_a_new_digest() {
         (0, Some("sha256:new"))
     );
 }
+
+#[test]
+fn a_shared_pull_names_every_wanting_cache_so_any_cache_s_credentials_can_serve() {
+    let nodes = [node("n1", &[], &[]), node("n2", &[], &[])];
+    let mut other = cache("ns-b/b", &["r/x:1"]);
+    other.node_names = Some(vec!["n2".into()]);
+    let caches = [cache("ns-a/a", &["r/x:1"]), other];
+    let lenders: Vec<(String, Vec<String>)> = actions(&caches, &nodes)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Pull { node, caches, .. } => Some((node, caches)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        lenders,
+        [
+            ("n1".to_string(), vec!["ns-a/a".to_string()]),
+            (
+                "n2".to_string(),
+                vec!["ns-a/a".to_string(), "ns-b/b".to_string()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_retried_pull_carries_its_failed_attempts() {
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().failures.insert(
+        "r/x:1".into(),
+        Failure {
+            reason: "AuthFailed".into(),
+            message: "401".into(),
+            attempts: 3,
+            retry_due: true,
+        },
+    );
+    match &actions(&[cache("ns/c", &["r/x:1"])], &[n])[..] {
+        [Action::Pull { attempt, .. }] => assert_eq!(*attempt, 3),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_cache_refused_by_the_registry_is_failed_on_its_own_status_while_its_neighbour_is_ready() {
+    let nodes = [node("n1", &[], &["r/x:1"])];
+    let good = cache("ns-a/a", &["r/x:1"]);
+    let mut refused = cache("ns-b/b", &["r/x:1"]);
+    refused
+        .access
+        .insert("r/x:1".into(), Access::Denied("401 Unauthorized".into()));
+    let mut unchecked = cache("ns-c/c", &["r/x:1"]);
+    unchecked.access.insert("r/x:1".into(), Access::Unverified);
+    assert_eq!(status(&good, &nodes).nodes.ready, 1);
+    let s = status(&refused, &nodes);
+    assert_eq!((s.nodes.ready, s.nodes.failed), (0, 1));
+    assert_eq!(s.top_reason.as_deref(), Some("AuthFailed"));
+    assert!(s.images[0].failed_nodes_sample[0].message.contains("401"));
+    let s = status(&unchecked, &nodes);
+    assert_eq!((s.nodes.ready, s.nodes.pending), (0, 1));
+}
+
+#[test]
+fn a_refused_cache_neither_pulls_nor_lends_its_credentials() {
+    let nodes = [node("n1", &[], &[])];
+    let mut refused = cache("ns-b/b", &["r/x:1"]);
+    refused
+        .access
+        .insert("r/x:1".into(), Access::Denied("401".into()));
+    assert!(actions(std::slice::from_ref(&refused), &nodes).is_empty());
+    match &actions(&[refused, cache("ns-a/a", &["r/x:1"])], &nodes)[..] {
+        [Action::Pull { caches, .. }] => assert_eq!(caches, &["ns-a/a".to_string()]),
+        other => panic!("{other:?}"),
+    }
+}
