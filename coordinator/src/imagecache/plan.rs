@@ -128,7 +128,50 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     labels_ok && exprs_ok
 }
 
+/// `selector` as `kubectl` writes one: `pool=gpu,zone in (a,b),!spot`.
+pub fn describe_selector(selector: &LabelSelector) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.as_deref().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            op => format!("{} {op} ({values})", e.key),
+        });
+    }
+    if parts.is_empty() {
+        "(everything)".into()
+    } else {
+        parts.join(",")
+    }
+}
+
 impl CacheView {
+    /// How the cache picks nodes, for messages: `nodeSelector pool=gpu and
+    /// nodeNames [a, b]`; `every node` with neither.
+    pub fn describe_targets(&self) -> String {
+        let selector = self
+            .selector
+            .as_ref()
+            .map(|s| format!("nodeSelector {}", describe_selector(s)));
+        let names = self
+            .node_names
+            .as_ref()
+            .map(|n| format!("nodeNames [{}]", n.join(", ")));
+        match (selector, names) {
+            (Some(s), Some(n)) => format!("{s} and {n}"),
+            (Some(one), None) | (None, Some(one)) => one,
+            (None, None) => "every node".into(),
+        }
+    }
+
     /// Whether the cache selects `node`.
     pub fn targets(&self, node: &NodeView) -> bool {
         let by_name = self
@@ -373,6 +416,8 @@ pub struct Computed {
     pub images: Vec<ImageState>,
     /// The most frequent failure reason, if any node failed.
     pub top_reason: Option<String>,
+    /// Entries of `nodeNames` that name no node of the cluster.
+    pub missing_node_names: Vec<String>,
 }
 
 /// Node state, worst first.
@@ -443,10 +488,18 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
         .into_iter()
         .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
         .map(|(r, _)| r);
+    let missing_node_names = cache
+        .node_names
+        .iter()
+        .flatten()
+        .filter(|name| !nodes.iter().any(|n| &n.name == *name))
+        .cloned()
+        .collect();
     Computed {
         nodes: counts,
         images,
         top_reason,
+        missing_node_names,
     }
 }
 

@@ -10,6 +10,9 @@ use k8s_openapi::jiff::Timestamp;
 use super::crd::{ImageCacheStatus, RolloutTimes};
 use super::plan::{CacheView, Computed};
 
+/// Reason of `Ready=False` (and `Degraded=True`) when the cache selects no node.
+pub const NO_MATCHING_NODES: &str = "NoMatchingNodes";
+
 /// A condition of `type_`, keeping its transition time from `old` when its
 /// status did not change.
 fn condition(
@@ -55,12 +58,15 @@ pub fn build_status(
     } else {
         (n.pulling + n.pending, n.failed + n.unknown)
     };
-    let ready = troubled == 0 && waiting == 0;
+    // A cache that selects no node has nothing to be ready on: that is a
+    // problem to show, not a success.
+    let no_nodes = n.target == 0 && !v.deleting && !v.paused;
+    let ready = troubled == 0 && waiting == 0 && !no_nodes;
     let phase = if v.deleting {
         "Deleting"
     } else if v.paused {
         "Paused"
-    } else if troubled > 0 {
+    } else if troubled > 0 || no_nodes {
         "Degraded"
     } else if waiting > 0 {
         "Progressing"
@@ -68,23 +74,59 @@ pub fn build_status(
         "Ready"
     };
     let t = Time(now);
+    let missing = if computed.missing_node_names.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; nodeNames not in the cluster: {}",
+            computed.missing_node_names.join(", ")
+        )
+    };
     let degraded_reason = computed.top_reason.clone().unwrap_or_else(|| {
-        if n.unknown > 0 {
+        if no_nodes {
+            NO_MATCHING_NODES.into()
+        } else if n.unknown > 0 {
             "AgentDisconnected".into()
         } else {
             "AsExpected".into()
         }
     });
+    let (ready_reason, ready_message) = if no_nodes {
+        (
+            NO_MATCHING_NODES,
+            format!("no node matches {}{missing}", v.describe_targets()),
+        )
+    } else if ready {
+        (
+            "AllNodesReady",
+            format!(
+                "{}/{} selected nodes hold every image{missing}",
+                n.ready, n.target
+            ),
+        )
+    } else {
+        (
+            "NodesNotReady",
+            format!(
+                "{}/{} selected nodes hold every image{missing}",
+                n.ready, n.target
+            ),
+        )
+    };
+    let degraded_message = if no_nodes {
+        ready_message.clone()
+    } else {
+        format!(
+            "{} nodes failed, {} without a connected agent",
+            n.failed, n.unknown
+        )
+    };
     let conditions = vec![
         condition(
             "Ready",
             ready,
-            if ready {
-                "AllNodesReady"
-            } else {
-                "NodesNotReady"
-            },
-            format!("{}/{} selected nodes hold every image", n.ready, n.target),
+            ready_reason,
+            ready_message,
             &old.conditions,
             &t,
         ),
@@ -98,12 +140,9 @@ pub fn build_status(
         ),
         condition(
             "Degraded",
-            troubled > 0,
+            troubled > 0 || no_nodes,
             &degraded_reason,
-            format!(
-                "{} nodes failed, {} without a connected agent",
-                n.failed, n.unknown
-            ),
+            degraded_message,
             &old.conditions,
             &t,
         ),

@@ -429,3 +429,31 @@ fn a_refused_cache_neither_pulls_nor_lends_its_credentials() {
         other => panic!("{other:?}"),
     }
 }
+
+#[test]
+fn selectors_are_described_as_kubectl_writes_them() {
+    let s = LabelSelector {
+        match_labels: Some([("pool".to_string(), "gpu".to_string())].into()),
+        match_expressions: Some(vec![
+            LabelSelectorRequirement {
+                key: "zone".into(),
+                operator: "In".into(),
+                values: Some(vec!["a".into(), "b".into()]),
+            },
+            LabelSelectorRequirement {
+                key: "spot".into(),
+                operator: "DoesNotExist".into(),
+                values: None,
+            },
+        ]),
+    };
+    assert_eq!(describe_selector(&s), "pool=gpu,zone in (a,b),!spot");
+    let mut c = cache("ns/c", &[]);
+    assert_eq!(c.describe_targets(), "every node");
+    c.selector = Some(s);
+    c.node_names = Some(vec!["n1".into()]);
+    assert_eq!(
+        c.describe_targets(),
+        "nodeSelector pool=gpu,zone in (a,b),!spot and nodeNames [n1]"
+    );
+}

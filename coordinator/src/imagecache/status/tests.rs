@@ -187,3 +187,76 @@ fn a_condition_turning_without_a_phase_change_is_written_at_once() {
         Write::Now
     );
 }
+
+#[test]
+fn a_selector_matching_no_node_is_not_ready_and_says_which_selector() {
+    let v = CacheView {
+        selector: Some(
+            k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector {
+                match_labels: Some([("pool".to_string(), "gpu".to_string())].into()),
+                ..Default::default()
+            },
+        ),
+        ..Default::default()
+    };
+    let s = build_status(
+        None,
+        None,
+        &v,
+        counts(0, 0, 0, 0, 0),
+        at("2026-01-01T00:00:00Z"),
+        false,
+    );
+    assert_ne!(s.phase, "Ready");
+    let ready = cond(&s, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "NoMatchingNodes")
+    );
+    assert_eq!(ready.message, "no node matches nodeSelector pool=gpu");
+    assert_eq!(s.last_rollout.unwrap().completed, None);
+}
+
+#[test]
+fn node_names_that_name_no_node_are_listed_in_the_message() {
+    let v = CacheView {
+        node_names: Some(vec!["ghost-1".into(), "ghost-2".into()]),
+        ..Default::default()
+    };
+    let nodes = [crate::imagecache::plan::NodeView {
+        name: "real".into(),
+        ..Default::default()
+    }];
+    let computed = crate::imagecache::plan::status(&v, &nodes);
+    let s = build_status(None, None, &v, computed, at("2026-01-01T00:00:00Z"), false);
+    let ready = cond(&s, "Ready");
+    assert_eq!(ready.reason, "NoMatchingNodes");
+    assert_eq!(
+        ready.message,
+        "no node matches nodeNames [ghost-1, ghost-2]; nodeNames not in the cluster: ghost-1, ghost-2"
+    );
+    assert_eq!(cond(&s, "Degraded").reason, "NoMatchingNodes");
+}
+
+#[test]
+fn a_missing_node_name_beside_ready_nodes_is_still_named() {
+    let v = CacheView {
+        node_names: Some(vec!["real".into(), "ghost".into()]),
+        ..Default::default()
+    };
+    let nodes = [crate::imagecache::plan::NodeView {
+        name: "real".into(),
+        agent: Some(crate::domain::AgentView {
+            connected: true,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    let computed = crate::imagecache::plan::status(&v, &nodes);
+    let s = build_status(None, None, &v, computed, at("2026-01-01T00:00:00Z"), false);
+    assert_eq!(s.phase, "Ready");
+    assert_eq!(
+        cond(&s, "Ready").message,
+        "1/1 selected nodes hold every image; nodeNames not in the cluster: ghost"
+    );
+}
