@@ -16,6 +16,9 @@ use berth_proto::agent as pb;
 pub struct AgentView {
     /// A session is open.
     pub connected: bool,
+    /// An inventory has arrived since the coordinator started, so `images`
+    /// says what the node holds (else it says nothing).
+    pub reported: bool,
     /// The runtime's images.
     pub images: Vec<pb::Image>,
     /// References being pulled.

@@ -90,9 +90,13 @@ pub struct NodeView {
     pub last_seen: SystemTime,
     /// The last inventory the agent sent, if any yet.
     pub inventory: Option<pb::Inventory>,
+    /// The current session has sent an inventory (until then `inventory`
+    /// may be an older session's).
+    pub reported: bool,
     /// Where messages to the current session go.
     pub outbox: Option<Outbox>,
-    /// Tasks of the current session not yet finished, by id.
+    /// Tasks of the current session not yet finished, by id (kept after a
+    /// disconnect until the node reconnects).
     pub tasks: BTreeMap<String, TaskRecord>,
     /// Images whose pull the agent reported done and no inventory has shown
     /// yet, by reference: counted as held at once, so a finished pull reaches
@@ -158,6 +162,7 @@ impl NodeRegistry {
                 last_seen: now,
                 // Keep the old inventory until the new session sends its own.
                 inventory,
+                reported: false,
                 outbox,
                 // The agent joins resent tasks to pulls it still runs.
                 tasks: BTreeMap::new(),
@@ -179,6 +184,7 @@ impl NodeRegistry {
     ) -> bool {
         self.with_current(node, session, |n| {
             n.inventory = Some(inv);
+            n.reported = true;
             n.pulled.clear();
             n.last_seen = now;
         })
@@ -280,6 +286,7 @@ impl NodeRegistry {
         images.extend(n.pulled.values().cloned());
         Some(AgentView {
             connected: n.connected,
+            reported: n.reported,
             images,
             pulling: in_flight(true),
             removing,
@@ -312,7 +319,8 @@ impl NodeRegistry {
             }
             n.connected = false;
             n.outbox = None;
-            n.tasks.clear();
+            // Its pulls stay listed: the agent may finish them while away, and
+            // a deleted cache must wait for what they leave behind.
         })
     }
 
@@ -397,7 +405,13 @@ mod tests {
         reg.disconnect("a", s1);
         let s2 = reg.connect_t(hello("a"), t);
         assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["x"])));
+        let now = Instant::now();
+        assert!(
+            !reg.agent_view("a", now).unwrap().reported,
+            "the old one says nothing now"
+        );
         reg.update_inventory("a", s2, inv(&["y"]), t);
+        assert!(reg.agent_view("a", now).unwrap().reported);
         assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["y"])));
     }
 

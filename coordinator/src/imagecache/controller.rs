@@ -200,6 +200,12 @@ pub fn cache_view(c: &ImageCache, pins: &HashMap<String, String>) -> CacheView {
             .max_concurrent_pulls_per_node
             .unwrap_or(DEFAULT_PULLS_PER_NODE),
         access: Default::default(),
+        holders: c
+            .status
+            .iter()
+            .flat_map(|s| &s.nodes_holding)
+            .cloned()
+            .collect(),
     }
 }
 
@@ -267,10 +273,14 @@ impl Controller {
             details.insert(v.key.clone(), node_details(v, &node_views));
             self.write_status(c, status).await;
             if v.deleting && c.finalizers().iter().any(|f| f == FINALIZER) {
-                let done = v.deletion == DeletionPolicy::Retain
-                    || plan::deletion_done(v, &views, &node_views);
-                if done {
+                let waits = match v.deletion {
+                    DeletionPolicy::Retain => vec![],
+                    DeletionPolicy::RemoveFromNodes => plan::deletion_waits(v, &views, &node_views),
+                };
+                if waits.is_empty() {
                     self.set_finalizer(c, false).await;
+                } else {
+                    debug!(cache = %v.key, nodes = ?waits, "deletion waits for removals on these nodes");
                 }
             }
         }

@@ -41,6 +41,8 @@ pub struct CacheView {
     /// Images whose readiness for this cache waits on, or was refused by, a
     /// check of the cache's own credentials (see `access`); absent: no doubt.
     pub access: BTreeMap<String, Access>,
+    /// Nodes its status records as possibly holding its images (see [`holders`]).
+    pub holders: Vec<String>,
 }
 
 /// Doubt about a cache's own right to an image another cache's credentials pulled.
@@ -299,7 +301,8 @@ fn pending_removals<'a>(
     })
 }
 
-/// What to ask the agents to do now: pulls of wanted images that are missing,
+/// What to ask the agents to do now (only of agents whose current session has
+/// sent its inventory): pulls of wanted images that are missing,
 /// not under way and not backing off, within each cache's rollout limits; and
 /// removals of images Berth pulled that no live cache wants and no container uses.
 pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
@@ -318,7 +321,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
         let targets: Vec<(&NodeView, &AgentView)> = nodes
             .iter()
             .filter(|n| c.targets(n))
-            .filter_map(|n| Some((n, n.agent.as_ref().filter(|a| a.connected)?)))
+            .filter_map(|n| Some((n, known(n)?)))
             .collect();
         let busy = |a: &AgentView| {
             c.images
@@ -400,11 +403,81 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
     out
 }
 
-/// A deleting RemoveFromNodes cache may go once none of its images is left
-/// to remove on a connected node (in-use images are kept, not waited for).
-pub fn deletion_done(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> bool {
+/// Whether a connected agent's inventory says what the node holds.
+fn known(n: &NodeView) -> Option<&AgentView> {
+    n.agent.as_ref().filter(|a| a.connected && a.reported)
+}
+
+/// Whether `agent` holds (as Berth's) or pulls one of `references`.
+fn holds_any(agent: &AgentView, references: &[&str]) -> bool {
+    references
+        .iter()
+        .any(|r| agent.pulling.contains(*r) || agent.holds(r).is_some_and(|i| i.managed))
+}
+
+/// The record, kept in a `RemoveFromNodes` cache's status, of the nodes that
+/// may hold one of its images: a node whose agent reports it holding or
+/// pulling one; and a node whose agent is away (or has not reported since the
+/// coordinator started) that was recorded before or was last seen holding or
+/// pulling one. A node leaves the record when its agent reports none of them,
+/// or when it leaves the cluster (`nodes` lists the cluster's nodes).
+pub fn holders(cache: &CacheView, nodes: &[NodeView]) -> Vec<String> {
+    if cache.deletion != DeletionPolicy::RemoveFromNodes {
+        return vec![];
+    }
+    let all: Vec<&str> = cache
+        .images
+        .iter()
+        .map(|i| i.reference.as_str())
+        .chain(cache.forgotten.iter().map(String::as_str))
+        .collect();
+    nodes
+        .iter()
+        .filter(|n| match known(n) {
+            Some(a) => holds_any(a, &all),
+            None => {
+                cache.holders.contains(&n.name)
+                    || n.agent.as_ref().is_some_and(|a| holds_any(a, &all))
+            }
+        })
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// The nodes a deleting RemoveFromNodes cache still waits for: connected
+/// nodes with one of its images left to remove or still being pulled, and
+/// nodes whose agent is away that may hold one ([`holders`]). In-use images
+/// are kept, not waited for; nodes that left the cluster are not waited for.
+pub fn deletion_waits(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> Vec<String> {
     let wanted = wanted(caches, nodes);
-    pending_removals(cache, nodes, &wanted).next().is_none()
+    let mut out: BTreeSet<String> = pending_removals(cache, nodes, &wanted)
+        .map(|(n, _)| n.name.clone())
+        .collect();
+    for n in nodes {
+        let unwanted: Vec<&str> = unwanted_by(cache, n)
+            .into_iter()
+            .filter(|r| !wanted.contains(&(n.name.clone(), r.to_string())))
+            .collect();
+        if unwanted.is_empty() {
+            continue;
+        }
+        let waits = match known(n) {
+            Some(a) => unwanted.iter().any(|r| a.pulling.contains(*r)),
+            None => {
+                cache.holders.contains(&n.name)
+                    || n.agent.as_ref().is_some_and(|a| holds_any(a, &unwanted))
+            }
+        };
+        if waits {
+            out.insert(n.name.clone());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// A deleting RemoveFromNodes cache may go once [`deletion_waits`] names no node.
+pub fn deletion_done(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> bool {
+    deletion_waits(cache, caches, nodes).is_empty()
 }
 
 /// The status a cache should show.
@@ -418,6 +491,8 @@ pub struct Computed {
     pub top_reason: Option<String>,
     /// Entries of `nodeNames` that name no node of the cluster.
     pub missing_node_names: Vec<String>,
+    /// The record of nodes that may hold the cache's images ([`holders`]).
+    pub holders: Vec<String>,
 }
 
 /// Node state, worst first.
@@ -500,6 +575,7 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
         images,
         top_reason,
         missing_node_names,
+        holders: holders(cache, nodes),
     }
 }
 

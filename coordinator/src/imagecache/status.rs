@@ -174,6 +174,7 @@ pub fn build_status(
         nodes: computed.nodes,
         images: computed.images,
         last_rollout,
+        nodes_holding: computed.holders,
     }
 }
 

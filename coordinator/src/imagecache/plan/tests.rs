@@ -30,6 +30,7 @@ fn node(name: &str, labels: &[(&str, &str)], held: &[&str]) -> NodeView {
             .collect(),
         agent: Some(AgentView {
             connected: true,
+            reported: true,
             images: held.iter().map(|r| image(r, true, false)).collect(),
             ..Default::default()
         }),
@@ -456,4 +457,102 @@ fn selectors_are_described_as_kubectl_writes_them() {
         c.describe_targets(),
         "nodeSelector pool=gpu,zone in (a,b),!spot and nodeNames [n1]"
     );
+}
+
+fn removing(key: &str, images: &[&str]) -> CacheView {
+    let mut c = cache(key, images);
+    c.deletion = DeletionPolicy::RemoveFromNodes;
+    c
+}
+
+fn away(mut n: NodeView) -> NodeView {
+    n.agent.as_mut().unwrap().connected = false;
+    n
+}
+
+#[test]
+fn a_deleted_cache_waits_for_a_node_whose_agent_is_away_and_was_seen_holding_its_image() {
+    let nodes = [node("n1", &[], &[]), away(node("n2", &[], &["r/a:1"]))];
+    let mut c = removing("ns/c", &["r/a:1"]);
+    assert_eq!(holders(&c, &nodes), ["n2"]);
+    c.deleting = true;
+    let caches = [c.clone()];
+    assert_eq!(deletion_waits(&c, &caches, &nodes), ["n2"]);
+    // The agent comes back and the image is removed: nothing left to wait for.
+    let back = [node("n1", &[], &[]), node("n2", &[], &["r/a:1"])];
+    assert_eq!(removes(&actions(&caches, &back)), [p("n2", "r/a:1")]);
+    let clean = [node("n1", &[], &[]), node("n2", &[], &[])];
+    assert!(deletion_done(&c, &caches, &clean));
+}
+
+#[test]
+fn the_status_record_keeps_a_deleted_cache_waiting_across_a_coordinator_restart() {
+    // After a restart the registry knows nothing of n2; only the record does.
+    let unknown = NodeView {
+        name: "n2".into(),
+        ..Default::default()
+    };
+    let mut c = removing("ns/c", &["r/a:1"]);
+    c.holders = vec!["n2".into(), "gone".into()];
+    let nodes = [node("n1", &[], &[]), unknown.clone()];
+    assert_eq!(
+        holders(&c, &nodes),
+        ["n2"],
+        "a node that left the cluster drops out"
+    );
+    c.deleting = true;
+    assert_eq!(deletion_waits(&c, std::slice::from_ref(&c), &nodes), ["n2"]);
+    // A node that reconnected but has not sent its inventory is not yet known.
+    let mut connecting = unknown;
+    connecting.agent = Some(AgentView {
+        connected: true,
+        ..Default::default()
+    });
+    let nodes = [node("n1", &[], &[]), connecting];
+    assert_eq!(deletion_waits(&c, std::slice::from_ref(&c), &nodes), ["n2"]);
+}
+
+#[test]
+fn a_deleted_cache_waits_for_a_pull_of_its_image_still_under_way() {
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().pulling.insert("r/a:1".into());
+    let mut c = removing("ns/c", &["r/a:1"]);
+    assert_eq!(holders(&c, std::slice::from_ref(&n)), ["n1"]);
+    c.deleting = true;
+    assert!(!deletion_done(
+        &c,
+        std::slice::from_ref(&c),
+        std::slice::from_ref(&n)
+    ));
+    // Another live cache that wants the image keeps it: no wait.
+    let caches = [c.clone(), cache("ns/other", &["r/a:1"])];
+    assert!(deletion_done(&c, &caches, &[n]));
+}
+
+#[test]
+fn deleted_nodes_and_retain_caches_do_not_block_deletion() {
+    let mut c = removing("ns/c", &["r/a:1"]);
+    c.holders = vec!["deleted-node".into()];
+    c.deleting = true;
+    assert!(deletion_done(
+        &c,
+        std::slice::from_ref(&c),
+        &[node("n1", &[], &[])]
+    ));
+    let mut retain = cache("ns/r", &["r/a:1"]);
+    retain.deleting = true;
+    let nodes = [away(node("n2", &[], &["r/a:1"]))];
+    assert!(holders(&retain, &nodes).is_empty());
+    assert!(deletion_done(
+        &retain,
+        std::slice::from_ref(&retain),
+        &nodes
+    ));
+}
+
+#[test]
+fn a_reconnected_agent_gets_no_pulls_before_its_inventory_says_what_it_holds() {
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().reported = false;
+    assert!(actions(&[cache("ns/c", &["r/a:1"])], &[n]).is_empty());
 }
