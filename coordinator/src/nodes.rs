@@ -7,7 +7,8 @@
 //! [`NodeRegistry::dispatch`] and read [`NodeRegistry::agent_view`].
 //! A node that reconnects gets a new session number, and only the newest
 //! session of a node may change it, so a stale session closing late cannot mark
-//! a freshly reconnected node as gone. Every change wakes [`NodeRegistry::changed`].
+//! a freshly reconnected node as gone. Every change a plan reads (sessions,
+//! inventories, finished tasks) wakes [`NodeRegistry::changed`]; heartbeats do not.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -200,7 +201,8 @@ impl NodeRegistry {
     ) -> bool {
         let state = pb::TaskState::try_from(u.state).unwrap_or_default();
         if state == pb::TaskState::Accepted {
-            return self.with_current(node, session, |_| {});
+            // Changes nothing a plan reads: the task already counts as under way.
+            return self.with_current_quietly(node, session, |_| {});
         }
         self.with_current(node, session, |n| {
             let Some(task) = n.tasks.remove(&u.task_id) else {
@@ -307,8 +309,10 @@ impl NodeRegistry {
     }
 
     /// Notes that the node's current session is alive.
+    /// Changes nothing a plan reads, so it wakes nobody: heartbeats from many
+    /// nodes must not make planning passes grow with the node count.
     pub fn touch(&self, node: &str, session: SessionId, now: SystemTime) -> bool {
-        self.with_current(node, session, |n| n.last_seen = now)
+        self.with_current_quietly(node, session, |n| n.last_seen = now)
     }
 
     /// Marks the node disconnected, if `session` is still its newest.
@@ -334,21 +338,30 @@ impl NodeRegistry {
         self.inner.read().unwrap().nodes.get(node).cloned()
     }
 
+    /// Applies `f` if `session` is the node's newest, and wakes [`Self::changed`].
     fn with_current(&self, node: &str, session: SessionId, f: impl FnOnce(&mut NodeView)) -> bool {
-        let current = {
-            let mut inner = self.inner.write().unwrap();
-            match inner.nodes.get_mut(node) {
-                Some(n) if n.session == session => {
-                    f(n);
-                    true
-                }
-                _ => false,
-            }
-        };
+        let current = self.with_current_quietly(node, session, f);
         if current {
             self.changed.notify_one();
         }
         current
+    }
+
+    /// Applies `f` if `session` is the node's newest, waking nobody.
+    fn with_current_quietly(
+        &self,
+        node: &str,
+        session: SessionId,
+        f: impl FnOnce(&mut NodeView),
+    ) -> bool {
+        let mut inner = self.inner.write().unwrap();
+        match inner.nodes.get_mut(node) {
+            Some(n) if n.session == session => {
+                f(n);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -506,6 +519,33 @@ mod tests {
         reg.update_inventory("a", s, inv(&["other"]), SystemTime::UNIX_EPOCH);
         let view = reg.agent_view("a", Instant::now()).unwrap();
         assert!(view.holds("r/x:1").is_none());
+    }
+
+    /// Whether `changed` was notified since the last call.
+    fn woken(reg: &NodeRegistry) -> bool {
+        use futures::FutureExt;
+        reg.changed().notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_heartbeat_does_not_wake_the_planner_but_an_inventory_does() {
+        let reg = NodeRegistry::default();
+        let t = SystemTime::UNIX_EPOCH;
+        let s = reg.connect_t(hello("a"), t);
+        assert!(woken(&reg), "a new session is news");
+        let passes = (1..=100)
+            .filter(|i| {
+                assert!(reg.touch("a", s, t + Duration::from_secs(*i)));
+                woken(&reg)
+            })
+            .count();
+        assert_eq!(passes, 0, "a hundred heartbeats, no pass");
+        assert_eq!(
+            reg.get("a").unwrap().last_seen,
+            t + Duration::from_secs(100)
+        );
+        reg.update_inventory("a", s, inv(&["x"]), t);
+        assert!(woken(&reg));
     }
 
     #[test]

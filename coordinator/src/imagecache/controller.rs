@@ -1,7 +1,9 @@
 //! Feeds the planner and carries its plan out.
 //!
-//! Reflectors keep ImageCaches and Nodes in memory (a relabelled or new node
-//! wakes the loop at once); agent sessions wake it through the node registry.
+//! Reflectors keep ImageCaches and Nodes in memory (a relabelled, new or
+//! deleted node wakes the loop at once; a Node status update does not); agent
+//! sessions wake it through the node registry (inventories and finished
+//! tasks, not heartbeats).
 //! Each pass turns both into planner views, has the caches that share an
 //! image with different credentials checked against the registry
 //! ([`super::access`]), sends the resulting tasks (with credentials from the
@@ -34,6 +36,7 @@ use super::access::{AccessChecker, Verdict, fingerprint, needing_check, pick_cre
 use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, UpdateType};
 use super::detail::node_details;
 use super::plan::{self, Access, Action, CacheView, NodeView, WantedImage};
+use super::problems::ProblemLog;
 use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
 use crate::domain::{CacheDetails, TaskRecord};
@@ -65,6 +68,7 @@ pub struct Controller {
     recorder: Recorder,
     tracker: TagTracker<OciRegistry>,
     access: AccessChecker<OciRegistry>,
+    problems: std::sync::Mutex<ProblemLog>,
     written: HashMap<String, (Instant, ImageCacheStatus)>,
     deferred: Option<Instant>,
     phases: HashMap<String, String>,
@@ -82,8 +86,8 @@ pub async fn run(
     insecure: Vec<String>,
 ) {
     let wake = registry.changed();
-    let caches = mirror::<ImageCache>(&client, wake.clone());
-    let nodes = mirror::<Node>(&client, wake.clone());
+    let caches = mirror::<ImageCache>(&client, wake.clone(), any_change);
+    let nodes = mirror::<Node>(&client, wake.clone(), node_labels);
     let _ = caches.wait_until_ready().await;
     let _ = nodes.wait_until_ready().await;
     info!("ImageCache controller running");
@@ -95,6 +99,7 @@ pub async fn run(
         recorder: Recorder::new(client.clone(), reporter),
         tracker: TagTracker::new(OciRegistry::new(insecure.clone()), wake.clone()),
         access: AccessChecker::new(OciRegistry::new(insecure), wake.clone()),
+        problems: Default::default(),
         client,
         registry,
         caches,
@@ -123,8 +128,14 @@ pub async fn run(
     }
 }
 
-/// Keeps every object of kind `K` in a store, waking `wake` on each change.
-fn mirror<K>(client: &kube::Client, wake: Arc<tokio::sync::Notify>) -> Store<K>
+/// Keeps every object of kind `K` in a store, waking `wake` when an object
+/// comes or goes or its `relevant` fingerprint changes (for Nodes, their
+/// labels: a Node's status heartbeats change no plan).
+fn mirror<K>(
+    client: &kube::Client,
+    wake: Arc<tokio::sync::Notify>,
+    relevant: fn(&K) -> u64,
+) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -136,19 +147,62 @@ where
 {
     let (store, writer) = reflector::store();
     let kind = K::kind(&());
+    let mut seen = HashMap::new();
     tokio::spawn(
         watcher(Api::<K>::all(client.clone()), watcher::Config::default())
             .default_backoff()
             .reflect(writer)
             .for_each(move |e| {
-                if let Err(e) = e {
-                    warn!(error = %e, "{kind} watch failed; retrying");
+                match e {
+                    Ok(e) => {
+                        if is_news(&mut seen, &e, relevant) {
+                            wake.notify_one();
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "{kind} watch failed; retrying"),
                 }
-                wake.notify_one();
                 futures::future::ready(())
             }),
     );
     store
+}
+
+/// Whether a watch event can change a plan: an object came or went, its
+/// `relevant` fingerprint changed, or the watch restarted. `seen` holds the
+/// fingerprint of every object by namespace and name.
+fn is_news<K: Resource>(
+    seen: &mut HashMap<String, u64>,
+    event: &watcher::Event<K>,
+    relevant: fn(&K) -> u64,
+) -> bool {
+    let id = |o: &K| format!("{}/{}", o.namespace().unwrap_or_default(), o.name_any());
+    match event {
+        watcher::Event::Apply(o) | watcher::Event::InitApply(o) => {
+            seen.insert(id(o), relevant(o)) != Some(relevant(o))
+        }
+        watcher::Event::Delete(o) => {
+            seen.remove(&id(o));
+            true
+        }
+        watcher::Event::Init | watcher::Event::InitDone => true,
+    }
+}
+
+/// Every change of an object is relevant.
+fn any_change<K: Resource>(o: &K) -> u64 {
+    fingerprint_of(&o.resource_version())
+}
+
+/// Only a Node's labels (and its coming and going) change a plan.
+fn node_labels(n: &Node) -> u64 {
+    fingerprint_of(n.labels())
+}
+
+fn fingerprint_of(v: &impl std::hash::Hash) -> u64 {
+    use std::hash::Hasher;
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.hash(&mut h);
+    h.finish()
 }
 
 fn key(c: &ImageCache) -> String {
@@ -498,11 +552,15 @@ impl Controller {
 
     async fn load_secret(&self, c: &ImageCache, ns: &str, name: &str) -> Option<DockerCredentials> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let subject = format!("{} secret {name}", key(c));
         let problem = match api.get_opt(name).await {
             Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
                 Some(bytes) => {
                     match DockerCredentials::parse(&bytes.0, &format!("Secret {ns}/{name}")) {
-                        Ok(creds) => return Some(creds),
+                        Ok(creds) => {
+                            self.problems.lock().unwrap().clear(&subject);
+                            return Some(creds);
+                        }
                         Err(e) => e.to_string(),
                     }
                 }
@@ -513,9 +571,13 @@ impl Controller {
             Ok(None) => format!("imagePullSecret {ns}/{name} does not exist"),
             Err(e) => format!("cannot read Secret {ns}/{name}: {e}"),
         };
-        warn!(cache = %key(c), "{problem}");
-        self.event(c, EventType::Warning, "PullSecretUnusable", problem)
-            .await;
+        if self.problems.lock().unwrap().is_news(&subject, &problem) {
+            warn!(cache = %key(c), "{problem}");
+            self.event(c, EventType::Warning, "PullSecretUnusable", problem)
+                .await;
+        } else {
+            debug!(cache = %key(c), "{problem}");
+        }
         None
     }
 
@@ -618,5 +680,65 @@ impl Controller {
         } else if !present {
             info!(cache = %key(c), "finalizer removed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, labels: &[(&str, &str)], rv: &str) -> Node {
+        let mut n = Node::default();
+        n.metadata.name = Some(name.into());
+        n.metadata.resource_version = Some(rv.into());
+        n.metadata.labels = Some(
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        n
+    }
+
+    #[test]
+    fn node_status_updates_wake_no_pass_but_label_changes_and_deletions_do() {
+        let mut seen = HashMap::new();
+        let apply = |n: Node| watcher::Event::Apply(n);
+        let mut passes = 0;
+        let mut feed = |e: watcher::Event<Node>, seen: &mut HashMap<String, u64>| {
+            if is_news(seen, &e, node_labels) {
+                passes += 1;
+            }
+        };
+        feed(
+            watcher::Event::InitApply(node("n1", &[("pool", "a")], "1")),
+            &mut seen,
+        );
+        for rv in 2..100 {
+            feed(
+                apply(node("n1", &[("pool", "a")], &rv.to_string())),
+                &mut seen,
+            );
+        }
+        feed(apply(node("n1", &[("pool", "b")], "100")), &mut seen);
+        feed(
+            watcher::Event::Delete(node("n1", &[("pool", "b")], "101")),
+            &mut seen,
+        );
+        assert_eq!(passes, 3, "first sight, relabel, deletion");
+    }
+
+    #[test]
+    fn every_image_cache_change_wakes_a_pass() {
+        let mut seen = HashMap::new();
+        let mut c = ImageCache::new("c", Default::default());
+        c.metadata.namespace = Some("ns".into());
+        let news = (1..=3)
+            .filter(|rv| {
+                c.metadata.resource_version = Some(rv.to_string());
+                is_news(&mut seen, &watcher::Event::Apply(c.clone()), any_change)
+            })
+            .count();
+        assert_eq!(news, 3);
     }
 }

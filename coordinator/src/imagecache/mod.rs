@@ -7,13 +7,15 @@
 //! public API (both pure, beside the planner); [`controller`] is the thin loop
 //! that feeds them from the apiserver and the agent sessions and carries the
 //! plan out; [`tags`] follows the digests of tracked tags; [`access`] keeps
-//! one tenant's pull Secret from deciding another tenant's pulls and readiness.
+//! one tenant's pull Secret from deciding another tenant's pulls and readiness;
+//! [`problems`] keeps a lasting problem to one Warning Event.
 
 pub mod access;
 pub mod controller;
 pub mod crd;
 pub mod detail;
 pub mod plan;
+pub mod problems;
 pub mod status;
 pub mod tags;
 
