@@ -46,12 +46,10 @@ pub struct FailureRecord {
     pub retry_at: Instant,
 }
 
-/// The backoff after `attempts` failures: doubling, capped, with jitter.
+/// The backoff after `attempts` failures: doubling, capped, with jitter
+/// (Berth's one policy, [`berth_proto::backoff`]).
 pub fn retry_delay(attempts: u32) -> Duration {
-    let ceiling = RETRY_BASE
-        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-        .min(RETRY_MAX);
-    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+    berth_proto::backoff::delay_after(RETRY_BASE, RETRY_MAX, attempts)
 }
 
 /// The image a finished pull left, as the next inventory will show it: the
