@@ -15,7 +15,6 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent as pb;
-use std::sync::atomic::Ordering;
 use tokio::sync::{Notify, mpsc};
 
 use crate::metrics::METRICS;
@@ -145,7 +144,7 @@ impl NodeRegistry {
         let name = hello.node_name.clone();
         let previous = inner.nodes.remove(&name);
         if !previous.as_ref().is_some_and(|p| p.connected) {
-            METRICS.agents_connected.fetch_add(1, Ordering::Relaxed);
+            METRICS.agents_connected.inc();
         }
         let (inventory, failures) = previous
             .map(|p| (p.inventory, p.failures))
@@ -317,7 +316,7 @@ impl NodeRegistry {
     pub fn disconnect(&self, node: &str, session: SessionId) -> bool {
         self.with_current(node, session, |n| {
             if n.connected {
-                METRICS.agents_connected.fetch_sub(1, Ordering::Relaxed);
+                METRICS.agents_connected.dec();
             }
             n.connected = false;
             n.outbox = None;

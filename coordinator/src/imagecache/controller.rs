@@ -340,10 +340,8 @@ impl Controller {
         }
         *self.details.write().unwrap() = details;
         METRICS.set_cache_nodes(node_counts);
-        METRICS.passes.fetch_add(1, Ordering::Relaxed);
-        METRICS
-            .pass_micros
-            .fetch_add(now.elapsed().as_micros() as u64, Ordering::Relaxed);
+        METRICS.passes.inc();
+        METRICS.pass_seconds.inc_by(now.elapsed().as_secs_f64());
     }
 
     async fn dispatch(
@@ -607,8 +605,8 @@ impl Controller {
             .await
         {
             Ok(_) => {
-                METRICS.status_writes.fetch_add(1, Ordering::Relaxed);
-                METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
+                METRICS.status_writes.inc();
+                METRICS.api_writes.inc();
                 self.written
                     .insert(k.clone(), (Instant::now(), status.clone()));
             }
@@ -646,7 +644,7 @@ impl Controller {
             action: "Reconcile".into(),
             secondary: None,
         };
-        METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
+        METRICS.api_writes.inc();
         if let Err(e) = self.recorder.publish(&ev, &c.object_ref(&())).await {
             debug!(error = %e, "event not recorded");
         }
@@ -667,7 +665,7 @@ impl Controller {
         let patch = serde_json::json!({
             "metadata": { "finalizers": finalizers, "resourceVersion": c.resource_version() }
         });
-        METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
+        METRICS.api_writes.inc();
         if let Err(e) = api
             .patch(
                 &c.name_any(),
