@@ -8,7 +8,8 @@
 //! that feeds them from the apiserver and the agent sessions and carries the
 //! plan out; [`tags`] follows the digests of tracked tags; [`access`] keeps
 //! one tenant's pull Secret from deciding another tenant's pulls and readiness;
-//! [`problems`] keeps a lasting problem to one Warning Event.
+//! [`problems`] keeps a lasting problem to one Warning Event; [`watch`]
+//! mirrors the apiserver and wakes the loop only for news.
 
 pub mod access;
 pub mod controller;
@@ -18,6 +19,7 @@ pub mod plan;
 pub mod problems;
 pub mod status;
 pub mod tags;
+pub mod watch;
 
 use kube::CustomResourceExt;
 
