@@ -309,7 +309,8 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
     let wanted = wanted(caches, nodes);
     let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
     for a in nodes.iter().filter_map(|n| n.agent.as_ref()) {
-        for i in &a.images {
+        // A size of 0 is unknown (e.g. a finished pull not yet in an inventory).
+        for i in a.images.iter().filter(|i| i.size_bytes > 0) {
             for t in i.repo_tags.iter().chain(&i.repo_digests) {
                 sizes.insert(t, i.size_bytes);
             }

@@ -320,7 +320,13 @@ fn the_failed_node_sample_is_bounded() {
 
 #[test]
 fn a_pull_carries_the_size_another_node_reports_for_the_disk_guard() {
-    let nodes = [node("n1", &[], &["r/a:1"]), node("n2", &[], &[])];
+    let mut just_pulled = node("n0", &[], &["r/a:1"]);
+    just_pulled.agent.as_mut().unwrap().images[0].size_bytes = 0;
+    let nodes = [
+        node("n1", &[], &["r/a:1"]),
+        node("n2", &[], &[]),
+        just_pulled,
+    ];
     match &actions(&[cache("ns/c", &["r/a:1"])], &nodes)[..] {
         [
             Action::Pull {
