@@ -236,10 +236,15 @@ pub fn image_state<'a>(cache: &CacheView, node: &'a NodeView, w: &WantedImage) -
     };
     let access = cache.access.get(&w.reference);
     if let Some(Access::Denied(why)) = access {
+        // The node's own failed pulls, if any, say more than the check did.
+        let tried = a.failures.get(&w.reference);
         return ImageOnNode::Failed(Failure {
             reason: pb::FailureReason::AuthFailed.name().into(),
-            message: format!("the registry refused this cache's own credentials: {why}"),
-            attempts: 0,
+            message: tried.map_or_else(
+                || format!("the registry refused this cache's own credentials: {why}"),
+                |f| f.message.clone(),
+            ),
+            attempts: tried.map_or(0, |f| f.attempts),
             retry_due: false,
         });
     }

@@ -562,3 +562,28 @@ fn a_reconnected_agent_gets_no_pulls_before_its_inventory_says_what_it_holds() {
     n.agent.as_mut().unwrap().reported = false;
     assert!(actions(&[cache("ns/c", &["r/a:1"])], &[n]).is_empty());
 }
+
+#[test]
+fn a_refused_cache_keeps_the_node_s_own_failed_attempts_in_its_detail() {
+    let mut n = node("n2", &[], &[]);
+    n.agent.as_mut().unwrap().failures.insert(
+        "r/x:1".into(),
+        Failure {
+            reason: "AuthFailed".into(),
+            message: "pull access denied".into(),
+            attempts: 2,
+            retry_due: false,
+        },
+    );
+    let mut refused = cache("ns-b/b", &["r/x:1"]);
+    refused
+        .access
+        .insert("r/x:1".into(), Access::Denied("401".into()));
+    match image_state(&refused, &n, &refused.images[0]) {
+        ImageOnNode::Failed(f) => assert_eq!(
+            (f.reason.as_str(), f.message.as_str(), f.attempts),
+            ("AuthFailed", "pull access denied", 2)
+        ),
+        other => panic!("{other:?}"),
+    }
+}
