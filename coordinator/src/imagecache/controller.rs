@@ -1,18 +1,18 @@
-//! Feeds the planner and carries its plan out.
+//! Feeds the planner and carries its plan out: the thin loop around the
+//! pure modules.
 //!
-//! Reflectors keep ImageCaches and Nodes in memory (a relabelled, new or
-//! deleted node wakes the loop at once; a Node status update does not); agent
+//! [`super::watch`] mirrors ImageCaches and Nodes (a new, deleted or
+//! relabelled node wakes the loop; a Node status update does not); agent
 //! sessions wake it through the node registry (inventories and finished
-//! tasks, not heartbeats).
-//! Each pass turns both into planner views, has the caches that share an
-//! image with different credentials checked against the registry
-//! ([`super::access`]), sends the resulting tasks (with credentials from the
-//! wanting caches' pull Secrets, in turn after failures, only to the agents
-//! that pull),
-//! writes each cache's status when it changed (a new phase or condition at
-//! once, new counts at most twice a second per cache), records Events on
-//! phase changes, manages the finalizer and
-//! publishes per-node detail for `berth.v1.Inventory`.
+//! tasks, not heartbeats). Each pass turns both into planner views, has the
+//! caches that share an image with different credentials checked against the
+//! registry ([`super::access`]), sends the planner's tasks (credentials from
+//! the wanting caches' pull Secrets, the next cache's after each failed
+//! attempt, only to the agents that pull), writes each cache's status from
+//! [`super::status`] (a new phase or condition at once, new counts at most
+//! twice a second), records Events on phase changes, keeps the finalizer
+//! until [`plan::deletion_waits`] names no node, and publishes
+//! [`super::detail`] for `berth.v1.Inventory`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
