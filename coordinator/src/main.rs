@@ -3,7 +3,8 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use berth_coordinator::imagecache::{self, controller::CacheDetails};
+use berth_coordinator::domain::CacheDetails;
+use berth_coordinator::imagecache;
 use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server};
 use clap::Parser;
 

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
-use crate::imagecache::controller::CacheDetails;
+use crate::domain::CacheDetails;
 use crate::nodes::NodeRegistry;
 use crate::session::AgentSessions;
 

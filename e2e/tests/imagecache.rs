@@ -846,7 +846,8 @@ async fn metrics_show_connected_agents_tasks_and_cache_states() {
         "{text}"
     );
     assert!(
-        text.contains("# TYPE berth_status_writes_total counter"),
+        // OpenMetrics names a counter family without its `_total` samples' suffix.
+        text.contains("# TYPE berth_status_writes counter"),
         "{text}"
     );
 }

@@ -273,6 +273,14 @@ pub struct ImageCacheStatus {
     /// The last rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rollout: Option<RolloutTimes>,
+    /// `RemoveFromNodes` only: nodes that may hold one of the cache's images
+    /// (or were pulling one). A deleted cache keeps its finalizer until each of
+    /// these nodes still in the cluster has had its copies removed, even
+    /// across a coordinator restart or while the node's agent is away.
+    /// Always written, so an emptied list replaces the old one.
+    #[serde(default)]
+    #[schemars(length(max = 5000))]
+    pub nodes_holding: Vec<String>,
 }
 
 /// Selected nodes by state; a node counts once, in its worst state.
