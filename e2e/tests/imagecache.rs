@@ -395,7 +395,26 @@ spec:
     assert_eq!(bad.images[0].failure_reasons.get("AuthFailed"), Some(&1));
     assert_eq!(bad.images[0].failed_nodes_sample[0].node, *n2);
     assert!(!c.cri_has_image(n2, &private).await.unwrap());
+}
 
+#[tokio::test]
+async fn a_missing_image_is_retried_with_backoff_and_cached_once_it_is_pushed() {
+    let c = Cluster::from_env().await.unwrap();
+    let s = Scope::new(&c, "late");
+    let n1 = &c.nodes[0];
+    let late = format!(
+        "{}/e2e/late-{}:1",
+        c.registry(),
+        berth_e2e::registry::unique_suffix()
+    );
+    s.apply_cache(
+        "late",
+        &format!(
+            r#"  images: [{{ref: "{late}"}}]
+  nodeNames: [{n1}]
+"#
+        ),
+    );
     // Retries happen, and back off: the delay after the third failure is
     // 2–4 s (1 s doubling, ±50 % jitter), so attempt 4 comes well after 3.
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
@@ -404,14 +423,14 @@ spec:
         let detail = c.grpcurl(&[
             "-plaintext",
             "-d",
-            &format!(r#"{{"namespace": "{}", "name": "bad"}}"#, s.ns),
+            &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns),
             &pf.addr(),
             "berth.v1.Inventory/GetImageCache",
         ])?;
         let v: serde_json::Value = serde_json::from_str(&detail)?;
         let img = &v["nodes"][0]["images"][0];
         anyhow::ensure!(img["state"] == "Failed", "{detail}");
-        anyhow::ensure!(img["reason"] == "AuthFailed", "{detail}");
+        anyhow::ensure!(img["reason"] == "ImageNotFound", "{detail}");
         let attempts = img["attempts"].as_u64().unwrap_or_default();
         let mut seen = seen.lock().unwrap();
         if seen.last().is_none_or(|(a, _)| *a < attempts) {
@@ -429,6 +448,13 @@ spec:
         "attempt 4 came {:?} after attempt 3: no backoff ({seen:?})",
         fourth.duration_since(third)
     );
+    // Once the image exists, a later retry caches it without anyone's help.
+    c.push_variant(&late, "1").await.unwrap();
+    s.wait_status("late", "Ready once the image exists", |ic| {
+        phase(ic) == "Ready"
+    })
+    .await;
+    assert!(c.cri_has_image(n1, &late).await.unwrap());
 }
 
 #[tokio::test]
@@ -568,6 +594,24 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
     }
 }
 
+/// Runs `cluster.sh up` when dropped: idempotent, it restarts only what is
+/// not running (here the registry the outage test killed).
+struct RestartRegistry(&'static str);
+
+impl Drop for RestartRegistry {
+    fn drop(&mut self) {
+        let up = std::process::Command::new(self.0).arg("up").output();
+        match up {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => eprintln!(
+                "cluster.sh up failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => eprintln!("cluster.sh up did not run: {e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
     let c = Cluster::from_env().await.unwrap();
@@ -586,6 +630,8 @@ async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
     // SIGKILL: an outage, not a graceful drain (a draining registry still
     // counts as running to `cluster.sh up`).
     let pid = pid.trim().to_string();
+    // Brings the registry back however the test ends, so later tests have it.
+    let restart = RestartRegistry(cluster_sh);
     std::process::Command::new("kill")
         .args(["-9", &pid])
         .status()
@@ -616,16 +662,7 @@ async fn a_registry_outage_degrades_the_cache_and_it_recovers_by_itself() {
         "{st:?}"
     );
 
-    // `up` is idempotent: it restarts only what is not running.
-    let up = std::process::Command::new(cluster_sh)
-        .arg("up")
-        .output()
-        .unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    drop(restart);
     s.wait_status("outage", "Ready after the registry returned", |ic| {
         phase(ic) == "Ready"
     })
@@ -746,12 +783,25 @@ fn set_disk_threshold(c: &Cluster, percent: &str) {
     .unwrap();
 }
 
-/// Puts the default threshold back even when the test fails.
-struct RestoreThreshold<'a>(&'a Cluster);
+/// The agents' threshold as installed.
+fn disk_threshold(c: &Cluster) -> String {
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "get",
+        "ds/berth-node-agent",
+        "-o",
+        r#"jsonpath={.spec.template.spec.containers[0].env[?(@.name=="BERTH_DISK_THRESHOLD")].value}"#,
+    ])
+    .unwrap()
+}
+
+/// Puts the installed threshold back even when the test fails.
+struct RestoreThreshold<'a>(&'a Cluster, String);
 
 impl Drop for RestoreThreshold<'_> {
     fn drop(&mut self) {
-        set_disk_threshold(self.0, "85");
+        set_disk_threshold(self.0, &self.1);
     }
 }
 
@@ -761,7 +811,12 @@ async fn the_disk_guard_refuses_pulls_past_its_threshold_and_says_so() {
     let s = Scope::new(&c, "disk");
     let n1 = &c.nodes[0];
     let img = fresh(&c, "disk").await;
-    let restore = RestoreThreshold(&c);
+    let installed = disk_threshold(&c);
+    assert!(
+        !installed.is_empty(),
+        "BERTH_DISK_THRESHOLD not set on the agents"
+    );
+    let restore = RestoreThreshold(&c, installed);
     // Any real filesystem is fuller than 1 %.
     set_disk_threshold(&c, "1");
     s.apply_cache(
