@@ -1,7 +1,8 @@
 //! The CRI client against a fake CRI server on a temporary unix socket: every
 //! connection failure the operator can meet, the runtime's pull failures
 //! (as containerd words them) turned into the right `CriError`, and a runtime
-//! that exits and comes back on a new socket file at the same path.
+//! that exits and comes back on a new socket file at the same path — seen by
+//! the client and by the `node-agent run` health endpoint the kubelet probes.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -605,4 +606,107 @@ async fn the_command_line_refuses_a_bad_reference_before_calling_the_runtime() {
         "{err}"
     );
     assert_eq!(fake.state.0.lock().unwrap().pulls, 0);
+}
+
+/// `node-agent run` on `socket`, with its health endpoint on a free loopback
+/// port (returned) and a coordinator nobody serves: the probes concern the
+/// runtime only. Killed when the child is dropped.
+fn spawn_agent(socket: &Path, liveness_threshold: &str) -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state = socket.parent().unwrap().join("state");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .args(["--cri-socket", socket.to_str().unwrap(), "run"])
+        .args([
+            "--node-name",
+            "node-a",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ])
+        .args(["--token-file", "/nonexistent/token"])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--imagefs-path", "/"])
+        .args(["--health-listen", &format!("127.0.0.1:{port}")])
+        .args(["--runtime-probe-interval", "100ms"])
+        .args(["--runtime-liveness-threshold", liveness_threshold])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+/// `GET path` on the agent's health endpoint: (status, body).
+async fn probe(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until `GET path` answers `want`; returns the body.
+async fn probe_until(port: u16, path: &str, want: u16) -> String {
+    within(
+        RECONNECT_DEADLINE,
+        &format!("{path} to answer {want}"),
+        || async {
+            match probe(port, path).await {
+                Ok((status, body)) if status == want => Ok(body),
+                Ok((status, body)) => Err(format!("{status} {body}")),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_agent_is_unready_while_its_runtime_is_away_and_ready_again_when_it_returns() {
+    let mut fake = fake_cri().await;
+    let (_agent, port) = spawn_agent(&fake.socket, "1h");
+    let body = probe_until(port, "/readyz", 200).await;
+    assert!(body.contains("fake-cri 9.9.9"), "{body}");
+
+    fake.stop();
+    let body = probe_until(port, "/readyz", 503).await;
+    assert!(body.contains("unreachable"), "{body}");
+    let (status, body) = probe(port, "/healthz").await.unwrap();
+    assert_eq!(status, 200, "an hour's threshold is far off: {body}");
+
+    fake.start();
+    probe_until(port, "/readyz", 200).await;
+}
+
+#[tokio::test]
+async fn an_agent_started_before_its_runtime_waits_for_it_and_fails_liveness_past_the_threshold() {
+    let mut fake = fake_cri().await;
+    fake.stop();
+    let (mut agent, port) = spawn_agent(&fake.socket, "1s");
+    let body = probe_until(port, "/healthz", 503).await;
+    assert!(body.contains("threshold 1s"), "{body}");
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent waits for its runtime instead of exiting"
+    );
+
+    fake.start();
+    probe_until(port, "/readyz", 200).await;
+    probe_until(port, "/healthz", 200).await;
 }
