@@ -7,6 +7,8 @@
 #   e2e/cluster.sh down          stop exactly what `up` started, remove mounts/netns
 #   e2e/cluster.sh status        what runs
 #   e2e/cluster.sh berth-image DIR   pack node-agent + coordinator from DIR, push
+#   e2e/cluster.sh restart-containerd N [DOWN_SECONDS]   stop node N's containerd,
+#                                wait (default 5 s), start it again (an upgrade)
 #   e2e/cluster.sh env           print the file the tests read
 #
 # State lives in $BERTH_E2E_DIR (default /var/lib/berth-e2e), built tools in
@@ -47,7 +49,10 @@ wait_for() {
   done
 }
 
-alive() { local p; p=$(cat "$D/pids/$1.pid" 2>/dev/null) && kill -0 "$p" 2>/dev/null; }
+# running PID: the process exists and is not a zombie (whose parent has not
+# reaped it yet: it is gone for every purpose here).
+running() { kill -0 "$1" 2>/dev/null && [ "$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null)" != Z ]; }
+alive() { local p; p=$(cat "$D/pids/$1.pid" 2>/dev/null) && running "$p"; }
 
 # start NAME COMMAND...: runs COMMAND in the background unless NAME already runs.
 start() {
@@ -61,8 +66,8 @@ stop() {
   local name=$1 p
   p=$(cat "$D/pids/$name.pid" 2>/dev/null) || return 0
   if kill "$p" 2>/dev/null; then
-    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-    kill -0 "$p" 2>/dev/null && { log "$name ($p) did not stop; killing"; kill -9 "$p" 2>/dev/null || true; }
+    for _ in $(seq 100); do running "$p" || break; sleep 0.1; done
+    running "$p" && { log "$name ($p) did not stop; killing"; kill -9 "$p" 2>/dev/null || true; }
   fi
   rm -f "$D/pids/$name.pid"
 }
@@ -396,6 +401,33 @@ nodes() {
   done
 }
 
+# restart_containerd N [DOWN_SECONDS]: what a runtime upgrade does to node N.
+# Stops its containerd (SIGTERM, waits for it to exit), waits DOWN_SECONDS,
+# and starts it again with the node's config in the node's network and mount
+# namespaces (entered through its kubelet, which lives in both), appending to
+# the same log. Pods keep running meanwhile: their shims are processes of
+# their own, and containerd reconnects to them (sockets under the node's
+# /run/containerd) when it starts.
+restart_containerd() {
+  local i=${1:?usage: cluster.sh restart-containerd N [DOWN_SECONDS]} down=${2:-5}
+  local n N S kp
+  n=$(node_name "$i"); N=$D/nodes/$n; S=$N/run/containerd.sock
+  alive "kubelet-$i" || die "node $n is not running (no kubelet-$i)"
+  alive "containerd-$i" || die "containerd of $n is not running"
+  kp=$(cat "$D/pids/kubelet-$i.pid")
+  log "stopping containerd on $n for ${down}s"
+  stop "containerd-$i"
+  sleep "$down"
+  # Appends, so the log keeps the run before the restart.
+  nohup nsenter -t "$kp" -m -n /usr/bin/containerd --config "$N/containerd.toml" \
+    >>"$D/logs/containerd-$i.log" 2>&1 &
+  echo $! >"$D/pids/containerd-$i.pid"
+  wait_for 30 "containerd on $n to answer again" ctr -a "$S" version
+  [ "$(readlink "/proc/$(cat "$D/pids/containerd-$i.pid")/ns/mnt")" = "$(cat "$D/pids/mntns-$i")" ] ||
+    die "the restarted containerd of $n is not in the node's mount namespace"
+  log "containerd on $n is back (pid $(cat "$D/pids/containerd-$i.pid"))"
+}
+
 stop_node() {
   local i=$1 n S
   n=$(node_name "$i"); S=$D/nodes/$n/run/containerd.sock
@@ -586,6 +618,7 @@ case ${1:-} in
   deps) deps ;;
   env) cat "$D/env" ;;
   berth-image) shift; berth_image "$@" ;;
+  restart-containerd) shift; restart_containerd "$@" ;;
   node-inner) shift; node_inner "$@" ;;
-  *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

@@ -2,7 +2,9 @@
 //! image commands for operators (`images ls|pull|rm|inspect`, `fsinfo`, `version`).
 
 use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -10,6 +12,7 @@ use berth_proto::reference::Reference;
 use clap::{Parser, Subcommand};
 
 use crate::cri::{CriError, CriRuntime, find_socket};
+use crate::health::{self, Health, HealthConfig};
 use crate::runtime::{ImageInfo, ImageRuntime, RegistryAuth};
 use crate::session::{self, SessionConfig};
 use berth_proto::docker_config::DockerCredentials;
@@ -31,46 +34,7 @@ pub struct Args {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run as the node's agent: hold a session with the coordinator.
-    Run {
-        /// Coordinator URL.
-        #[arg(
-            long,
-            env = "BERTH_COORDINATOR",
-            default_value = "http://berth-coordinator:7070"
-        )]
-        coordinator: String,
-        /// Name of this node.
-        #[arg(long, env = "NODE_NAME")]
-        node_name: String,
-        /// Projected ServiceAccount token (audience "berth").
-        #[arg(
-            long,
-            env = "BERTH_TOKEN_FILE",
-            default_value = "/var/run/secrets/berth/token"
-        )]
-        token_file: PathBuf,
-        /// How often to look for image changes.
-        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
-        inventory_poll: Duration,
-        /// Pulls at once on this node.
-        #[arg(long, env = "BERTH_MAX_PULLS", default_value_t = 2)]
-        max_pulls: usize,
-        /// A path on the runtime's image filesystem, for the disk guard.
-        #[arg(
-            long,
-            env = "BERTH_IMAGEFS_PATH",
-            default_value = "/var/lib/containerd"
-        )]
-        imagefs_path: PathBuf,
-        /// Refuse pulls that would bring the image filesystem's use to this
-        /// percentage, counted as the kubelet's image GC counts it (reserved
-        /// blocks as used; the kubelet's imageGCHighThresholdPercent is 85).
-        #[arg(long, env = "BERTH_DISK_THRESHOLD", default_value_t = 85.0)]
-        disk_threshold: f64,
-        /// Where the agent remembers which images it pulled (survives restarts).
-        #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
-        state_dir: PathBuf,
-    },
+    Run(RunArgs),
     /// Image commands.
     #[command(subcommand)]
     Images(ImagesCommand),
@@ -82,6 +46,60 @@ pub enum Command {
     },
     /// Name and version of the runtime.
     Version,
+}
+
+/// `node-agent run …`
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// Coordinator URL.
+    #[arg(
+        long,
+        env = "BERTH_COORDINATOR",
+        default_value = "http://berth-coordinator:7070"
+    )]
+    pub coordinator: String,
+    /// Name of this node.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+    /// Projected ServiceAccount token (audience "berth").
+    #[arg(
+        long,
+        env = "BERTH_TOKEN_FILE",
+        default_value = "/var/run/secrets/berth/token"
+    )]
+    pub token_file: PathBuf,
+    /// How often to look for image changes.
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    pub inventory_poll: Duration,
+    /// Pulls at once on this node.
+    #[arg(long, env = "BERTH_MAX_PULLS", default_value_t = 2)]
+    pub max_pulls: usize,
+    /// A path on the runtime's image filesystem, for the disk guard.
+    #[arg(
+        long,
+        env = "BERTH_IMAGEFS_PATH",
+        default_value = "/var/lib/containerd"
+    )]
+    pub imagefs_path: PathBuf,
+    /// Refuse pulls that would bring the image filesystem's use to this
+    /// percentage, counted as the kubelet's image GC counts it (reserved
+    /// blocks as used; the kubelet's imageGCHighThresholdPercent is 85).
+    #[arg(long, env = "BERTH_DISK_THRESHOLD", default_value_t = 85.0)]
+    pub disk_threshold: f64,
+    /// Where the agent remembers which images it pulled (survives restarts).
+    #[arg(long, env = "BERTH_STATE_DIR", default_value = "/var/lib/berth")]
+    pub state_dir: PathBuf,
+    /// Address of the kubelet's probes: `GET /readyz` (the runtime answers)
+    /// and `GET /healthz` (it has not been away longer than the threshold).
+    #[arg(long, env = "BERTH_HEALTH_LISTEN", default_value = "0.0.0.0:7072")]
+    pub health_listen: SocketAddr,
+    /// How often the agent asks the runtime for its version, for the probes.
+    #[arg(long, env = "BERTH_RUNTIME_PROBE_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub runtime_probe_interval: Duration,
+    /// How long the runtime may be unreachable before `/healthz` fails and the
+    /// kubelet restarts the agent (a backstop: the agent reconnects by itself).
+    #[arg(long, env = "BERTH_RUNTIME_LIVENESS_THRESHOLD", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub runtime_liveness_threshold: Duration,
 }
 
 /// `node-agent images …`
@@ -128,7 +146,7 @@ pub enum ImagesCommand {
 
 /// Runs the parsed command line.
 pub async fn main(args: Args) -> anyhow::Result<()> {
-    if let Command::Run { .. } = args.command {
+    if let Command::Run(_) = args.command {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -138,42 +156,12 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             .init();
     }
     let socket = find_socket(args.cri_socket.as_deref())?;
+    if let Command::Run(run) = args.command {
+        return agent(socket, run).await;
+    }
     let cri = CriRuntime::connect(&socket).await?;
     match args.command {
-        Command::Run {
-            coordinator,
-            node_name,
-            token_file,
-            inventory_poll,
-            max_pulls,
-            state_dir,
-            imagefs_path,
-            disk_threshold,
-        } => {
-            let v = cri.version().await?;
-            tracing::info!(runtime = %v.name, version = %v.version, socket = %socket.display(), "connected to runtime");
-            let cfg = SessionConfig {
-                coordinator,
-                node_name: node_name.clone(),
-                token_file,
-                socket: socket.display().to_string(),
-                inventory_poll,
-            };
-            if let Err(e) = std::fs::create_dir_all(&state_dir) {
-                tracing::warn!(dir = %state_dir.display(), error = %e, "no state directory; managed images are forgotten on restart");
-            }
-            let managed = crate::tasks::Managed::load(Some(state_dir));
-            let (runner, updates) = crate::tasks::TaskRunner::new(
-                std::sync::Arc::new(cri),
-                &node_name,
-                max_pulls,
-                managed,
-            );
-            let runner =
-                runner.with_disk_guard(crate::disk::DiskGuard::new(imagefs_path, disk_threshold));
-            session::run(runner, updates, cfg).await;
-            Ok(())
-        }
+        Command::Run(_) => unreachable!("handled above"),
         Command::Version => {
             let v = cri.version().await?;
             println!(
@@ -201,6 +189,59 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         }
         Command::Images(cmd) => images(&cri, cmd).await,
     }
+}
+
+/// `node-agent run`: the health monitor and endpoint, the task runner, and
+/// the coordinator session, all on one reconnecting CRI client. A runtime
+/// that is not up yet (or restarting) is waited for, not fatal.
+async fn agent(socket: PathBuf, run: RunArgs) -> anyhow::Result<()> {
+    let cri = match CriRuntime::connect(&socket).await {
+        Ok(cri) => {
+            let v = cri.version().await?;
+            tracing::info!(runtime = %v.name, version = %v.version, socket = %socket.display(), "connected to runtime");
+            cri
+        }
+        Err(e) if e.is_unavailable() => {
+            tracing::warn!(error = %e, "container runtime not reachable yet; waiting for it");
+            CriRuntime::lazy(&socket)
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let cri = Arc::new(cri);
+    let health = Health::new(HealthConfig {
+        interval: run.runtime_probe_interval,
+        liveness_threshold: run.runtime_liveness_threshold,
+    });
+    let listener = tokio::net::TcpListener::bind(run.health_listen)
+        .await
+        .with_context(|| format!("binding the health endpoint {}", run.health_listen))?;
+    tracing::info!(addr = %run.health_listen, "health endpoint: /readyz, /healthz");
+    tokio::spawn(health::monitor(cri.clone(), health.clone()));
+    let served = health.clone();
+    tokio::spawn(async move {
+        if let Err(e) = health::serve(listener, served).await {
+            tracing::error!(error = %e, "health endpoint failed; the kubelet's probes will fail");
+        }
+    });
+    let cfg = SessionConfig {
+        coordinator: run.coordinator,
+        node_name: run.node_name.clone(),
+        token_file: run.token_file,
+        socket: socket.display().to_string(),
+        inventory_poll: run.inventory_poll,
+    };
+    if let Err(e) = std::fs::create_dir_all(&run.state_dir) {
+        tracing::warn!(dir = %run.state_dir.display(), error = %e, "no state directory; managed images are forgotten on restart");
+    }
+    let managed = crate::tasks::Managed::load(Some(run.state_dir));
+    let (runner, updates) =
+        crate::tasks::TaskRunner::new(cri, &run.node_name, run.max_pulls, managed);
+    let runner = runner.with_disk_guard(crate::disk::DiskGuard::new(
+        run.imagefs_path,
+        run.disk_threshold,
+    ));
+    session::run_while_reachable(runner, updates, cfg, health.reachable()).await;
+    Ok(())
 }
 
 async fn images(cri: &CriRuntime, cmd: ImagesCommand) -> anyhow::Result<()> {

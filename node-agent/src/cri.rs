@@ -3,6 +3,12 @@
 //! [`CriRuntime::connect`] checks the socket before dialing so that the common
 //! mistakes (no runtime, wrong path, not root, runtime hung) each get their own
 //! error; [`CriError`] classifies the runtime's pull failures the same way.
+//!
+//! The client outlives the runtime's process: its channel dials the socket
+//! *path* again whenever its connection is gone, so a runtime that restarts
+//! (and makes a new socket file) is answered again without a new client.
+//! A call the runtime cannot answer because it went away fails with
+//! [`CriError::RuntimeUnavailable`], never as a registry or image failure.
 
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
@@ -101,6 +107,19 @@ pub enum CriError {
         /// The deadline.
         timeout: Duration,
     },
+    /// The runtime stopped answering a call: it exited, is restarting, or its
+    /// socket is gone. Worth retrying once it answers again.
+    #[error(
+        "the container runtime at {path} is unavailable (CRI {op}: {message}); is it restarting? Berth retries once it answers again"
+    )]
+    RuntimeUnavailable {
+        /// The socket path.
+        path: PathBuf,
+        /// The CRI method.
+        op: &'static str,
+        /// What the transport said.
+        message: String,
+    },
     /// Any other failure of a CRI call.
     #[error("CRI {op} failed: {code:?}: {message}")]
     Runtime {
@@ -121,6 +140,7 @@ impl CriError {
             CriError::NotASocket { .. } => "NotASocket",
             CriError::PermissionDenied { .. } => "PermissionDenied",
             CriError::NotAnswering { .. } => "RuntimeNotAnswering",
+            CriError::RuntimeUnavailable { .. } => "RuntimeUnavailable",
             CriError::BadReference(_) => "BadReference",
             CriError::ImageNotFound { .. } => "ImageNotFound",
             CriError::RegistryUnreachable { .. } => "RegistryUnreachable",
@@ -131,8 +151,13 @@ impl CriError {
     }
 
     /// Classifies a failed PullImage by the runtime's message. containerd and
-    /// CRI-O report registry failures as `Unknown` with the cause in the text.
-    fn from_pull_status(reference: &Reference, status: tonic::Status) -> Self {
+    /// CRI-O report registry failures as `Unknown` with the cause in the text;
+    /// a pull cut off by the runtime going away is [`CriError::RuntimeUnavailable`]
+    /// (its transport error may say "connection reset" too, but not of the registry).
+    fn from_pull_status(socket: &Path, reference: &Reference, status: tonic::Status) -> Self {
+        if runtime_went_away(&status) {
+            return CriError::unavailable(socket, "PullImage", &status);
+        }
         let reference = reference.to_string();
         let message = status.message().to_string();
         let m = message.to_ascii_lowercase();
@@ -176,13 +201,56 @@ impl CriError {
         }
     }
 
-    fn call(op: &'static str, status: tonic::Status) -> Self {
+    /// A failed CRI call other than PullImage.
+    fn call(socket: &Path, op: &'static str, status: tonic::Status) -> Self {
+        if runtime_went_away(&status) {
+            return CriError::unavailable(socket, op, &status);
+        }
         CriError::Runtime {
             op,
             code: status.code(),
             message: status.message().to_string(),
         }
     }
+
+    fn unavailable(socket: &Path, op: &'static str, status: &tonic::Status) -> Self {
+        let mut message = status.message().to_string();
+        let mut source = std::error::Error::source(status);
+        // tonic's sources repeat each other's words ("transport error:
+        // transport error: …"): keep each part once.
+        while let Some(e) = source {
+            let part = e.to_string();
+            if part.starts_with(&message) {
+                message = part;
+            } else if !message.contains(&part) {
+                message = format!("{message}: {part}");
+            }
+            source = e.source();
+        }
+        CriError::RuntimeUnavailable {
+            path: socket.to_path_buf(),
+            op,
+            message,
+        }
+    }
+
+    /// Whether the runtime could not be reached (or went away mid-call), as
+    /// opposed to the runtime answering with an error.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            CriError::RuntimeUnavailable { .. }
+                | CriError::NotAnswering { .. }
+                | CriError::SocketMissing { .. }
+        )
+    }
+}
+
+/// True when `status` was made by our side of the connection (dial failed,
+/// connection broke, deadline passed) rather than sent by the runtime: the
+/// runtime's own errors come from the wire and carry no source error.
+fn runtime_went_away(status: &tonic::Status) -> bool {
+    status.code() == tonic::Code::Unavailable || std::error::Error::source(status).is_some()
 }
 
 /// Picks the CRI socket: the explicit one if given, else the first default that exists.
@@ -243,7 +311,31 @@ impl CriRuntime {
                 });
             }
         }
+        let cri = CriRuntime::lazy(socket);
+        match tokio::time::timeout(CONNECT_TIMEOUT, cri.version()).await {
+            Ok(Ok(_)) => Ok(cri),
+            Ok(Err(
+                CriError::Runtime { message, .. } | CriError::RuntimeUnavailable { message, .. },
+            )) => Err(CriError::NotAnswering {
+                path: cri.socket,
+                reason: message,
+            }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(CriError::NotAnswering {
+                path: cri.socket,
+                reason: format!("no answer to CRI Version within {CONNECT_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    /// A client of `socket` that dials on its first call, without checking
+    /// anything first: for an agent that starts while the runtime is down.
+    /// Calls fail with [`CriError::RuntimeUnavailable`] until it answers.
+    pub fn lazy(socket: impl AsRef<Path>) -> Self {
+        let socket = socket.as_ref().to_path_buf();
         let path = socket.clone();
+        // Lazy and reconnecting: tonic calls the connector again, with the
+        // same path, whenever the connection is gone.
         let channel =
             Endpoint::from_static("http://cri.invalid")
                 .connect_timeout(CONNECT_TIMEOUT)
@@ -253,22 +345,10 @@ impl CriRuntime {
                         Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
                     }
                 }));
-        let cri = CriRuntime {
+        CriRuntime {
             images: ImageServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             runtime: RuntimeServiceClient::new(channel).max_decoding_message_size(64 << 20),
             socket,
-        };
-        match tokio::time::timeout(CONNECT_TIMEOUT, cri.version()).await {
-            Ok(Ok(_)) => Ok(cri),
-            Ok(Err(CriError::Runtime { message, .. })) => Err(CriError::NotAnswering {
-                path: cri.socket,
-                reason: message,
-            }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(CriError::NotAnswering {
-                path: cri.socket,
-                reason: format!("no answer to CRI Version within {CONNECT_TIMEOUT:?}"),
-            }),
         }
     }
 
@@ -325,7 +405,7 @@ impl ImageRuntime for CriRuntime {
                 version: "v1".into(),
             }))
             .await
-            .map_err(|s| CriError::call("Version", s))?
+            .map_err(|s| CriError::call(&self.socket, "Version", s))?
             .into_inner();
         Ok(RuntimeVersion {
             name: v.runtime_name,
@@ -340,7 +420,7 @@ impl ImageRuntime for CriRuntime {
             .clone()
             .list_images(request(cri::ListImagesRequest { filter: None }))
             .await
-            .map_err(|s| CriError::call("ListImages", s))?;
+            .map_err(|s| CriError::call(&self.socket, "ListImages", s))?;
         Ok(r.into_inner().images.into_iter().map(image_info).collect())
     }
 
@@ -370,7 +450,7 @@ impl ImageRuntime for CriRuntime {
             .clone()
             .pull_image(tonic::Request::new(req))
             .await
-            .map_err(|s| CriError::from_pull_status(reference, s))?;
+            .map_err(|s| CriError::from_pull_status(&self.socket, reference, s))?;
         Ok(r.into_inner().image_ref)
     }
 
@@ -379,7 +459,7 @@ impl ImageRuntime for CriRuntime {
             .clone()
             .remove_image(request(cri::RemoveImageRequest { image: spec(image) }))
             .await
-            .map_err(|s| CriError::call("RemoveImage", s))?;
+            .map_err(|s| CriError::call(&self.socket, "RemoveImage", s))?;
         Ok(())
     }
 
@@ -389,7 +469,7 @@ impl ImageRuntime for CriRuntime {
             .clone()
             .image_fs_info(request(cri::ImageFsInfoRequest {}))
             .await
-            .map_err(|s| CriError::call("ImageFsInfo", s))?
+            .map_err(|s| CriError::call(&self.socket, "ImageFsInfo", s))?
             .into_inner();
         Ok(r.image_filesystems
             .into_iter()
@@ -408,7 +488,7 @@ impl ImageRuntime for CriRuntime {
             .clone()
             .list_containers(request(cri::ListContainersRequest { filter: None }))
             .await
-            .map_err(|s| CriError::call("ListContainers", s))?;
+            .map_err(|s| CriError::call(&self.socket, "ListContainers", s))?;
         let mut ids: Vec<String> = r
             .into_inner()
             .containers
@@ -432,7 +512,7 @@ impl CriRuntime {
                 verbose: false,
             }))
             .await
-            .map_err(|s| CriError::call("ImageStatus", s))?;
+            .map_err(|s| CriError::call(&self.socket, "ImageStatus", s))?;
         Ok(r.into_inner().image.map(image_info))
     }
 }

@@ -8,12 +8,15 @@
 //! - [`session`] keeps the agent's stream to the coordinator alive and fed with
 //!   the node's [`inventory`], and [`tasks`] carries out the coordinator's work,
 //!   pulls only as far as the [`disk`] guard allows.
+//! - [`health`] watches whether the runtime answers, for the kubelet's
+//!   probes (`/readyz`, `/healthz`) and for the session's reconnects.
 //! - [`testing`] lets tests that need something of the machine fail in CI
 //!   and say SKIPPED elsewhere.
 
 pub mod cli;
 pub mod cri;
 pub mod disk;
+pub mod health;
 pub mod inventory;
 pub mod runtime;
 pub mod session;

@@ -86,6 +86,8 @@ pub trait ImageRuntime: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct MemRuntime {
     state: Arc<Mutex<MemState>>,
+    /// The runtime is down: every call fails as CRI calls to a stopped runtime do.
+    down: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 #[derive(Default)]
@@ -149,6 +151,25 @@ impl MemRuntime {
         self.state.lock().unwrap().pull_delay = delay;
     }
 
+    /// Stops (`true`) or restarts the fake runtime: while it is down every call
+    /// fails with [`CriError::RuntimeUnavailable`], and a pull running when it
+    /// stops fails too, leaving no image, as containerd's does.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
+
+    /// The state, if the runtime is up.
+    fn up(&self, op: &'static str) -> Result<std::sync::MutexGuard<'_, MemState>, CriError> {
+        if *self.down.borrow() {
+            return Err(CriError::RuntimeUnavailable {
+                path: "/memory.sock".into(),
+                op,
+                message: "the fake runtime is down".into(),
+            });
+        }
+        Ok(self.state.lock().unwrap())
+    }
+
     /// How many pulls reached the runtime.
     pub fn pulls(&self) -> u64 {
         self.state.lock().unwrap().pulls
@@ -169,6 +190,7 @@ fn fxhash(s: &str) -> u64 {
 
 impl ImageRuntime for MemRuntime {
     async fn version(&self) -> Result<RuntimeVersion, CriError> {
+        drop(self.up("Version")?);
         Ok(RuntimeVersion {
             name: "memory".into(),
             version: env!("CARGO_PKG_VERSION").into(),
@@ -177,19 +199,13 @@ impl ImageRuntime for MemRuntime {
     }
 
     async fn list_images(&self) -> Result<Vec<ImageInfo>, CriError> {
-        Ok(self
-            .state
-            .lock()
-            .unwrap()
-            .images
-            .values()
-            .cloned()
-            .collect())
+        let st = self.up("ListImages")?;
+        Ok(st.images.values().cloned().collect())
     }
 
     async fn image_status(&self, reference: &Reference) -> Result<Option<ImageInfo>, CriError> {
         let r = reference.to_string();
-        let st = self.state.lock().unwrap();
+        let st = self.up("ImageStatus")?;
         Ok(st
             .images
             .values()
@@ -202,13 +218,21 @@ impl ImageRuntime for MemRuntime {
         reference: &Reference,
         _auth: Option<&RegistryAuth>,
     ) -> Result<String, CriError> {
-        let delay = self.state.lock().unwrap().pull_delay;
+        let mut stopped = self.down.subscribe();
+        let delay = {
+            let mut st = self.up("PullImage")?;
+            st.pulls += 1;
+            st.pull_delay
+        };
         if !delay.is_zero() {
-            tokio::time::sleep(delay).await;
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped.wait_for(|down| *down) => {}
+            }
         }
         let r = reference.to_string();
-        let mut st = self.state.lock().unwrap();
-        st.pulls += 1;
+        // Stopped while pulling: the pull is lost with the runtime.
+        let mut st = self.up("PullImage")?;
         let (id, size) = st
             .published
             .get(&r)
@@ -236,7 +260,7 @@ impl ImageRuntime for MemRuntime {
     }
 
     async fn remove(&self, image: &str) -> Result<(), CriError> {
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.up("RemoveImage")?;
         let id = st
             .images
             .values()
@@ -258,7 +282,7 @@ impl ImageRuntime for MemRuntime {
     }
 
     async fn fs_info(&self) -> Result<FsInfo, CriError> {
-        let st = self.state.lock().unwrap();
+        let st = self.up("ImageFsInfo")?;
         Ok(FsInfo {
             mountpoint: "/memory".into(),
             used_bytes: st.images.values().map(|i| i.size_bytes).sum(),
@@ -267,7 +291,8 @@ impl ImageRuntime for MemRuntime {
     }
 
     async fn images_in_use(&self) -> Result<Vec<String>, CriError> {
-        Ok(self.state.lock().unwrap().in_use.clone())
+        let st = self.up("ListContainers")?;
+        Ok(st.in_use.clone())
     }
 }
 

@@ -5,13 +5,20 @@
 //! sends `Hello` and the full inventory, then heartbeats and sends a fresh
 //! inventory whenever the runtime's images change. When the stream breaks it
 //! reconnects with exponential backoff and jitter, forever.
+//!
+//! A session needs the runtime: its `Hello` carries the runtime's version, and
+//! a failed inventory read ends it. So the coordinator learns that a node's
+//! runtime went away from the session closing (its caches say so while the
+//! runtime is down), and learns the runtime's new version from the next
+//! `Hello`; [`run_while_reachable`] starts that next session as soon as the
+//! health monitor sees the runtime answer again.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use berth_proto::agent as pb;
 use berth_proto::agent::agent_service_client::AgentServiceClient;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Endpoint;
 use tracing::{info, warn};
@@ -102,11 +109,30 @@ impl Backoff {
 /// updates arrive on `updates`.
 pub async fn run<R: ImageRuntime>(
     runner: TaskRunner<R>,
+    updates: mpsc::UnboundedReceiver<pb::TaskUpdate>,
+    cfg: SessionConfig,
+) {
+    run_while_reachable(runner, updates, cfg, watch::channel(true).1).await
+}
+
+/// Like [`run`], but each session starts only once `reachable` says the
+/// runtime answers (see [`crate::health::Health::reachable`]): while the
+/// runtime is away the agent does not knock at the coordinator's door with a
+/// session it would have to close at once.
+pub async fn run_while_reachable<R: ImageRuntime>(
+    runner: TaskRunner<R>,
     mut updates: mpsc::UnboundedReceiver<pb::TaskUpdate>,
     cfg: SessionConfig,
+    mut reachable: watch::Receiver<bool>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(4));
     loop {
+        if !*reachable.borrow_and_update() {
+            info!("waiting for the container runtime to answer before connecting");
+            // A closed channel (no monitor any more) stops the waiting, not the agent.
+            let _ = reachable.wait_for(|up| *up).await;
+            info!("container runtime answers; connecting");
+        }
         let started = Instant::now();
         match session_once(&runner, &mut updates, &cfg).await {
             Ok(()) => info!("coordinator closed the session"),

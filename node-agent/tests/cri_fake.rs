@@ -1,6 +1,8 @@
 //! The CRI client against a fake CRI server on a temporary unix socket: every
-//! connection failure the operator can meet, and the runtime's pull failures
-//! (as containerd words them) turned into the right `CriError`.
+//! connection failure the operator can meet, the runtime's pull failures
+//! (as containerd words them) turned into the right `CriError`, and a runtime
+//! that exits and comes back on a new socket file at the same path — seen by
+//! the client and by the `node-agent run` health endpoint the kubelet probes.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -33,6 +35,8 @@ struct FakeState {
     last_auth: Option<cri::AuthConfig>,
     /// PullImage calls received
     pulls: u32,
+    /// references whose PullImage never answers (until the runtime exits)
+    hanging: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -72,9 +76,16 @@ impl ImageService for FakeImages {
     ) -> Result<Response<cri::PullImageResponse>, Status> {
         let r = r.into_inner();
         let image = r.image.unwrap_or_default().image;
+        let hang = {
+            let mut st = self.0.lock().unwrap();
+            st.last_auth = r.auth.clone();
+            st.pulls += 1;
+            st.hanging.contains(&image)
+        };
+        if hang {
+            std::future::pending::<()>().await;
+        }
         let mut st = self.0.lock().unwrap();
-        st.last_auth = r.auth;
-        st.pulls += 1;
         if let Some(e) = st.pull_errors.get(&image) {
             return Err(Status::new(e.code(), e.message().to_string()));
         }
@@ -196,31 +207,82 @@ where
     }
 }
 
+/// A fake runtime on a temporary socket; its state (images, registry)
+/// survives [`Fake::stop`] and [`Fake::start`], as a runtime's disk does.
 struct Fake {
     _dir: tempfile::TempDir,
     socket: PathBuf,
     state: FakeImages,
+    server: Option<Server>,
+}
+
+/// One run of the fake runtime's process: a thread with its own tokio
+/// runtime, so that stopping it drops every connection at once, mid-call,
+/// the way a runtime that exits does.
+struct Server {
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Fake {
+    /// Starts serving on the socket path (which must not exist).
+    fn start(&mut self) {
+        assert!(self.server.is_none(), "already serving");
+        let listener = std::os::unix::net::UnixListener::bind(&self.socket).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let images = ImageServiceServer::new(self.state.clone());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let incoming = UnixListenerStream::new(UnixListener::from_std(listener).unwrap());
+                let serve = tonic::transport::Server::builder()
+                    .add_service(images)
+                    .add_service(FakeRuntime)
+                    .serve_with_incoming(incoming);
+                tokio::select! {
+                    r = serve => r.unwrap(),
+                    _ = stopped => {}
+                }
+            });
+            // Dropping `rt` here drops the connection tasks: their sockets close.
+        });
+        self.server = Some(Server { stop, thread });
+    }
+
+    /// Stops the runtime: every connection closes, and the socket file goes
+    /// (as containerd removes it; a new start makes a new one).
+    fn stop(&mut self) {
+        let server = self.server.take().expect("serving");
+        let _ = server.stop.send(());
+        server.thread.join().unwrap();
+        std::fs::remove_file(&self.socket).unwrap();
+    }
+}
+
+impl Drop for Fake {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            let _ = server.stop.send(());
+            let _ = server.thread.join();
+        }
+    }
 }
 
 async fn fake_cri() -> Fake {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("cri.sock");
-    let listener = UnixListener::bind(&socket).unwrap();
-    let state = FakeImages::default();
-    let images = ImageServiceServer::new(state.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(images)
-            .add_service(FakeRuntime)
-            .serve_with_incoming(UnixListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    Fake {
+    let mut fake = Fake {
         _dir: dir,
         socket,
-        state,
-    }
+        state: FakeImages::default(),
+        server: None,
+    };
+    fake.start();
+    fake
 }
 
 fn r(s: &str) -> Reference {
@@ -351,6 +413,112 @@ async fn a_runtime_that_accepts_but_never_answers_times_out() {
     hold.abort();
 }
 
+/// How long a restarted runtime may take to be answered again.
+const RECONNECT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `f` until it returns `Some`, failing the test after `deadline` with
+/// `what` and the last value `f` saw.
+async fn within<T, E: std::fmt::Display, Fut: Future<Output = Result<T, E>>>(
+    deadline: Duration,
+    what: &str,
+    mut f: impl FnMut() -> Fut,
+) -> T {
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        let last = match f().await {
+            Ok(v) => return v,
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            tokio::time::Instant::now() < end,
+            "{what} not within {deadline:?}; last: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_same_client_answers_again_after_the_runtime_restarts_on_a_new_socket() {
+    let mut fake = fake_cri().await;
+    let cri = CriRuntime::connect(&fake.socket).await.unwrap();
+    cri.version().await.unwrap();
+
+    fake.stop();
+    let err = cri.version().await.unwrap_err();
+    assert_eq!(err.reason(), "RuntimeUnavailable", "{err}");
+    assert!(err.is_unavailable());
+    assert!(
+        err.to_string().contains(fake.socket.to_str().unwrap()),
+        "the error names the socket: {err}"
+    );
+
+    fake.start();
+    let v = within(RECONNECT_DEADLINE, "CRI Version after the restart", || {
+        cri.version()
+    })
+    .await;
+    assert_eq!(v.name, "fake-cri");
+    // And keeps answering: the new connection is used, not redialled per call.
+    cri.list_images().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_pull_cut_off_by_the_runtime_exiting_fails_as_runtime_unavailable_and_leaves_no_image() {
+    let mut fake = fake_cri().await;
+    fake.state
+        .0
+        .lock()
+        .unwrap()
+        .hanging
+        .push("r.io/big:1".into());
+    let cri = CriRuntime::connect(&fake.socket).await.unwrap();
+    let pull = tokio::spawn({
+        let cri = cri.clone();
+        async move { cri.pull(&r("r.io/big:1"), None).await }
+    });
+    within(RECONNECT_DEADLINE, "the pull to reach the runtime", || {
+        let pulls = fake.state.0.lock().unwrap().pulls;
+        std::future::ready(if pulls == 1 { Ok(()) } else { Err(pulls) })
+    })
+    .await;
+
+    fake.stop();
+    let err = tokio::time::timeout(RECONNECT_DEADLINE, pull)
+        .await
+        .expect("a pull whose runtime exited ends at once")
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(
+        err.reason(),
+        "RuntimeUnavailable",
+        "not a registry or image failure: {err}"
+    );
+
+    fake.start();
+    let big = r("r.io/big:1");
+    let status = within(RECONNECT_DEADLINE, "ImageStatus after the restart", || {
+        cri.image_status(&big)
+    })
+    .await;
+    assert!(status.is_none(), "the runtime does not hold a cut-off pull");
+}
+
+#[tokio::test]
+async fn a_lazy_client_made_while_the_runtime_is_down_answers_once_it_starts() {
+    let mut fake = fake_cri().await;
+    fake.stop();
+    let cri = CriRuntime::lazy(&fake.socket);
+    let err = cri.version().await.unwrap_err();
+    assert_eq!(err.reason(), "RuntimeUnavailable", "{err}");
+    fake.start();
+    within(
+        RECONNECT_DEADLINE,
+        "CRI Version once the runtime started",
+        || cri.version(),
+    )
+    .await;
+}
+
 /// How long one run of the `node-agent` binary may take.
 const CLI_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -438,4 +606,107 @@ async fn the_command_line_refuses_a_bad_reference_before_calling_the_runtime() {
         "{err}"
     );
     assert_eq!(fake.state.0.lock().unwrap().pulls, 0);
+}
+
+/// `node-agent run` on `socket`, with its health endpoint on a free loopback
+/// port (returned) and a coordinator nobody serves: the probes concern the
+/// runtime only. Killed when the child is dropped.
+fn spawn_agent(socket: &Path, liveness_threshold: &str) -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let state = socket.parent().unwrap().join("state");
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_node-agent"))
+        .args(["--cri-socket", socket.to_str().unwrap(), "run"])
+        .args([
+            "--node-name",
+            "node-a",
+            "--coordinator",
+            "http://127.0.0.1:9",
+        ])
+        .args(["--token-file", "/nonexistent/token"])
+        .args(["--state-dir", state.to_str().unwrap()])
+        .args(["--imagefs-path", "/"])
+        .args(["--health-listen", &format!("127.0.0.1:{port}")])
+        .args(["--runtime-probe-interval", "100ms"])
+        .args(["--runtime-liveness-threshold", liveness_threshold])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    (child, port)
+}
+
+/// `GET path` on the agent's health endpoint: (status, body).
+async fn probe(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    conn.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+        .await?;
+    let mut response = String::new();
+    conn.read_to_string(&mut response).await?;
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Waits until `GET path` answers `want`; returns the body.
+async fn probe_until(port: u16, path: &str, want: u16) -> String {
+    within(
+        RECONNECT_DEADLINE,
+        &format!("{path} to answer {want}"),
+        || async {
+            match probe(port, path).await {
+                Ok((status, body)) if status == want => Ok(body),
+                Ok((status, body)) => Err(format!("{status} {body}")),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn the_agent_is_unready_while_its_runtime_is_away_and_ready_again_when_it_returns() {
+    let mut fake = fake_cri().await;
+    let (_agent, port) = spawn_agent(&fake.socket, "1h");
+    let body = probe_until(port, "/readyz", 200).await;
+    assert!(body.contains("fake-cri 9.9.9"), "{body}");
+
+    fake.stop();
+    let body = probe_until(port, "/readyz", 503).await;
+    assert!(body.contains("unreachable"), "{body}");
+    let (status, body) = probe(port, "/healthz").await.unwrap();
+    assert_eq!(status, 200, "an hour's threshold is far off: {body}");
+
+    fake.start();
+    probe_until(port, "/readyz", 200).await;
+}
+
+#[tokio::test]
+async fn an_agent_started_before_its_runtime_waits_for_it_and_fails_liveness_past_the_threshold() {
+    let mut fake = fake_cri().await;
+    fake.stop();
+    let (mut agent, port) = spawn_agent(&fake.socket, "1s");
+    let body = probe_until(port, "/healthz", 503).await;
+    assert!(body.contains("threshold 1s"), "{body}");
+    assert!(
+        agent.try_wait().unwrap().is_none(),
+        "the agent waits for its runtime instead of exiting"
+    );
+
+    fake.start();
+    probe_until(port, "/readyz", 200).await;
+    probe_until(port, "/healthz", 200).await;
 }

@@ -219,6 +219,47 @@ async fn an_image_whose_every_reference_berth_pulled_is_removed_with_all_of_them
     );
 }
 
+#[tokio::test]
+async fn a_pull_cut_off_by_a_runtime_restart_fails_with_a_clear_reason_and_is_not_held() {
+    let rt = Arc::new(MemRuntime::default());
+    rt.publish("r.io/big:1", 1);
+    rt.set_pull_delay(Duration::from_secs(3600));
+    let (runner, mut rx) = runner(&rt);
+    runner.submit(pull_task("t1", "r.io/big:1"));
+    tokio::time::timeout(DEADLINE, async {
+        while rt.pulls() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the pull reaches the runtime");
+
+    rt.set_down(true);
+    let u = finished(&mut rx).await;
+    assert_eq!(
+        (u.state, u.reason),
+        (
+            pb::TaskState::Failed as i32,
+            pb::FailureReason::RuntimeError as i32
+        ),
+        "{u:?}"
+    );
+    assert!(
+        u.message.contains("unavailable") && u.message.contains("restarting"),
+        "the message says the runtime went away: {}",
+        u.message
+    );
+    assert!(!runner.managed().contains("r.io/big:1"));
+
+    // Back up: the coordinator's retry pulls it, and only now is it held.
+    rt.set_down(false);
+    rt.set_pull_delay(Duration::ZERO);
+    assert!(rt.image_status(&r("r.io/big:1")).await.unwrap().is_none());
+    runner.submit(pull_task("t2", "r.io/big:1"));
+    assert_eq!(finished(&mut rx).await.state, pb::TaskState::Done as i32);
+    assert!(runner.managed().contains("r.io/big:1"));
+}
+
 fn image(tags: &[&str], digests: &[&str]) -> ImageInfo {
     ImageInfo {
         id: "sha256:1".into(),

@@ -1,0 +1,177 @@
+//! The node agent survives its container runtime restarting, as a containerd
+//! upgrade restarts it: `e2e/cluster.sh restart-containerd` stops a node's
+//! containerd in the middle of a pull Berth started, and starts it again.
+//!
+//! Checked from outside Berth: the image is on the node through CRI, and the
+//! agent's pod is the same pod (same UID) with no container restart — the
+//! agent reconnected by itself, not because the kubelet or a person
+//! restarted it. Local cluster only (it restarts the node's runtime).
+
+use std::time::Duration;
+
+use berth_coordinator::imagecache::crd::ImageCache;
+use berth_e2e::{Cluster, NAMESPACE, eventually, missing_prerequisite};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ListParams};
+
+/// How long the cache may take to start pulling.
+const START: Duration = Duration::from_secs(60);
+/// How long after containerd is back the cache must be Ready again.
+const RECOVERY: Duration = Duration::from_secs(30);
+/// How long the runtime stays down (an upgrade's restart).
+const DOWN_SECONDS: &str = "5";
+
+/// A namespace for this test, deleted (with its caches) when dropped.
+struct Scope<'a> {
+    c: &'a Cluster,
+    ns: String,
+}
+
+impl<'a> Scope<'a> {
+    fn new(c: &'a Cluster, name: &str) -> Scope<'a> {
+        // Unique per run: an earlier run's namespace may still be terminating.
+        let ns = format!("rt-{name}-{}", berth_e2e::registry::unique_suffix());
+        c.kubectl(&["create", "namespace", &ns]).unwrap();
+        Scope { c, ns }
+    }
+
+    fn caches(&self) -> Api<ImageCache> {
+        Api::namespaced(self.c.client.clone(), &self.ns)
+    }
+
+    /// Waits up to `timeout` until the cache's status satisfies `ok`.
+    async fn wait_status(
+        &self,
+        name: &str,
+        timeout: Duration,
+        what: &str,
+        ok: impl Fn(&ImageCache) -> bool,
+    ) -> ImageCache {
+        let api = self.caches();
+        eventually(timeout, what, || async {
+            let c = api.get(name).await?;
+            Ok(ok(&c).then_some(c))
+        })
+        .await
+        .unwrap()
+    }
+}
+
+impl Drop for Scope<'_> {
+    fn drop(&mut self) {
+        let _ = self.c.kubectl(&[
+            "delete",
+            "imagecaches",
+            "--all",
+            "-n",
+            &self.ns,
+            "--wait=false",
+        ]);
+        let _ = self
+            .c
+            .kubectl(&["delete", "namespace", &self.ns, "--wait=false"]);
+    }
+}
+
+fn phase(c: &ImageCache) -> &str {
+    c.status
+        .as_ref()
+        .map(|s| s.phase.as_str())
+        .unwrap_or_default()
+}
+
+fn pulling(c: &ImageCache) -> u32 {
+    c.status.as_ref().map_or(0, |s| s.nodes.pulling)
+}
+
+/// The agent pod on `node`: (UID, restarts of its container).
+async fn agent_pod(c: &Cluster, node: &str) -> (String, i32) {
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
+    let list = pods
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/name=berth-node-agent")
+                .fields(&format!("spec.nodeName={node}")),
+        )
+        .await
+        .unwrap();
+    assert_eq!(list.items.len(), 1, "one agent pod on {node}");
+    let pod = &list.items[0];
+    let restarts = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .map_or(0, |c| c.restart_count);
+    (pod.metadata.uid.clone().unwrap(), restarts)
+}
+
+#[tokio::test]
+async fn a_containerd_restart_during_a_pull_is_survived_without_restarting_the_agent() {
+    let c = Cluster::from_env().await.unwrap();
+    if !c.local {
+        return missing_prerequisite(
+            "the runtime restart test restarts a local cluster node's containerd; this is another cluster",
+        );
+    }
+    let n1 = &c.nodes[0];
+    let index = n1
+        .strip_prefix("berth-node-")
+        .expect("local cluster nodes are named berth-node-N");
+    let s = Scope::new(&c, "restart");
+    let img = c.fresh_big_image("rt-restart", 5, 11 << 20).await.unwrap();
+    let before = agent_pod(&c, n1).await;
+
+    c.apply(&format!(
+        r#"apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: restart, namespace: {ns}}}
+spec:
+  images: [{{ref: "{img}"}}]
+  nodeNames: [{n1}]
+"#,
+        ns = s.ns
+    ))
+    .unwrap();
+    let seen = s
+        .wait_status("restart", START, "the pull to start", |ic| {
+            pulling(ic) >= 1 || phase(ic) == "Ready"
+        })
+        .await;
+    assert_ne!(
+        phase(&seen),
+        "Ready",
+        "the pull finished before containerd could be restarted; the test needs a pull in flight"
+    );
+
+    let out = tokio::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/cluster.sh"))
+        .args(["restart-containerd", index, DOWN_SECONDS])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cluster.sh restart-containerd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    s.wait_status(
+        "restart",
+        RECOVERY,
+        "the cache to be Ready again after containerd came back",
+        |ic| phase(ic) == "Ready",
+    )
+    .await;
+    assert!(
+        c.cri_has_image(n1, &img).await.unwrap(),
+        "{img} on {n1} through CRI"
+    );
+    let after = agent_pod(&c, n1).await;
+    assert_eq!(
+        after.0, before.0,
+        "the agent pod on {n1} was replaced; it should have reconnected by itself"
+    );
+    assert_eq!(
+        after.1, before.1,
+        "the agent on {n1} was restarted by the kubelet; the outage is shorter than its liveness threshold"
+    );
+}
