@@ -8,12 +8,17 @@
 //! views they share are plain data in [`domain`], so the gRPC layer depends on
 //! no controller and no Kubernetes type. [`server`] wires the gRPC
 //! services (with health and reflection) onto one port; [`metrics`] serves
-//! Prometheus metrics on another.
+//! Prometheus metrics on another. Of the replicas, only the holder of the
+//! Lease ([`leader`]) accepts agents and runs the ImageCache controller;
+//! [`health`] tells the probes whether this replica is a standby, a working
+//! leader, or one whose controller died or stalled.
 
 pub mod api;
 pub mod auth;
 pub mod domain;
+pub mod health;
 pub mod imagecache;
+pub mod leader;
 pub mod metrics;
 pub mod nodes;
 pub mod server;

@@ -1,12 +1,34 @@
 //! `coordinator`: the Berth coordinator Deployment's binary.
+//!
+//! Every replica serves gRPC (health, reflection, the public API) and stands
+//! by for the Lease; the one that holds it ([`leader`]) labels its pod so the
+//! Service sends it the agents, accepts their sessions and runs the
+//! ImageCache controller. It stops acting the moment it stops being the
+//! leader: it aborts the controller and exits non-zero, and the kubelet
+//! restarts the container as a standby. A controller task that ends is
+//! treated the same way (after giving the Lease up, so the standby takes over
+//! at once); one that stalls turns health NOT_SERVING ([`health`]) and the
+//! liveness probe restarts the container, whose SIGTERM handler releases the
+//! Lease.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
+use anyhow::{Context, anyhow};
 use berth_coordinator::domain::CacheDetails;
+use berth_coordinator::health::{self, Pulse, Role};
 use berth_coordinator::imagecache;
+use berth_coordinator::leader::{self, Elector, KubeLeases};
 use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server};
 use clap::Parser;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::watch;
+use tonic_health::server::HealthReporter;
+
+/// How long a stopping coordinator waits for its Lease release and for its
+/// sessions to close.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// Berth coordinator.
 #[derive(Debug, Parser)]
@@ -15,9 +37,13 @@ struct Args {
     /// Address of the gRPC server (agents and the public API).
     #[arg(long, env = "BERTH_LISTEN", default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
-    /// Namespace Berth runs in.
+    /// Namespace Berth runs in (where the Lease is).
     #[arg(long, env = "POD_NAMESPACE", default_value = "berth-system")]
     namespace: String,
+    /// This pod's name: its identity in the Lease, and the pod it labels
+    /// `berth.dev/leader=true` while leading.
+    #[arg(long, env = "POD_NAME")]
+    pod_name: String,
     /// ServiceAccount of the node agents.
     #[arg(long, default_value = "berth-node-agent")]
     agent_service_account: String,
@@ -57,12 +83,17 @@ async fn main() -> anyhow::Result<()> {
     );
     let registry = Arc::new(NodeRegistry::default());
     let details = CacheDetails::default();
-    let (stop, stopping) = tokio::sync::watch::channel(false);
-    let controller = tokio::spawn(imagecache::controller::run(
-        client,
-        registry.clone(),
-        details.clone(),
-        args.insecure_registries.clone(),
+    let (stop, stopping) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(false);
+    let (role_tx, role) = watch::channel(Role::Standby);
+    let health = HealthReporter::new();
+    tokio::spawn(health::report(health.clone(), role));
+    // Removes a label left from an earlier leading life of this pod, then
+    // sets it once leading.
+    tokio::spawn(leader::label_pod(
+        kube::Api::namespaced(client.clone(), &args.namespace),
+        args.pod_name.clone(),
+        leading.clone(),
     ));
     let metrics_addr = args.metrics_listen;
     tokio::spawn(async move {
@@ -71,15 +102,89 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let listener = server::bind(args.listen).await?;
-    tracing::info!(listen = %args.listen, "coordinator serving");
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! { _ = term.recv() => {}, _ = tokio::signal::ctrl_c() => {} }
-        tracing::info!("shutting down: controller stopped, agent sessions closed");
-        // No more decisions from this process; the next coordinator takes over.
-        controller.abort();
-        let _ = stop.send(true);
-    });
-    server::serve(listener, registry, details, Arc::new(verifier), stopping).await
+    tracing::info!(listen = %args.listen, identity = %args.pod_name, "coordinator serving");
+    let mut server = tokio::spawn(server::serve(
+        listener,
+        registry.clone(),
+        details.clone(),
+        Arc::new(verifier),
+        health,
+        leading,
+        stopping,
+    ));
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut elector = Elector::new(
+        KubeLeases::new(client.clone(), &args.namespace),
+        &args.pod_name,
+    );
+
+    // A standby until the Lease is ours.
+    tokio::select! {
+        () = elector.acquire() => {}
+        _ = term.recv() => {
+            tracing::info!("shutting down as a standby");
+            return stop_server(&stop, server).await;
+        }
+        served = &mut server => return served?,
+    }
+    leading_tx.send_replace(true);
+    let pulse = Pulse::new();
+    role_tx.send_replace(Role::Leader(pulse.clone()));
+    let mut controller = tokio::spawn(pulse.clone().watch(imagecache::controller::run(
+        client,
+        registry,
+        details,
+        args.insecure_registries.clone(),
+        pulse,
+    )));
+    let mut server_ended = false;
+    let outcome = tokio::select! {
+        lost = elector.keep() => Err(anyhow!("stepping down: {lost}")),
+        ended = &mut controller => Err(match ended {
+            Ok(()) => anyhow!("the ImageCache controller ended; stepping down"),
+            Err(e) => anyhow!("the ImageCache controller failed ({e}); stepping down"),
+        }),
+        _ = term.recv() => {
+            tracing::info!("shutting down: controller stopped, Lease released, agent sessions closed");
+            Ok(())
+        }
+        served = &mut server => {
+            server_ended = true;
+            Err(match served {
+                Ok(Ok(())) => anyhow!("the gRPC server stopped; stepping down"),
+                Ok(Err(e)) => e.context("the gRPC server failed; stepping down"),
+                Err(e) => anyhow!("the gRPC server failed ({e}); stepping down"),
+            })
+        }
+    };
+    // No more decisions from this process: the next leader takes over.
+    controller.abort();
+    role_tx.send_replace(Role::SteppedDown);
+    if let Err(e) = &outcome {
+        tracing::error!(error = %e, "no longer the leader");
+    }
+    // Safe even after losing the Lease: the write is based on the version
+    // this replica last wrote, so it fails if anyone wrote since.
+    match tokio::time::timeout(STOP_GRACE, elector.release()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not release the Lease"),
+        Err(_) => tracing::warn!("releasing the Lease timed out"),
+    }
+    if !server_ended {
+        stop_server(&stop, server).await?;
+    }
+    outcome
+}
+
+/// Ends every agent session and stops the gRPC server, waiting at most
+/// [`STOP_GRACE`].
+async fn stop_server(
+    stop: &watch::Sender<bool>,
+    server: tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let _ = stop.send(true);
+    match tokio::time::timeout(STOP_GRACE, server).await {
+        Ok(served) => served?,
+        Err(_) => Ok(()),
+    }
 }

@@ -1,7 +1,10 @@
 //! The coordinator's side of `berth.agent.v1.AgentService/Session`.
 //!
-//! A session is accepted only if its first message is a `Hello` and the bearer
-//! token proves the sender is the agent pod on the node the `Hello` names.
+//! A session is accepted only on the leader (a standby answers `Unavailable`,
+//! "not the leader; reconnect", so an agent that reached it through a stale
+//! Service endpoint retries), and only if its first message is a `Hello` and
+//! the bearer token proves the sender is the agent pod on the node the `Hello`
+//! names.
 //! Afterwards every message refreshes the node's `last_seen`, inventories
 //! replace the node's image list, and a session silent for three heartbeat
 //! intervals is closed (the agent reconnects).
@@ -30,21 +33,25 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct AgentSessions<V> {
     registry: Arc<NodeRegistry>,
     verifier: Arc<V>,
+    leading: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
 }
 
 impl<V> AgentSessions<V> {
-    /// Sessions authenticated by `verifier`, recorded in `registry`; all end
-    /// when `stopping` turns true, so agents move to the next coordinator
-    /// instead of holding this one open through its shutdown.
+    /// Sessions authenticated by `verifier`, recorded in `registry`, accepted
+    /// while `leading` is true; all end when `stopping` turns true, so agents
+    /// move to the next coordinator instead of holding this one open through
+    /// its shutdown.
     pub fn new(
         registry: Arc<NodeRegistry>,
         verifier: Arc<V>,
+        leading: watch::Receiver<bool>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         AgentSessions {
             registry,
             verifier,
+            leading,
             stopping,
         }
     }
@@ -68,6 +75,9 @@ impl<V: TokenVerifier> AgentService for AgentSessions<V> {
         &self,
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
+        if !*self.leading.borrow() {
+            return Err(Status::unavailable("not the leader; reconnect"));
+        }
         let token =
             bearer(&request).ok_or_else(|| crate::auth::AuthError::MissingToken.to_status())?;
         let mut inbound = request.into_inner();

@@ -45,23 +45,29 @@ fn scrape(addr: &str) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Peak RSS of the coordinator process, read from the host's /proc.
+/// Peak RSS of the coordinator process, read from the host's /proc: the
+/// largest of the replicas' (the leader's; the standby holds no agents).
 fn coordinator_peak_mb() -> Option<f64> {
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if cmd.starts_with(b"/usr/local/bin/coordinator") {
-            let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
-            let kb: f64 = status
-                .lines()
-                .find(|l| l.starts_with("VmHWM:"))?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            return Some(kb / 1024.0);
+    let peak_kb = |entry: std::fs::DirEntry| -> Option<f64> {
+        let cmd = std::fs::read(entry.path().join("cmdline")).ok()?;
+        if !cmd.starts_with(b"/usr/local/bin/coordinator") {
+            return None;
         }
-    }
-    None
+        let status = std::fs::read_to_string(entry.path().join("status")).ok()?;
+        status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(peak_kb)
+        .max_by(f64::total_cmp)
+        .map(|kb| kb / 1024.0)
 }
 
 async fn cleanup(c: &Cluster) -> anyhow::Result<()> {
@@ -90,7 +96,11 @@ async fn main() -> anyhow::Result<()> {
     cleanup(&c).await?;
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
     let coordinator = pods
-        .list(&ListParams::default().labels("app.kubernetes.io/name=berth-coordinator"))
+        // The leader: the standby refuses agents.
+        .list(
+            &ListParams::default()
+                .labels("app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true"),
+        )
         .await?
         .items
         .into_iter()

@@ -701,7 +701,8 @@ async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges(
     let mut killed_on = None;
     for label in [
         "app.kubernetes.io/name=berth-node-agent",
-        "app.kubernetes.io/name=berth-coordinator",
+        // The leader: killing the standby would change nothing.
+        "app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true",
     ] {
         let list = pods
             .list(&ListParams::default().labels(label))

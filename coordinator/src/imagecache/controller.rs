@@ -74,13 +74,15 @@ pub struct Controller {
     started: Instant,
 }
 
-/// Starts the reflectors and runs passes until the process ends.
+/// Starts the reflectors and runs passes until the process ends, beating
+/// `pulse` after each (health reports a controller that stopped passing).
 /// Tags are resolved over plain HTTP for the `insecure` registries (`host:port`).
 pub async fn run(
     client: kube::Client,
     registry: Arc<NodeRegistry>,
     details: CacheDetails,
     insecure: Vec<String>,
+    pulse: Arc<crate::health::Pulse>,
 ) {
     let wake = registry.changed();
     let caches = mirror::<ImageCache>(&client, wake.clone(), any_change);
@@ -113,6 +115,7 @@ pub async fn run(
         let started = Instant::now();
         c.deferred = None;
         c.pass().await;
+        pulse.beat();
         // A status write held back by the rate limit is due before the resync.
         let next = c.deferred.map_or(RESYNC, |t| {
             t.saturating_duration_since(Instant::now()).min(RESYNC)
