@@ -80,10 +80,6 @@ fn phase(c: &ImageCache) -> &str {
         .unwrap_or_default()
 }
 
-fn pulling(c: &ImageCache) -> u32 {
-    c.status.as_ref().map_or(0, |s| s.nodes.pulling)
-}
-
 /// The agent pod on `node`: (UID, restarts of its container).
 async fn agent_pod(c: &Cluster, node: &str) -> (String, i32) {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
@@ -119,7 +115,8 @@ async fn a_containerd_restart_during_a_pull_is_survived_without_restarting_the_a
         .strip_prefix("berth-node-")
         .expect("local cluster nodes are named berth-node-N");
     let s = Scope::new(&c, "restart");
-    let img = c.fresh_big_image("rt-restart", 5, 11 << 20).await.unwrap();
+    // 200 MiB of random layers: a pull of a few seconds on these machines.
+    let img = c.fresh_big_image("rt-restart", 10, 20 << 20).await.unwrap();
     let before = agent_pod(&c, n1).await;
 
     c.apply(&format!(
@@ -133,14 +130,14 @@ spec:
         ns = s.ns
     ))
     .unwrap();
-    let seen = s
-        .wait_status("restart", START, "the pull to start", |ic| {
-            pulling(ic) >= 1 || phase(ic) == "Ready"
-        })
-        .await;
-    assert_ne!(
-        phase(&seen),
-        "Ready",
+    // The first status (a watch event, not a poll that could miss a short
+    // state) says the pull is under way; containerd goes down right then.
+    let caches: Api<ImageCache> = Api::namespaced(c.client.clone(), &s.ns);
+    berth_e2e::bench::watch_until(&caches, "restart", START, |ic| phase(ic) == "Progressing")
+        .await
+        .unwrap();
+    assert!(
+        !c.cri_has_image(n1, &img).await.unwrap(),
         "the pull finished before containerd could be restarted; the test needs a pull in flight"
     );
 

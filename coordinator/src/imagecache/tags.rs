@@ -267,6 +267,24 @@ mod tests {
         }
     }
 
+    /// Waits, with a deadline, for the tracker to wake its loop.
+    async fn woken(wake: &Notify) {
+        tokio::time::timeout(Duration::from_secs(5), wake.notified())
+            .await
+            .expect("the tracker never woke the loop");
+    }
+
+    /// Waits, with a deadline, until no resolution of `r` is under way.
+    async fn settled(t: &TagTracker<MemRegistry>, r: &str) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while t.entries.lock().unwrap().get(r).is_none_or(|e| e.in_flight) {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("the resolution never finished");
+    }
+
     #[tokio::test]
     async fn a_moved_tag_is_seen_after_the_interval_and_outages_keep_the_last_digest() {
         let reg = MemRegistry::default();
@@ -282,7 +300,7 @@ mod tests {
             None,
             "first answer comes in the background"
         );
-        wake.notified().await;
+        woken(&wake).await;
         assert_eq!(
             t.digest("r.io/a:1", every, None).as_deref(),
             Some("sha256:aa")
@@ -292,23 +310,38 @@ mod tests {
             .lock()
             .unwrap()
             .insert("r.io/a:1".into(), "sha256:bb".into());
+        let calls = reg.calls.load(std::sync::atomic::Ordering::Relaxed);
         assert_eq!(
             t.digest("r.io/a:1", every, None).as_deref(),
             Some("sha256:aa"),
             "not yet due"
         );
+        assert_eq!(
+            reg.calls.load(std::sync::atomic::Ordering::Relaxed),
+            calls,
+            "no lookup before the interval"
+        );
+        // The interval passing is the precondition, not the verdict.
         tokio::time::sleep(every).await;
         t.digest("r.io/a:1", every, None);
-        wake.notified().await;
+        woken(&wake).await;
         assert_eq!(
             t.digest("r.io/a:1", every, None).as_deref(),
             Some("sha256:bb")
         );
 
+        // The registry loses the tag: once that lookup has finished (and
+        // failed), the last digest is still the answer.
         reg.tags.lock().unwrap().clear();
-        tokio::time::sleep(every * 2).await;
-        t.digest("r.io/a:1", every, None);
         tokio::time::sleep(every).await;
+        let calls = reg.calls.load(std::sync::atomic::Ordering::Relaxed);
+        t.digest("r.io/a:1", every, None);
+        settled(&t, "r.io/a:1").await;
+        assert_eq!(
+            reg.calls.load(std::sync::atomic::Ordering::Relaxed),
+            calls + 1,
+            "the failing lookup ran"
+        );
         assert_eq!(
             t.digest("r.io/a:1", every, None).as_deref(),
             Some("sha256:bb")
