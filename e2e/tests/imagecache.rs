@@ -847,6 +847,11 @@ async fn the_disk_guard_refuses_pulls_past_its_threshold_and_says_so() {
     );
     let message = &st.images[0].failed_nodes_sample[0].message;
     assert!(message.contains("the limit is 1%"), "{message}");
+    // No node held the image: its size came from the registry's manifest.
+    assert!(
+        message.contains("would bring") && !message.contains("is unknown"),
+        "{message}"
+    );
     assert!(!c.cri_has_image(n1, &img).await.unwrap());
 
     drop(restore);

@@ -35,6 +35,7 @@ use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, Update
 use super::detail::node_details;
 use super::plan::{self, Access, Action, CacheView, NodeView};
 use super::problems::ProblemLog;
+use super::sizes::Sizes;
 use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
 use super::watch::{any_change, mirror, node_labels};
@@ -64,6 +65,7 @@ pub struct Controller {
     details: CacheDetails,
     recorder: Recorder,
     tracker: TagTracker<OciRegistry>,
+    sizes: Sizes<OciRegistry>,
     access: AccessChecker<OciRegistry>,
     problems: std::sync::Mutex<ProblemLog>,
     written: HashMap<String, (Instant, ImageCacheStatus)>,
@@ -97,6 +99,7 @@ pub async fn run(
     let mut c = Controller {
         recorder: Recorder::new(client.clone(), reporter),
         tracker: TagTracker::new(OciRegistry::new(insecure.clone()), wake.clone()),
+        sizes: Sizes::new(OciRegistry::new(insecure.clone())),
         access: AccessChecker::new(OciRegistry::new(insecure), wake.clone()),
         problems: Default::default(),
         client,
@@ -237,6 +240,17 @@ impl Controller {
                     }
                 }
                 let credentials = pick_credentials(&candidates, attempt);
+                // No node holds it yet: learn its size from the registry, so
+                // the agent's disk guard checks what the pull will take.
+                let expected_size = if expected_size > 0 {
+                    expected_size
+                } else {
+                    let auth = credentials.as_ref().map(|c| RegistryAuth {
+                        username: c.username.clone(),
+                        password: c.password.clone(),
+                    });
+                    self.sizes.expected(&image, auth).await
+                };
                 let task = pb::Task {
                     id,
                     kind: Some(pb::task::Kind::Pull(pb::PullTask {

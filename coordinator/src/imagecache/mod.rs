@@ -8,6 +8,7 @@
 //! detail for the public API (both pure, beside the planner); [`controller`]
 //! is the thin loop that feeds them from the apiserver and the agent sessions
 //! and carries the plan out; [`tags`] follows the digests of tracked tags;
+//! [`sizes`] learns from the registry how much disk a first pull takes;
 //! [`access`] keeps one tenant's pull Secret from deciding another tenant's
 //! pulls and readiness; [`problems`] keeps a lasting problem to one Warning
 //! Event; [`watch`] mirrors the apiserver and wakes the loop only for news.
@@ -18,6 +19,7 @@ pub mod crd;
 pub mod detail;
 pub mod plan;
 pub mod problems;
+pub mod sizes;
 pub mod status;
 pub mod tags;
 pub mod view;

@@ -42,6 +42,14 @@ pub trait Registry: Send + Sync + 'static {
         reference: &str,
         auth: Option<RegistryAuth>,
     ) -> impl Future<Output = Result<String, RegistryError>> + Send;
+
+    /// The total size, in bytes, of the layers of the image `reference` names
+    /// (for this platform, compressed as the registry stores them).
+    fn layers_size(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+    ) -> impl Future<Output = Result<u64, RegistryError>> + Send;
 }
 
 /// The OCI distribution API, through `oci-client`.
@@ -57,12 +65,22 @@ impl OciRegistry {
     }
 }
 
-impl Registry for OciRegistry {
-    async fn resolve(
+impl OciRegistry {
+    /// A client, the reference in its terms and the credentials for one call.
+    /// A client per call: oci-client keeps one login per registry, and one
+    /// tenant's token must never answer for another tenant's credentials.
+    fn call(
         &self,
         reference: &str,
         auth: Option<RegistryAuth>,
-    ) -> Result<String, RegistryError> {
+    ) -> Result<
+        (
+            oci_client::Client,
+            oci_client::Reference,
+            oci_client::secrets::RegistryAuth,
+        ),
+        RegistryError,
+    > {
         let r = oci_reference(
             &Reference::parse(reference).map_err(|e| RegistryError::Failed(e.to_string()))?,
         );
@@ -70,23 +88,52 @@ impl Registry for OciRegistry {
             Some(a) => oci_client::secrets::RegistryAuth::Basic(a.username, a.password),
             None => oci_client::secrets::RegistryAuth::Anonymous,
         };
-        // A client per call: oci-client keeps one login per registry, and one
-        // tenant's token must never answer for another tenant's credentials.
         let config = oci_client::client::ClientConfig {
             protocol: oci_client::client::ClientProtocol::HttpsExcept(self.insecure.clone()),
             ..Default::default()
         };
-        oci_client::Client::new(config)
+        Ok((oci_client::Client::new(config), r, auth))
+    }
+}
+
+/// A registry's error as Berth tells it: refused credentials apart.
+fn registry_error(what: String, e: oci_client::errors::OciDistributionError) -> RegistryError {
+    let message = format!("{what}: {e}");
+    if refused(&e) {
+        RegistryError::Denied(message)
+    } else {
+        RegistryError::Failed(message)
+    }
+}
+
+impl Registry for OciRegistry {
+    async fn resolve(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+    ) -> Result<String, RegistryError> {
+        let (client, r, auth) = self.call(reference, auth)?;
+        client
             .fetch_manifest_digest(&r, &auth)
             .await
-            .map_err(|e| {
-                let message = format!("cannot resolve {reference}: {e}");
-                if refused(&e) {
-                    RegistryError::Denied(message)
-                } else {
-                    RegistryError::Failed(message)
-                }
-            })
+            .map_err(|e| registry_error(format!("cannot resolve {reference}"), e))
+    }
+
+    async fn layers_size(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+    ) -> Result<u64, RegistryError> {
+        let (client, r, auth) = self.call(reference, auth)?;
+        let (manifest, _) = client
+            .pull_image_manifest(&r, &auth)
+            .await
+            .map_err(|e| registry_error(format!("cannot read the manifest of {reference}"), e))?;
+        Ok(manifest
+            .layers
+            .iter()
+            .map(|l| u64::try_from(l.size).unwrap_or_default())
+            .sum())
     }
 }
 
@@ -129,6 +176,8 @@ pub struct MemRegistry {
     pub private: Arc<Mutex<HashMap<String, RegistryAuth>>>,
     /// Calls so far.
     pub calls: Arc<std::sync::atomic::AtomicUsize>,
+    /// Layer totals by reference.
+    pub sizes: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl Registry for MemRegistry {
@@ -154,6 +203,21 @@ impl Registry for MemRegistry {
             .unwrap()
             .get(reference)
             .cloned()
+            .ok_or_else(|| RegistryError::Failed(format!("{reference}: manifest unknown")))
+    }
+
+    async fn layers_size(
+        &self,
+        reference: &str,
+        _auth: Option<RegistryAuth>,
+    ) -> Result<u64, RegistryError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.sizes
+            .lock()
+            .unwrap()
+            .get(reference)
+            .copied()
             .ok_or_else(|| RegistryError::Failed(format!("{reference}: manifest unknown")))
     }
 }
