@@ -5,12 +5,18 @@
 //! report their runtime's images into the live [`nodes`] view, which the public
 //! `berth.v1.Inventory` service ([`api`]) reads. [`server`] wires the gRPC
 //! services (with health and reflection) onto one port; [`metrics`] serves
-//! Prometheus metrics on another.
+//! Prometheus metrics on another. Both accept through [`listener`] (caps,
+//! handshake timeout, survival of accept errors); token checks go through
+//! [`review`] (cached, bounded in flight); [`limits`] raises the open-file
+//! limit at start.
 
 pub mod api;
 pub mod auth;
 pub mod imagecache;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod nodes;
+pub mod review;
 pub mod server;
 pub mod session;

@@ -34,6 +34,13 @@ struct Args {
     /// Audience of the agents' projected tokens.
     #[arg(long, default_value = "berth")]
     audience: String,
+    /// Connections the gRPC port holds at once (lowered to fit the
+    /// open-file limit).
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = server::Limits::default().connections.max_connections)]
+    max_connections: usize,
+    /// Connections the gRPC port holds at once from one source IP.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_IP", default_value_t = server::Limits::default().connections.max_per_ip)]
+    max_connections_per_ip: usize,
 }
 
 #[tokio::main]
@@ -47,6 +54,17 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
+    let nofile = berth_coordinator::limits::raise_nofile().unwrap_or(1024);
+    let mut limits = server::Limits::default();
+    limits.connections.max_connections = args.max_connections;
+    limits.connections.max_per_ip = args.max_connections_per_ip;
+    limits.connections = limits.connections.within_fd_limit(nofile);
+    tracing::info!(
+        open_files = nofile,
+        max_connections = limits.connections.max_connections,
+        max_per_ip = limits.connections.max_per_ip,
+        "connection limits"
+    );
     let client = kube::Client::try_default().await?;
     let verifier = KubeVerifier::new(
         client.clone(),
@@ -80,5 +98,14 @@ async fn main() -> anyhow::Result<()> {
         controller.abort();
         let _ = stop.send(true);
     });
-    server::serve(listener, registry, details, Arc::new(verifier), stopping).await
+    server::serve_with(
+        listener,
+        server::Plain,
+        limits,
+        registry,
+        details,
+        Arc::new(verifier),
+        stopping,
+    )
+    .await
 }

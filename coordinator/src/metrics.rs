@@ -1,13 +1,18 @@
 //! Prometheus metrics of the coordinator, served as text on `/metrics`.
 //!
 //! A handful of counters and gauges in one process-wide [`METRICS`]; labels
-//! are few and bounded (task kind, result, reason; cache and node state).
+//! are few and bounded (task kind, result, reason; cache and node state;
+//! listener and refusal reason). [`serve`] runs on the same hardened accept
+//! loop as the gRPC port ([`crate::listener`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
+use std::time::Duration;
+
+use crate::listener::{self, Accept, Limits, Plain};
 
 /// The coordinator's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
@@ -31,6 +36,18 @@ pub struct Metrics {
     task_results: Mutex<BTreeMap<(&'static str, &'static str, String), u64>>,
     /// Selected nodes per cache and state (replaced each pass).
     cache_nodes: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// Connections closed unserved, by (listener, reason).
+    connections_refused: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    /// Failed accepts, by listener.
+    accept_errors: Mutex<BTreeMap<&'static str, u64>>,
+    /// TokenReviews sent to the apiserver, by result.
+    token_reviews: Mutex<BTreeMap<&'static str, u64>>,
+    /// Session attempts answered without a TokenReview, by reason.
+    reviews_avoided: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+fn bump<K: Ord>(map: &Mutex<BTreeMap<K, u64>>, key: K) {
+    *map.lock().unwrap().entry(key).or_default() += 1;
 }
 
 impl Metrics {
@@ -47,6 +64,26 @@ impl Metrics {
             .unwrap()
             .entry((kind, result, reason.to_string()))
             .or_default() += 1;
+    }
+
+    /// Counts a connection `listener` closed unserved for `reason`.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        bump(&self.connections_refused, (listener, reason));
+    }
+
+    /// Counts a failed accept on `listener`.
+    pub fn accept_error(&self, listener: &'static str) {
+        bump(&self.accept_errors, listener);
+    }
+
+    /// Counts a TokenReview sent, by `result` (`authenticated`, `refused`, `failed`).
+    pub fn token_review(&self, result: &'static str) {
+        bump(&self.token_reviews, result);
+    }
+
+    /// Counts a session attempt answered without a TokenReview, by `reason`.
+    pub fn review_avoided(&self, reason: &'static str) {
+        bump(&self.reviews_avoided, reason);
     }
 
     /// Replaces the per-cache node counts.
@@ -124,34 +161,95 @@ impl Metrics {
                 "berth_imagecache_nodes{{namespace=\"{ns}\",name=\"{name}\",state=\"{state}\"}} {v}"
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP berth_connections_refused_total Connections closed unserved (caps, handshake timeouts and failures).\n# TYPE berth_connections_refused_total counter"
+        );
+        for ((listener, reason), v) in self.connections_refused.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "berth_connections_refused_total{{listener=\"{listener}\",reason=\"{reason}\"}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP berth_accept_errors_total Failed accepts (the listener continues).\n# TYPE berth_accept_errors_total counter"
+        );
+        for (listener, v) in self.accept_errors.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "berth_accept_errors_total{{listener=\"{listener}\"}} {v}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP berth_token_reviews_total TokenReviews sent to the apiserver, by result.\n# TYPE berth_token_reviews_total counter"
+        );
+        for (result, v) in self.token_reviews.lock().unwrap().iter() {
+            let _ = writeln!(out, "berth_token_reviews_total{{result=\"{result}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP berth_token_reviews_avoided_total Session attempts answered without a TokenReview (cached, malformed, over a bound).\n# TYPE berth_token_reviews_avoided_total counter"
+        );
+        for (reason, v) in self.reviews_avoided.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "berth_token_reviews_avoided_total{{reason=\"{reason}\"}} {v}"
+            );
+        }
         out
     }
 }
 
-/// Serves `GET /metrics` on `addr` until the process ends.
+/// The metrics listener's limits: a scraper or two, never a crowd.
+pub const LIMITS: Limits = Limits {
+    max_connections: 64,
+    max_per_ip: 16,
+    handshake_timeout: Duration::from_secs(5),
+};
+/// Time a client has to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one metrics connection.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Serves `GET /metrics` on `addr` until the process ends; fails only if
+/// `addr` cannot be bound.
 pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(async move {
-            let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                let (status, body) = if req.uri().path() == "/metrics" {
-                    (200, METRICS.render())
-                } else {
-                    (404, "only /metrics here\n".to_string())
-                };
-                hyper::Response::builder()
-                    .status(status)
-                    .header("content-type", "text/plain; version=0.0.4")
-                    .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+    serve_on(listener).await;
+    Ok(())
+}
+
+/// Serves `GET /metrics` on connections from `acceptor`, forever: accept
+/// errors are logged and survived ([`listener::run`]), connections are
+/// capped, slow headers and long-lived connections are cut off.
+pub async fn serve_on<A>(acceptor: A)
+where
+    A: Accept,
+    A::Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    listener::run("metrics", acceptor, Plain, LIMITS, |conn| async move {
+        use hyper::service::service_fn;
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let (status, body) = if req.uri().path() == "/metrics" {
+                (200, METRICS.render())
+            } else {
+                (404, "only /metrics here\n".to_string())
+            };
+            hyper::Response::builder()
+                .status(status)
+                .header("content-type", "text/plain; version=0.0.4")
+                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
         });
-    }
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(conn), svc);
+        let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
+    })
+    .await
 }
 
 #[cfg(test)]
