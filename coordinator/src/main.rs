@@ -61,6 +61,13 @@ struct Args {
     /// Audience of the agents' projected tokens.
     #[arg(long, default_value = "berth")]
     audience: String,
+    /// Connections the gRPC port holds at once (lowered to fit the
+    /// open-file limit).
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = server::Limits::default().connections.max_connections)]
+    max_connections: usize,
+    /// Connections the gRPC port holds at once from one source IP.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_IP", default_value_t = server::Limits::default().connections.max_per_ip)]
+    max_connections_per_ip: usize,
 }
 
 #[tokio::main]
@@ -74,6 +81,17 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
+    let nofile = berth_coordinator::limits::raise_nofile().unwrap_or(1024);
+    let mut limits = server::Limits::default();
+    limits.connections.max_connections = args.max_connections;
+    limits.connections.max_per_ip = args.max_connections_per_ip;
+    limits.connections = limits.connections.within_fd_limit(nofile);
+    tracing::info!(
+        open_files = nofile,
+        max_connections = limits.connections.max_connections,
+        max_per_ip = limits.connections.max_per_ip,
+        "connection limits"
+    );
     let client = kube::Client::try_default().await?;
     let verifier = KubeVerifier::new(
         client.clone(),
@@ -103,13 +121,18 @@ async fn main() -> anyhow::Result<()> {
     });
     let listener = server::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, identity = %args.pod_name, "coordinator serving");
-    let mut server = tokio::spawn(server::serve(
-        listener,
-        registry.clone(),
-        details.clone(),
-        Arc::new(verifier),
+    let services = server::Services {
+        registry: registry.clone(),
+        details: details.clone(),
+        verifier: Arc::new(verifier),
         health,
         leading,
+    };
+    let mut server = tokio::spawn(server::serve_with(
+        listener,
+        server::Plain,
+        limits,
+        services,
         stopping,
     ));
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
