@@ -7,6 +7,7 @@
 //! services (with health and reflection) onto one port; [`metrics`] serves
 //! Prometheus metrics on another.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod imagecache;
@@ -14,3 +15,4 @@ pub mod metrics;
 pub mod nodes;
 pub mod server;
 pub mod session;
+pub mod tls;

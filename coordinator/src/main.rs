@@ -1,20 +1,28 @@
 //! `coordinator`: the Berth coordinator Deployment's binary.
+//!
+//! Starts the plaintext health port, finds or makes the TLS certificate,
+//! then runs the ImageCache controller, the metrics endpoint and the TLS
+//! gRPC port until SIGTERM.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use berth_coordinator::access::{Authorizer, kube::KubeReviewer};
 use berth_coordinator::imagecache::{self, controller::CacheDetails};
-use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server};
+use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server, tls};
 use clap::Parser;
 
 /// Berth coordinator.
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about)]
 struct Args {
-    /// Address of the gRPC server (agents and the public API).
+    /// Address of the TLS gRPC server (agents and the public API).
     #[arg(long, env = "BERTH_LISTEN", default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
-    /// Namespace Berth runs in.
+    /// Address of the plaintext gRPC health server (kubelet probes only).
+    #[arg(long, env = "BERTH_HEALTH_LISTEN", default_value = "0.0.0.0:7071")]
+    health_listen: SocketAddr,
+    /// Namespace Berth runs in; the TLS Secret and CA ConfigMap live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "berth-system")]
     namespace: String,
     /// ServiceAccount of the node agents.
@@ -48,6 +56,32 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let client = kube::Client::try_default().await?;
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+
+    // Probes get answers at once; "not serving" until the TLS port is up.
+    let (health, _) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", tonic_health::ServingStatus::NotServing)
+        .await;
+    let health_listener = server::bind(args.health_listen).await?;
+    tokio::spawn({
+        let (health, stopping) = (health.clone(), stopping.clone());
+        async move {
+            if let Err(e) = server::serve_health(health_listener, health, stopping).await {
+                tracing::error!(error = %e, "health endpoint failed");
+            }
+        }
+    });
+
+    let material = tls::store::bootstrap(&client, &args.namespace).await?;
+    let acceptor = tls::TlsAcceptor::from_material(&material)?;
+    tokio::spawn(tls::store::watch(
+        client.clone(),
+        args.namespace.clone(),
+        acceptor.clone(),
+        material,
+    ));
+    let authorizer = Arc::new(Authorizer::new(KubeReviewer::new(client.clone())));
     let verifier = KubeVerifier::new(
         client.clone(),
         &args.namespace,
@@ -56,7 +90,6 @@ async fn main() -> anyhow::Result<()> {
     );
     let registry = Arc::new(NodeRegistry::default());
     let details = CacheDetails::default();
-    let (stop, stopping) = tokio::sync::watch::channel(false);
     let controller = tokio::spawn(imagecache::controller::run(
         client,
         registry.clone(),
@@ -70,7 +103,7 @@ async fn main() -> anyhow::Result<()> {
         }
     });
     let listener = server::bind(args.listen).await?;
-    tracing::info!(listen = %args.listen, "coordinator serving");
+    tracing::info!(listen = %args.listen, health = %args.health_listen, "coordinator serving (TLS)");
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("SIGTERM handler");
@@ -80,5 +113,15 @@ async fn main() -> anyhow::Result<()> {
         controller.abort();
         let _ = stop.send(true);
     });
-    server::serve(listener, registry, details, Arc::new(verifier), stopping).await
+    let services = server::Services {
+        registry,
+        details,
+        verifier: Arc::new(verifier),
+        authorizer,
+        health: health.clone(),
+    };
+    health
+        .set_service_status("", tonic_health::ServingStatus::Serving)
+        .await;
+    server::serve(listener, acceptor, services, stopping).await
 }

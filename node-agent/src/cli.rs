@@ -32,13 +32,25 @@ pub struct Args {
 pub enum Command {
     /// Run as the node's agent: hold a session with the coordinator.
     Run {
-        /// Coordinator URL.
+        /// Coordinator URL (TLS only).
         #[arg(
             long,
             env = "BERTH_COORDINATOR",
-            default_value = "http://berth-coordinator:7070"
+            default_value = "https://berth-coordinator.berth-system.svc:7070"
         )]
         coordinator: String,
+        /// CA bundle the coordinator's certificate must chain to (the
+        /// ConfigMap berth-ca, key ca.crt).
+        #[arg(
+            long,
+            env = "BERTH_CA_FILE",
+            default_value = "/var/run/berth-ca/ca.crt"
+        )]
+        ca_file: PathBuf,
+        /// Name to verify in the coordinator's certificate [default: the
+        /// URL's host].
+        #[arg(long, env = "BERTH_TLS_SERVER_NAME")]
+        tls_server_name: Option<String>,
         /// Name of this node.
         #[arg(long, env = "NODE_NAME")]
         node_name: String,
@@ -142,6 +154,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
     match args.command {
         Command::Run {
             coordinator,
+            ca_file,
+            tls_server_name,
             node_name,
             token_file,
             inventory_poll,
@@ -154,6 +168,8 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             tracing::info!(runtime = %v.name, version = %v.version, socket = %socket.display(), "connected to runtime");
             let cfg = SessionConfig {
                 coordinator,
+                ca_file,
+                tls_server_name,
                 node_name: node_name.clone(),
                 token_file,
                 socket: socket.display().to_string(),
