@@ -7,7 +7,8 @@
 //! agent ServiceAccount bound to that node, and a projected-style token bound
 //! to that Pod, so the coordinator authenticates it exactly as a real agent
 //! (TokenReview, then the Pod's node). Agents dial the coordinator's pod IP
-//! (the host routes to pod subnets). Prints time to converge, apiserver
+//! (the host routes to pod subnets) over TLS, trusting the CA bundle in the
+//! ConfigMap berth-ca and checking the Service's name in the certificate. Prints time to converge, apiserver
 //! writes by the coordinator, and the coordinator's peak memory, against the
 //! goals (< 10 s, < 200 writes, < 300 MB).
 //!
@@ -97,6 +98,8 @@ async fn main() -> anyhow::Result<()> {
         .find_map(|p| p.status?.pod_ip)
         .ok_or_else(|| anyhow::anyhow!("no coordinator pod IP"))?;
     let metrics_addr = format!("{coordinator}:9090");
+    // The agents trust the CA the coordinator publishes, as real agents do.
+    let ca_file = c.ca_file().await?;
 
     // Nodes, agent pods bound to them, and tokens bound to the pods.
     let t = Instant::now();
@@ -166,7 +169,10 @@ async fn main() -> anyhow::Result<()> {
         }
         let (runner, updates) = TaskRunner::new(Arc::new(rt), &name, 2, Managed::load(None));
         let cfg = SessionConfig {
-            coordinator: format!("http://{coordinator}:7070"),
+            coordinator: format!("https://{coordinator}:7070"),
+            ca_file: ca_file.clone(),
+            // Dialed by pod IP; the certificate names the Service.
+            tls_server_name: Some(berth_e2e::COORDINATOR_NAME.into()),
             node_name: name,
             token_file,
             socket: "memory".into(),

@@ -401,13 +401,14 @@ spec:
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
     let seen: std::sync::Mutex<Vec<(u64, std::time::Instant)>> = Default::default();
     eventually(Duration::from_secs(90), "a fourth pull attempt", || async {
-        let detail = c.grpcurl(&[
-            "-plaintext",
-            "-d",
-            &format!(r#"{{"namespace": "{}", "name": "bad"}}"#, s.ns),
-            &pf.addr(),
-            "berth.v1.Inventory/GetImageCache",
-        ])?;
+        let detail = c
+            .api_grpcurl(&[
+                "-d",
+                &format!(r#"{{"namespace": "{}", "name": "bad"}}"#, s.ns),
+                &pf.addr(),
+                "berth.v1.Inventory/GetImageCache",
+            ])
+            .await?;
         let v: serde_json::Value = serde_json::from_str(&detail)?;
         let img = &v["nodes"][0]["images"][0];
         anyhow::ensure!(img["state"] == "Failed", "{detail}");
