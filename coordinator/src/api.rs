@@ -1,4 +1,8 @@
 //! `berth.v1.Inventory`: the public, read-only view of nodes and their images.
+//!
+//! It reads the live [`NodeRegistry`] and the caches' per-node detail
+//! ([`CacheDetails`]): plain data from [`crate::domain`], no controller and no
+//! Kubernetes type.
 
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -7,7 +11,7 @@ use berth_proto::api as pb;
 use berth_proto::api::inventory_server::Inventory;
 use tonic::{Request, Response, Status};
 
-use crate::imagecache::controller::CacheDetails;
+use crate::domain::CacheDetails;
 use crate::nodes::{NodeRegistry, NodeView};
 
 /// Serves the [`NodeRegistry`] and the caches' per-node detail on `berth.v1.Inventory`.
@@ -23,9 +27,9 @@ impl InventoryApi {
     }
 }
 
+/// `t` in RFC 3339, UTC, to the millisecond.
 fn rfc3339(t: SystemTime) -> String {
-    let ts = k8s_openapi::jiff::Timestamp::try_from(t).unwrap_or_default();
-    ts.to_string()
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 fn node(v: NodeView, include_images: bool) -> pb::Node {
@@ -117,5 +121,16 @@ impl Inventory for InventoryApi {
             name: r.name,
             nodes,
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_times_are_rfc3339_in_utc() {
+        let t = SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(1_500);
+        assert_eq!(rfc3339(t), "1970-01-01T00:00:01.500Z");
     }
 }

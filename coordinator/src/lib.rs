@@ -3,13 +3,17 @@
 //!
 //! Data flow: agents dial in ([`session`]), prove who they are ([`auth`]) and
 //! report their runtime's images into the live [`nodes`] view, which the public
-//! `berth.v1.Inventory` service ([`api`]) reads. [`server`] wires the gRPC
+//! `berth.v1.Inventory` service ([`api`]) reads. The ImageCache controller
+//! ([`imagecache`]) plans from that view and publishes per-node detail; the
+//! views they share are plain data in [`domain`], so the gRPC layer depends on
+//! no controller and no Kubernetes type. [`server`] wires the gRPC
 //! services (with health and reflection) onto one port; [`metrics`] serves
 //! Prometheus metrics on another.
 
 pub mod access;
 pub mod api;
 pub mod auth;
+pub mod domain;
 pub mod imagecache;
 pub mod metrics;
 pub mod nodes;

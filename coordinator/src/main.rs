@@ -8,7 +8,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use berth_coordinator::access::{Authorizer, kube::KubeReviewer};
-use berth_coordinator::imagecache::{self, controller::CacheDetails};
+use berth_coordinator::domain::CacheDetails;
+use berth_coordinator::imagecache;
 use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server, tls};
 use clap::Parser;
 

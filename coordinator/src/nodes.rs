@@ -7,19 +7,20 @@
 //! [`NodeRegistry::dispatch`] and read [`NodeRegistry::agent_view`].
 //! A node that reconnects gets a new session number, and only the newest
 //! session of a node may change it, so a stale session closing late cannot mark
-//! a freshly reconnected node as gone. Every change wakes [`NodeRegistry::changed`].
+//! a freshly reconnected node as gone. Every change a plan reads (sessions,
+//! inventories, finished tasks) wakes [`NodeRegistry::changed`]; heartbeats do not.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_proto::agent as pb;
-use std::sync::atomic::Ordering;
 use tokio::sync::{Notify, mpsc};
 
 use crate::metrics::METRICS;
 
-use crate::imagecache::plan::{AgentView, Failure};
+pub use crate::domain::TaskRecord;
+use crate::domain::{AgentView, Failure};
 
 /// Where a session's messages to its agent go.
 pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -30,15 +31,6 @@ pub const RETRY_BASE: Duration = Duration::from_secs(1);
 pub const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Delay before a refused removal is asked again.
 const REMOVE_RETRY: Duration = Duration::from_secs(60);
-
-/// A task sent and not yet finished.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TaskRecord {
-    /// The image it is about.
-    pub image: String,
-    /// A pull (else a remove).
-    pub pull: bool,
-}
 
 /// The last failed pull of an image on a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,30 +45,27 @@ pub struct FailureRecord {
     pub retry_at: Instant,
 }
 
-/// The backoff after `attempts` failures: doubling, capped, with jitter.
+/// The backoff after `attempts` failures: doubling, capped, with jitter
+/// (Berth's one policy, [`berth_proto::backoff`]).
 pub fn retry_delay(attempts: u32) -> Duration {
-    let ceiling = RETRY_BASE
-        .saturating_mul(1 << attempts.saturating_sub(1).min(16))
-        .min(RETRY_MAX);
-    ceiling.mul_f64(0.5 + fastrand::f64() / 2.0)
+    berth_proto::backoff::delay_after(RETRY_BASE, RETRY_MAX, attempts)
 }
 
-/// Status name of a failure reason, as status and metrics show it.
-pub fn reason_name(r: pb::FailureReason) -> &'static str {
-    use pb::FailureReason as F;
-    match r {
-        F::ImageNotFound => "ImageNotFound",
-        F::RegistryUnreachable => "RegistryUnreachable",
-        F::AuthFailed => "AuthFailed",
-        F::PullTimeout => "PullTimeout",
-        F::BadReference => "BadReference",
-        F::RuntimeError => "RuntimeError",
-        F::InUse => "InUse",
-        F::NotManaged => "NotManaged",
-        F::DiskPressure => "DiskPressure",
-        F::SharedImage => "SharedImage",
-        F::Unspecified => "Unknown",
+/// The image a finished pull left, as the next inventory will show it: the
+/// reference as a tag (or digest), the pinned digest, managed by Berth.
+fn pulled_image(task: &TaskRecord, image_id: &str) -> pb::Image {
+    let mut image = pb::Image {
+        id: image_id.to_string(),
+        managed: true,
+        ..Default::default()
+    };
+    if task.image.contains('@') {
+        image.repo_digests.push(task.image.clone());
+    } else {
+        image.repo_tags.push(task.image.clone());
     }
+    image.repo_digests.extend(task.pin.clone());
+    image
 }
 
 /// Identifies one session of one node.
@@ -99,10 +88,18 @@ pub struct NodeView {
     pub last_seen: SystemTime,
     /// The last inventory the agent sent, if any yet.
     pub inventory: Option<pb::Inventory>,
+    /// The current session has sent an inventory (until then `inventory`
+    /// may be an older session's).
+    pub reported: bool,
     /// Where messages to the current session go.
     pub outbox: Option<Outbox>,
-    /// Tasks of the current session not yet finished, by id.
+    /// Tasks of the current session not yet finished, by id (kept after a
+    /// disconnect until the node reconnects).
     pub tasks: BTreeMap<String, TaskRecord>,
+    /// Images whose pull the agent reported done and no inventory has shown
+    /// yet, by reference: counted as held at once, so a finished pull reaches
+    /// the status without waiting for the agent's next inventory.
+    pub pulled: BTreeMap<String, pb::Image>,
     /// Last failed pull per image (kept across sessions).
     pub failures: BTreeMap<String, FailureRecord>,
     /// Refused removals, not to be asked again before the instant.
@@ -147,7 +144,7 @@ impl NodeRegistry {
         let name = hello.node_name.clone();
         let previous = inner.nodes.remove(&name);
         if !previous.as_ref().is_some_and(|p| p.connected) {
-            METRICS.agents_connected.fetch_add(1, Ordering::Relaxed);
+            METRICS.agents_connected.inc();
         }
         let (inventory, failures) = previous
             .map(|p| (p.inventory, p.failures))
@@ -163,9 +160,11 @@ impl NodeRegistry {
                 last_seen: now,
                 // Keep the old inventory until the new session sends its own.
                 inventory,
+                reported: false,
                 outbox,
                 // The agent joins resent tasks to pulls it still runs.
                 tasks: BTreeMap::new(),
+                pulled: BTreeMap::new(),
                 failures,
                 remove_backoff: BTreeMap::new(),
             },
@@ -183,6 +182,8 @@ impl NodeRegistry {
     ) -> bool {
         self.with_current(node, session, |n| {
             n.inventory = Some(inv);
+            n.reported = true;
+            n.pulled.clear();
             n.last_seen = now;
         })
     }
@@ -197,28 +198,31 @@ impl NodeRegistry {
     ) -> bool {
         let state = pb::TaskState::try_from(u.state).unwrap_or_default();
         if state == pb::TaskState::Accepted {
-            return self.with_current(node, session, |_| {});
+            // Changes nothing a plan reads: the task already counts as under way.
+            return self.with_current_quietly(node, session, |_| {});
         }
         self.with_current(node, session, |n| {
             let Some(task) = n.tasks.remove(&u.task_id) else {
                 return;
             };
-            let reason = pb::FailureReason::try_from(u.reason).unwrap_or_default();
+            let reason = pb::FailureReason::from_wire(u.reason);
             let kind = if task.pull { "pull" } else { "remove" };
             match state {
                 pb::TaskState::Done => METRICS.task_result(kind, "done", ""),
-                _ => METRICS.task_result(kind, "failed", reason_name(reason)),
+                _ => METRICS.task_result(kind, "failed", reason.name()),
             }
             match (state, task.pull) {
                 (pb::TaskState::Done, true) => {
                     n.failures.remove(&task.image);
+                    let image = pulled_image(&task, &u.image_id);
+                    n.pulled.insert(task.image, image);
                 }
                 (pb::TaskState::Failed, true) => {
                     let attempts = n.failures.get(&task.image).map_or(0, |f| f.attempts) + 1;
                     n.failures.insert(
                         task.image,
                         FailureRecord {
-                            reason: reason_name(reason).to_string(),
+                            reason: reason.name().to_string(),
                             message: u.message.clone(),
                             attempts,
                             retry_at: now + retry_delay(attempts),
@@ -273,13 +277,16 @@ impl NodeRegistry {
                 .filter(|(_, t)| **t > now)
                 .map(|(i, _)| i.clone()),
         );
+        let mut images = n
+            .inventory
+            .as_ref()
+            .map(|i| i.images.clone())
+            .unwrap_or_default();
+        images.extend(n.pulled.values().cloned());
         Some(AgentView {
             connected: n.connected,
-            images: n
-                .inventory
-                .as_ref()
-                .map(|i| i.images.clone())
-                .unwrap_or_default(),
+            reported: n.reported,
+            images,
             pulling: in_flight(true),
             removing,
             failures: n
@@ -299,19 +306,22 @@ impl NodeRegistry {
     }
 
     /// Notes that the node's current session is alive.
+    /// Changes nothing a plan reads, so it wakes nobody: heartbeats from many
+    /// nodes must not make planning passes grow with the node count.
     pub fn touch(&self, node: &str, session: SessionId, now: SystemTime) -> bool {
-        self.with_current(node, session, |n| n.last_seen = now)
+        self.with_current_quietly(node, session, |n| n.last_seen = now)
     }
 
     /// Marks the node disconnected, if `session` is still its newest.
     pub fn disconnect(&self, node: &str, session: SessionId) -> bool {
         self.with_current(node, session, |n| {
             if n.connected {
-                METRICS.agents_connected.fetch_sub(1, Ordering::Relaxed);
+                METRICS.agents_connected.dec();
             }
             n.connected = false;
             n.outbox = None;
-            n.tasks.clear();
+            // Its pulls stay listed: the agent may finish them while away, and
+            // a deleted cache must wait for what they leave behind.
         })
     }
 
@@ -325,21 +335,30 @@ impl NodeRegistry {
         self.inner.read().unwrap().nodes.get(node).cloned()
     }
 
+    /// Applies `f` if `session` is the node's newest, and wakes [`Self::changed`].
     fn with_current(&self, node: &str, session: SessionId, f: impl FnOnce(&mut NodeView)) -> bool {
-        let current = {
-            let mut inner = self.inner.write().unwrap();
-            match inner.nodes.get_mut(node) {
-                Some(n) if n.session == session => {
-                    f(n);
-                    true
-                }
-                _ => false,
-            }
-        };
+        let current = self.with_current_quietly(node, session, f);
         if current {
             self.changed.notify_one();
         }
         current
+    }
+
+    /// Applies `f` if `session` is the node's newest, waking nobody.
+    fn with_current_quietly(
+        &self,
+        node: &str,
+        session: SessionId,
+        f: impl FnOnce(&mut NodeView),
+    ) -> bool {
+        let mut inner = self.inner.write().unwrap();
+        match inner.nodes.get_mut(node) {
+            Some(n) if n.session == session => {
+                f(n);
+                true
+            }
+            _ => false,
+        }
     }
 }
 
@@ -396,7 +415,13 @@ mod tests {
         reg.disconnect("a", s1);
         let s2 = reg.connect_t(hello("a"), t);
         assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["x"])));
+        let now = Instant::now();
+        assert!(
+            !reg.agent_view("a", now).unwrap().reported,
+            "the old one says nothing now"
+        );
         reg.update_inventory("a", s2, inv(&["y"]), t);
+        assert!(reg.agent_view("a", now).unwrap().reported);
         assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["y"])));
     }
 
@@ -418,7 +443,8 @@ mod tests {
                 task,
                 TaskRecord {
                     image: "r/x:1".into(),
-                    pull: true
+                    pull: true,
+                    pin: None,
                 }
             ));
             assert!(rx.try_recv().is_ok());
@@ -447,6 +473,7 @@ mod tests {
             TaskRecord {
                 image: "r/x:1".into(),
                 pull: true,
+                pin: None,
             },
         );
         let done = pb::TaskUpdate {
@@ -456,6 +483,66 @@ mod tests {
         };
         reg.task_update("a", s, &done, t0);
         assert!(reg.get("a").unwrap().failures.is_empty());
+    }
+
+    #[test]
+    fn a_finished_pull_counts_as_held_before_the_next_inventory() {
+        let reg = NodeRegistry::default();
+        let (tx, _rx) = mpsc::channel(8);
+        let s = reg.connect(hello("a"), SystemTime::UNIX_EPOCH, Some(tx));
+        let record = TaskRecord {
+            image: "r/x:1".into(),
+            pull: true,
+            pin: Some("r/x@sha256:aa".into()),
+        };
+        let task = pb::Task {
+            id: "t".into(),
+            kind: None,
+        };
+        assert!(reg.dispatch("a", task, record));
+        let done = pb::TaskUpdate {
+            task_id: "t".into(),
+            state: pb::TaskState::Done as i32,
+            image_id: "sha256:img".into(),
+            ..Default::default()
+        };
+        assert!(reg.task_update("a", s, &done, Instant::now()));
+        let view = reg.agent_view("a", Instant::now()).unwrap();
+        let held = view.holds("r/x:1").expect("held at once");
+        assert_eq!(held.id, "sha256:img");
+        assert_eq!(held.repo_digests, ["r/x@sha256:aa"]);
+        assert!(view.pulling.is_empty());
+        // The inventory that follows replaces the stand-in.
+        reg.update_inventory("a", s, inv(&["other"]), SystemTime::UNIX_EPOCH);
+        let view = reg.agent_view("a", Instant::now()).unwrap();
+        assert!(view.holds("r/x:1").is_none());
+    }
+
+    /// Whether `changed` was notified since the last call.
+    fn woken(reg: &NodeRegistry) -> bool {
+        use futures::FutureExt;
+        reg.changed().notified().now_or_never().is_some()
+    }
+
+    #[test]
+    fn a_heartbeat_does_not_wake_the_planner_but_an_inventory_does() {
+        let reg = NodeRegistry::default();
+        let t = SystemTime::UNIX_EPOCH;
+        let s = reg.connect_t(hello("a"), t);
+        assert!(woken(&reg), "a new session is news");
+        let passes = (1..=100)
+            .filter(|i| {
+                assert!(reg.touch("a", s, t + Duration::from_secs(*i)));
+                woken(&reg)
+            })
+            .count();
+        assert_eq!(passes, 0, "a hundred heartbeats, no pass");
+        assert_eq!(
+            reg.get("a").unwrap().last_seen,
+            t + Duration::from_secs(100)
+        );
+        reg.update_inventory("a", s, inv(&["x"]), t);
+        assert!(woken(&reg));
     }
 
     #[test]

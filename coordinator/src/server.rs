@@ -29,7 +29,7 @@ use crate::access::layer::AccessLayer;
 use crate::access::{Authorizer, Reviewer, policy};
 use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
-use crate::imagecache::controller::CacheDetails;
+use crate::domain::CacheDetails;
 use crate::nodes::NodeRegistry;
 use crate::session::AgentSessions;
 use crate::tls::TlsAcceptor;

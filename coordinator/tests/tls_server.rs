@@ -10,7 +10,7 @@ use berth_coordinator::access::{
     AccessError, Authorizer, Caller, ResourceAccess, Reviewer, TokenVerdict,
 };
 use berth_coordinator::auth::{AgentIdentity, AuthError, TokenVerifier};
-use berth_coordinator::imagecache::controller::CacheDetails;
+use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::nodes::NodeRegistry;
 use berth_coordinator::server::{self, Services};
 use berth_coordinator::tls::{Material, TlsAcceptor, certs};

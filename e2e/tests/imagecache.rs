@@ -436,7 +436,13 @@ spec:
 async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
     let c = Cluster::from_env().await.unwrap();
     let s = Scope::new(&c, "invalid");
-    let cases = [
+    let long_repo = format!(r#"images: [{{ref: "r.io/{}:1"}}]"#, "a".repeat(300));
+    let digest = format!("sha256:{}", "ab".repeat(32));
+    let track_digest = format!(
+        r#"images: [{{ref: "r.io/a:1@{digest}"}}]
+  updatePolicy: {{type: TrackTag}}"#
+    );
+    let cases: [(&str, &str); 22] = [
         ("images: []", "should have at least 1 items"),
         (
             r#"images: [{ref: "Not/Valid:Ref"}]"#,
@@ -483,6 +489,51 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
   nodeNames: [""]"#,
             "nodeNames must be node names",
         ),
+        (
+            r#"images: [{ref: "Team/app:1"}]"#,
+            "ref must be an image reference",
+        ),
+        (
+            r#"images: [{ref: "r.example:123456/a:1"}]"#,
+            "ref must be an image reference",
+        ),
+        (&long_repo, "at most 255 characters once normalised"),
+        (&track_digest, "TrackTag follows tags"),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeNames: ["../../kube-system/x"]"#,
+            "nodeNames must be node names",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  imagePullSecrets: [{name: "../../kube-system/x"}]"#,
+            "imagePullSecrets name must be a Secret name",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeSelector: {matchExpressions: [{key: pool, operator: Gt, values: ["1"]}]}"#,
+            "Unsupported value",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeSelector: {matchExpressions: [{key: pool, operator: In}]}"#,
+            "In and NotIn need values",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeSelector: {matchExpressions: [{key: pool, operator: Exists, values: [a]}]}"#,
+            "In and NotIn need values",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeSelector: {matchExpressions: [{key: "bad key", operator: Exists}]}"#,
+            "must be a label key",
+        ),
+        (
+            r#"images: [{ref: "r.io/a:1"}]
+  nodeSelector: {matchLabels: {pool: "-x"}}"#,
+            "matchLabels values must be label values",
+        ),
     ];
     for (spec, expected) in cases {
         let yaml = format!(
@@ -501,6 +552,21 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
             .items
             .is_empty()
     );
+    // The same grammar admits what the controller can use.
+    for (i, spec) in [
+        format!(r#"images: [{{ref: "r.io/a:1@{digest}"}}]"#),
+        r#"images: [{ref: "r.io/a:1", pullTimeout: "1.5h"}]"#.to_string(),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let yaml = format!(
+            "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: good{i}, namespace: {}}}\nspec:\n  {spec}\n  paused: true\n",
+            s.ns
+        );
+        let (ok, _, err) = c.kubectl_stdin(&["apply", "-f", "-"], &yaml).unwrap();
+        assert!(ok, "refused: {spec}\n→ {err}");
+    }
 }
 
 #[tokio::test]
@@ -781,7 +847,8 @@ async fn metrics_show_connected_agents_tasks_and_cache_states() {
         "{text}"
     );
     assert!(
-        text.contains("# TYPE berth_status_writes_total counter"),
+        // OpenMetrics names a counter family without its `_total` samples' suffix.
+        text.contains("# TYPE berth_status_writes counter"),
         "{text}"
     );
 }

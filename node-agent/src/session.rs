@@ -106,12 +106,13 @@ pub enum SessionError {
     Silent(Duration),
 }
 
-/// Exponential backoff with full jitter between `base` and `max`.
-#[derive(Debug, Clone)]
+/// The reconnect delays: Berth's one backoff policy
+/// ([`berth_proto::backoff::jittered`]) between `base` and `max`.
+#[derive(Debug)]
 pub struct Backoff {
     base: Duration,
     max: Duration,
-    attempt: u32,
+    delays: backon::ExponentialBackoff,
 }
 
 impl Backoff {
@@ -120,24 +121,18 @@ impl Backoff {
         Backoff {
             base,
             max,
-            attempt: 0,
+            delays: berth_proto::backoff::jittered(base, max),
         }
     }
 
-    /// The next delay: random in `[ceiling/2, ceiling]`, ceiling doubling per attempt.
+    /// The next delay: random in `[ceiling/2, ceiling)`, ceiling doubling per attempt.
     pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .base
-            .saturating_mul(1 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt += 1;
-        let half = ceiling / 2;
-        half + half.mul_f64(fastrand::f64())
+        self.delays.next().unwrap_or(self.max)
     }
 
     /// Starts over after a healthy session.
     pub fn reset(&mut self) {
-        self.attempt = 0;
+        self.delays = berth_proto::backoff::jittered(self.base, self.max);
     }
 }
 

@@ -2,14 +2,18 @@
 //!
 //! - [`agent`]: `berth.agent.v1`, the session between a node agent and the coordinator.
 //! - [`api`]: `berth.v1`, the public API the coordinator serves (grpcurl, docker-shim).
+//! - [`backoff`]: the one retry backoff policy (doubling, capped, jittered).
 //! - [`docker_config`]: registry credentials from Docker config files and Secrets.
+//! - [`failure`]: the names of failure reasons, shared by statuses, the API and metrics.
 //! - [`reference`]: the container image reference grammar, so that every component
 //!   accepts and normalises `busybox`, `host:5000/a/b:tag` and `…@sha256:…` alike.
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, for gRPC reflection.
 //! - [`DEFAULT_PULL_TIMEOUT`]: the one default deadline of a pull, shared by the
 //!   coordinator (ImageCache `pullTimeout`) and the agent (`PullTask` without one).
 
+pub mod backoff;
 pub mod docker_config;
+pub mod failure;
 pub mod reference;
 
 /// Generated code, nested as the proto packages are so cross-package paths resolve.

@@ -1,78 +1,59 @@
-//! Feeds the planner and carries its plan out.
+//! Feeds the planner and carries its plan out: the thin loop around the
+//! pure modules.
 //!
-//! Reflectors keep ImageCaches and Nodes in memory (a relabelled or new node
-//! wakes the loop at once); agent sessions wake it through the node registry.
-//! Each pass turns both into planner views, sends the resulting tasks (with
-//! credentials from the cache's pull Secrets, only to the agents that pull),
-//! writes each cache's status when it changed (at most once a second per
-//! cache), records Events on phase changes, manages the finalizer and
-//! publishes per-node detail for `berth.v1.Inventory`.
+//! [`super::watch`] mirrors ImageCaches and Nodes (a new, deleted or
+//! relabelled node wakes the loop; a Node status update does not); agent
+//! sessions wake it through the node registry (inventories and finished
+//! tasks, not heartbeats). Each pass turns both into planner views, has the
+//! caches that share an image with different credentials checked against the
+//! registry ([`super::access`]), sends the planner's tasks (credentials from
+//! the wanting caches' pull Secrets, the next cache's after each failed
+//! attempt, only to the agents that pull), writes each cache's status from
+//! [`super::status`] (a new phase or condition at once, new counts at most
+//! twice a second), records Events on phase changes, keeps the finalizer
+//! until [`plan::deletion_waits`] names no node, and publishes
+//! [`super::detail`] for `berth.v1.Inventory`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use berth_proto::agent as pb;
-use berth_proto::docker_config::DockerCredentials;
+use berth_proto::docker_config::{DockerCredentials, RegistryAuth};
 use berth_proto::reference::Reference;
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Node, Secret};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::reflector::Store;
 use kube::{Resource, ResourceExt};
 use tracing::{debug, info, warn};
 
-use super::crd::{
-    DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, RolloutTimes, UpdateType,
-};
-use super::plan::{self, Action, CacheView, NodeView};
+use super::access::{AccessChecker, Verdict, fingerprint, needing_check, pick_credentials};
+use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, UpdateType};
+use super::detail::node_details;
+use super::plan::{self, Access, Action, CacheView, NodeView};
+use super::problems::ProblemLog;
+use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
+use super::watch::{any_change, mirror, node_labels};
+use crate::domain::{CacheDetails, TaskRecord};
 use crate::metrics::METRICS;
-use crate::nodes::{NodeRegistry, TaskRecord};
+use crate::nodes::NodeRegistry;
 
 use super::view::key;
 pub use super::view::{
     DEFAULT_PULL_TIMEOUT, DEFAULT_PULLS_PER_NODE, DEFAULT_TRACK_INTERVAL, cache_view,
 };
-/// Least time between two status writes of one cache.
-const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// After a coordinator start, how long agents have to reconnect before a
 /// node without one makes its caches Degraded.
 const AGENT_GRACE: Duration = Duration::from_secs(30);
 /// A pass runs at least this often (backoffs expire without an event).
 const RESYNC: Duration = Duration::from_secs(2);
-
-/// Per-node detail of one cache, for the public API.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct NodeDetail {
-    /// Node name.
-    pub node: String,
-    /// `Ready`, `Pulling`, `Pending`, `Failed` or `Unknown`, per image.
-    pub images: Vec<ImageDetail>,
-}
-
-/// One image of a cache on one node.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct ImageDetail {
-    /// Normalised reference.
-    pub reference: String,
-    /// `Ready`, `Pulling`, `Pending`, `Failed` or `Unknown`.
-    pub state: String,
-    /// Failure reason, if failed.
-    pub reason: String,
-    /// Failure message, if failed.
-    pub message: String,
-    /// Failed attempts in a row.
-    pub attempts: u32,
-}
-
-/// The latest per-node detail of every cache, keyed `namespace/name`.
-pub type CacheDetails = Arc<RwLock<BTreeMap<String, Vec<NodeDetail>>>>;
+/// Passes start at most this often, so a burst of events makes one pass; a
+/// wake after a quiet spell runs at once.
+const PASS_GAP: Duration = Duration::from_millis(50);
 
 /// The ImageCache controller.
 pub struct Controller {
@@ -83,6 +64,8 @@ pub struct Controller {
     details: CacheDetails,
     recorder: Recorder,
     tracker: TagTracker<OciRegistry>,
+    access: AccessChecker<OciRegistry>,
+    problems: std::sync::Mutex<ProblemLog>,
     written: HashMap<String, (Instant, ImageCacheStatus)>,
     deferred: Option<Instant>,
     phases: HashMap<String, String>,
@@ -100,8 +83,8 @@ pub async fn run(
     insecure: Vec<String>,
 ) {
     let wake = registry.changed();
-    let caches = mirror::<ImageCache>(&client, wake.clone());
-    let nodes = mirror::<Node>(&client, wake.clone());
+    let caches = mirror::<ImageCache>(&client, wake.clone(), any_change);
+    let nodes = mirror::<Node>(&client, wake.clone(), node_labels);
     let _ = caches.wait_until_ready().await;
     let _ = nodes.wait_until_ready().await;
     info!("ImageCache controller running");
@@ -111,7 +94,9 @@ pub async fn run(
     };
     let mut c = Controller {
         recorder: Recorder::new(client.clone(), reporter),
-        tracker: TagTracker::new(OciRegistry::new(insecure), wake.clone()),
+        tracker: TagTracker::new(OciRegistry::new(insecure.clone()), wake.clone()),
+        access: AccessChecker::new(OciRegistry::new(insecure), wake.clone()),
+        problems: Default::default(),
         client,
         registry,
         caches,
@@ -125,6 +110,7 @@ pub async fn run(
         started: Instant::now(),
     };
     loop {
+        let started = Instant::now();
         c.deferred = None;
         c.pass().await;
         // A status write held back by the rate limit is due before the resync.
@@ -135,160 +121,7 @@ pub async fn run(
             _ = wake.notified() => {}
             _ = tokio::time::sleep(next) => {}
         }
-        // Let a burst of events settle into one pass.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// Keeps every object of kind `K` in a store, waking `wake` on each change.
-fn mirror<K>(client: &kube::Client, wake: Arc<tokio::sync::Notify>) -> Store<K>
-where
-    K: kube::Resource<DynamicType = ()>
-        + Clone
-        + std::fmt::Debug
-        + serde::de::DeserializeOwned
-        + Send
-        + Sync
-        + 'static,
-{
-    let (store, writer) = reflector::store();
-    let kind = K::kind(&());
-    tokio::spawn(
-        watcher(Api::<K>::all(client.clone()), watcher::Config::default())
-            .default_backoff()
-            .reflect(writer)
-            .for_each(move |e| {
-                if let Err(e) = e {
-                    warn!(error = %e, "{kind} watch failed; retrying");
-                }
-                wake.notify_one();
-                futures::future::ready(())
-            }),
-    );
-    store
-}
-
-fn condition(
-    type_: &str,
-    on: bool,
-    reason: &str,
-    message: String,
-    old: &[Condition],
-    now: &Time,
-) -> Condition {
-    let status = if on { "True" } else { "False" }.to_string();
-    let since = old
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(|| now.clone());
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        last_transition_time: since,
-        observed_generation: None,
-    }
-}
-
-/// The status a cache should have, from the planner's counts and its old
-/// status. During `agent_grace` (right after the coordinator starts, while
-/// agents reconnect) a node without an agent counts as waiting, not degraded.
-pub fn build_status(
-    c: &ImageCache,
-    v: &CacheView,
-    computed: plan::Computed,
-    now: Timestamp,
-    agent_grace: bool,
-) -> ImageCacheStatus {
-    let old = c.status.clone().unwrap_or_default();
-    let n = &computed.nodes;
-    let (waiting, troubled) = if agent_grace {
-        (n.pulling + n.pending + n.unknown, n.failed)
-    } else {
-        (n.pulling + n.pending, n.failed + n.unknown)
-    };
-    let ready = troubled == 0 && waiting == 0;
-    let phase = if v.deleting {
-        "Deleting"
-    } else if v.paused {
-        "Paused"
-    } else if troubled > 0 {
-        "Degraded"
-    } else if waiting > 0 {
-        "Progressing"
-    } else {
-        "Ready"
-    };
-    let t = Time(now);
-    let degraded_reason = computed.top_reason.clone().unwrap_or_else(|| {
-        if n.unknown > 0 {
-            "AgentDisconnected".into()
-        } else {
-            "AsExpected".into()
-        }
-    });
-    let conditions = vec![
-        condition(
-            "Ready",
-            ready,
-            if ready {
-                "AllNodesReady"
-            } else {
-                "NodesNotReady"
-            },
-            format!("{}/{} selected nodes hold every image", n.ready, n.target),
-            &old.conditions,
-            &t,
-        ),
-        condition(
-            "Progressing",
-            waiting > 0 && !v.paused,
-            if waiting > 0 { "Pulling" } else { "Idle" },
-            format!("{} nodes pulling, {} waiting", n.pulling, n.pending),
-            &old.conditions,
-            &t,
-        ),
-        condition(
-            "Degraded",
-            troubled > 0,
-            &degraded_reason,
-            format!(
-                "{} nodes failed, {} without a connected agent",
-                n.failed, n.unknown
-            ),
-            &old.conditions,
-            &t,
-        ),
-    ];
-    // A rollout starts when the cache stops being ready and completes when it is again.
-    let was_ready = old.phase == "Ready";
-    let last_rollout = match (old.last_rollout, was_ready, ready) {
-        (Some(r), true, true) => Some(r),
-        (Some(r), false, false) if r.completed.is_none() => Some(r),
-        (Some(r), false, true) if r.completed.is_none() => {
-            let started: Option<Timestamp> = r.started.parse().ok();
-            Some(RolloutTimes {
-                seconds: started.map(|s| now.duration_since(s).as_secs_f64()),
-                completed: Some(now.to_string()),
-                ..r
-            })
-        }
-        (r, _, _) if !ready || r.is_none() => Some(RolloutTimes {
-            started: now.to_string(),
-            completed: ready.then(|| now.to_string()),
-            seconds: ready.then_some(0.0),
-        }),
-        (r, _, _) => r,
-    };
-    ImageCacheStatus {
-        observed_generation: c.metadata.generation,
-        phase: phase.into(),
-        conditions,
-        nodes: computed.nodes,
-        images: computed.images,
-        last_rollout,
+        tokio::time::sleep_until((started + PASS_GAP).into()).await;
     }
 }
 
@@ -318,6 +151,7 @@ impl Controller {
             let pins = self.pins(c, &mut secrets).await;
             views.push(cache_view(c, &pins));
         }
+        self.check_access(&caches, &mut views, &mut secrets).await;
 
         for (c, v) in caches.iter().zip(&views) {
             if !v.deleting && !c.finalizers().iter().any(|f| f == FINALIZER) {
@@ -344,23 +178,32 @@ impl Controller {
                 node_counts.insert((v.key.clone(), state), count.into());
             }
             let grace = self.started.elapsed() < AGENT_GRACE;
-            let status = build_status(c, v, computed, Timestamp::now(), grace);
+            let status = build_status(
+                c.status.as_ref(),
+                c.metadata.generation,
+                v,
+                computed,
+                Timestamp::now(),
+                grace,
+            );
             details.insert(v.key.clone(), node_details(v, &node_views));
             self.write_status(c, status).await;
             if v.deleting && c.finalizers().iter().any(|f| f == FINALIZER) {
-                let done = v.deletion == DeletionPolicy::Retain
-                    || plan::deletion_done(v, &views, &node_views);
-                if done {
+                let waits = match v.deletion {
+                    DeletionPolicy::Retain => vec![],
+                    DeletionPolicy::RemoveFromNodes => plan::deletion_waits(v, &views, &node_views),
+                };
+                if waits.is_empty() {
                     self.set_finalizer(c, false).await;
+                } else {
+                    debug!(cache = %v.key, nodes = ?waits, "deletion waits for removals on these nodes");
                 }
             }
         }
         *self.details.write().unwrap() = details;
         METRICS.set_cache_nodes(node_counts);
-        METRICS.passes.fetch_add(1, Ordering::Relaxed);
-        METRICS
-            .pass_micros
-            .fetch_add(now.elapsed().as_micros() as u64, Ordering::Relaxed);
+        METRICS.passes.inc();
+        METRICS.pass_seconds.inc_by(now.elapsed().as_secs_f64());
     }
 
     async fn dispatch(
@@ -379,14 +222,18 @@ impl Controller {
                 node,
                 image,
                 timeout,
-                cache,
+                caches: lenders,
+                attempt,
                 expected_size,
                 pin,
             } => {
-                let credentials = match caches.iter().find(|c| key(c) == cache) {
-                    Some(c) => self.credentials_for(c, &image, secrets).await,
-                    None => None,
-                };
+                let mut candidates = Vec::with_capacity(lenders.len());
+                for k in &lenders {
+                    if let Some(c) = caches.iter().find(|c| &key(c) == k) {
+                        candidates.push(self.credentials_for(c, &image, secrets).await);
+                    }
+                }
+                let credentials = pick_credentials(&candidates, attempt);
                 let task = pb::Task {
                     id,
                     kind: Some(pb::task::Kind::Pull(pb::PullTask {
@@ -394,10 +241,18 @@ impl Controller {
                         credentials,
                         timeout_seconds: timeout.as_secs().min(u32::MAX as u64) as u32,
                         expected_size_bytes: expected_size,
-                        pin: pin.unwrap_or_default(),
+                        pin: pin.clone().unwrap_or_default(),
                     })),
                 };
-                (node, task, TaskRecord { image, pull: true })
+                (
+                    node,
+                    task,
+                    TaskRecord {
+                        image,
+                        pull: true,
+                        pin,
+                    },
+                )
             }
             Action::Remove { node, image } => {
                 let task = pb::Task {
@@ -406,12 +261,82 @@ impl Controller {
                         image: image.clone(),
                     })),
                 };
-                (node, task, TaskRecord { image, pull: false })
+                (
+                    node,
+                    task,
+                    TaskRecord {
+                        image,
+                        pull: false,
+                        pin: None,
+                    },
+                )
             }
         };
         debug!(node = %node, image = %record.image, pull = record.pull, task = %task.id, "dispatching");
         if !self.registry.dispatch(&node, task, record) {
             debug!(node = %node, "agent not reachable now; the task falls out of a later pass");
+        }
+    }
+
+    /// Marks, in each cache's view, the images whose readiness must wait on or
+    /// was refused by a check of the cache's own credentials: those that
+    /// caches with different credentials share. Secrets are read only for
+    /// images more than one cache wants.
+    async fn check_access(
+        &self,
+        caches: &[Arc<ImageCache>],
+        views: &mut [CacheView],
+        secrets: &mut HashMap<String, Option<DockerCredentials>>,
+    ) {
+        let mut wanting: HashMap<&str, usize> = HashMap::new();
+        for v in views.iter().filter(|v| !v.deleting) {
+            for i in &v.images {
+                *wanting.entry(i.reference.as_str()).or_default() += 1;
+            }
+        }
+        let shared: Vec<String> = wanting
+            .into_iter()
+            .filter(|(_, n)| *n > 1)
+            .map(|(r, _)| r.to_string())
+            .collect();
+        if shared.is_empty() {
+            return;
+        }
+        let mut uses = Vec::new();
+        let mut auths = HashMap::new();
+        for (c, v) in caches.iter().zip(views.iter()).filter(|(_, v)| !v.deleting) {
+            for i in v.images.iter().filter(|i| shared.contains(&i.reference)) {
+                let auth = self
+                    .credentials_for(c, &i.reference, secrets)
+                    .await
+                    .map(|a| RegistryAuth {
+                        username: a.username,
+                        password: a.password,
+                    });
+                let f = fingerprint(auth.as_ref());
+                uses.push((v.key.clone(), i.reference.clone(), f));
+                auths.insert((v.key.clone(), i.reference.clone()), auth);
+            }
+        }
+        let check = needing_check(&uses);
+        for v in views.iter_mut() {
+            v.access.clear();
+            for i in &v.images {
+                let k = (v.key.clone(), i.reference.clone());
+                if !check.contains(&k) {
+                    continue;
+                }
+                let auth = auths.get(&k).cloned().flatten();
+                match self.access.verdict(&v.key, &i.reference, auth) {
+                    None => {
+                        v.access.insert(i.reference.clone(), Access::Unverified);
+                    }
+                    Some(Verdict::Denied(why)) => {
+                        v.access.insert(i.reference.clone(), Access::Denied(why));
+                    }
+                    Some(Verdict::Allowed) => {}
+                }
+            }
         }
     }
 
@@ -435,12 +360,13 @@ impl Controller {
                 continue;
             }
             let reference = r.to_string();
-            let auth = self.credentials_for(c, &reference, secrets).await.map(|a| {
-                berth_proto::docker_config::RegistryAuth {
+            let auth = self
+                .credentials_for(c, &reference, secrets)
+                .await
+                .map(|a| RegistryAuth {
                     username: a.username,
                     password: a.password,
-                }
-            });
+                });
             if let Some(digest) = self.tracker.digest(&reference, interval, auth) {
                 pins.insert(reference, format!("{}@{digest}", r.repository()));
             }
@@ -478,11 +404,15 @@ impl Controller {
 
     async fn load_secret(&self, c: &ImageCache, ns: &str, name: &str) -> Option<DockerCredentials> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
+        let subject = format!("{} secret {name}", key(c));
         let problem = match api.get_opt(name).await {
             Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
                 Some(bytes) => {
                     match DockerCredentials::parse(&bytes.0, &format!("Secret {ns}/{name}")) {
-                        Ok(creds) => return Some(creds),
+                        Ok(creds) => {
+                            self.problems.lock().unwrap().clear(&subject);
+                            return Some(creds);
+                        }
                         Err(e) => e.to_string(),
                     }
                 }
@@ -493,24 +423,27 @@ impl Controller {
             Ok(None) => format!("imagePullSecret {ns}/{name} does not exist"),
             Err(e) => format!("cannot read Secret {ns}/{name}: {e}"),
         };
-        warn!(cache = %key(c), "{problem}");
-        self.event(c, EventType::Warning, "PullSecretUnusable", problem)
-            .await;
+        if self.problems.lock().unwrap().is_news(&subject, &problem) {
+            warn!(cache = %key(c), "{problem}");
+            self.event(c, EventType::Warning, "PullSecretUnusable", problem)
+                .await;
+        } else {
+            debug!(cache = %key(c), "{problem}");
+        }
         None
     }
 
     async fn write_status(&mut self, c: &ImageCache, status: ImageCacheStatus) {
         let k = key(c);
-        let last = self.written.get(&k);
-        // The store may not have seen our last write yet: compare with both.
-        if c.status.as_ref() == Some(&status) || last.is_some_and(|(_, s)| *s == status) {
-            return;
-        }
-        if let Some((at, _)) = last.filter(|(at, _)| at.elapsed() < STATUS_INTERVAL) {
-            let due = *at + STATUS_INTERVAL;
-            self.deferred = Some(self.deferred.map_or(due, |d| d.min(due)));
-            debug!(cache = %k, "status write deferred by the rate limit");
-            return;
+        let last = self.written.get(&k).map(|(at, s)| (*at, s));
+        match write_decision(c.status.as_ref(), last, &status, Instant::now()) {
+            Write::Skip => return,
+            Write::At(due) => {
+                self.deferred = Some(self.deferred.map_or(due, |d| d.min(due)));
+                debug!(cache = %k, "status write deferred by the rate limit");
+                return;
+            }
+            Write::Now => {}
         }
         let old_phase = self.phases.insert(k.clone(), status.phase.clone());
         debug!(cache = %k, phase = %status.phase, "writing status");
@@ -526,8 +459,8 @@ impl Controller {
             .await
         {
             Ok(_) => {
-                METRICS.status_writes.fetch_add(1, Ordering::Relaxed);
-                METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
+                METRICS.status_writes.inc();
+                METRICS.api_writes.inc();
                 self.written
                     .insert(k.clone(), (Instant::now(), status.clone()));
             }
@@ -565,7 +498,7 @@ impl Controller {
             action: "Reconcile".into(),
             secondary: None,
         };
-        METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
+        METRICS.api_writes.inc();
         if let Err(e) = self.recorder.publish(&ev, &c.object_ref(&())).await {
             debug!(error = %e, "event not recorded");
         }
@@ -586,7 +519,7 @@ impl Controller {
         let patch = serde_json::json!({
             "metadata": { "finalizers": finalizers, "resourceVersion": c.resource_version() }
         });
-        METRICS.api_writes.fetch_add(1, Ordering::Relaxed);
+        METRICS.api_writes.inc();
         if let Err(e) = api
             .patch(
                 &c.name_any(),
@@ -600,41 +533,4 @@ impl Controller {
             info!(cache = %key(c), "finalizer removed");
         }
     }
-}
-
-/// Per-node detail of one cache.
-pub fn node_details(v: &CacheView, nodes: &[NodeView]) -> Vec<NodeDetail> {
-    nodes
-        .iter()
-        .filter(|n| v.targets(n))
-        .map(|n| NodeDetail {
-            node: n.name.clone(),
-            images: v
-                .images
-                .iter()
-                .map(|i| {
-                    let r = &i.reference;
-                    let mut d = ImageDetail {
-                        reference: r.clone(),
-                        ..Default::default()
-                    };
-                    d.state = match n.agent.as_ref().filter(|a| a.connected) {
-                        None => "Unknown".into(),
-                        Some(a) if a.holds(r).is_some() => "Ready".into(),
-                        Some(a) => match a.failures.get(r) {
-                            Some(f) => {
-                                d.reason = f.reason.clone();
-                                d.message = f.message.clone();
-                                d.attempts = f.attempts;
-                                "Failed".into()
-                            }
-                            None if a.pulling.contains(r) => "Pulling".into(),
-                            None => "Pending".into(),
-                        },
-                    };
-                    d
-                })
-                .collect(),
-        })
-        .collect()
 }

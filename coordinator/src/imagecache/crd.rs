@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use berth_proto::reference::{DOMAIN_PATTERN, NAME_MAX, NAME_PATTERN, PATTERN, REFERENCE_MAX};
+use berth_proto::reference::{NAME_MAX, PATTERN, REFERENCE_MAX};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     Condition, LabelSelector, LabelSelectorRequirement,
 };
@@ -108,13 +108,17 @@ pub const LABEL_KEY: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-
 pub const LABEL_VALUE: &str = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$";
 
 /// The CEL rule for the length of a reference's normalised name: the name as
-/// written, plus the `docker.io/` and `library/` that normalisation adds.
+/// written, plus the `docker.io/` and `library/` that normalisation adds. It
+/// runs beside the grammar rule, so it may assume a well-formed reference and
+/// use short expressions: the apiserver estimates a rule's cost from its
+/// regular expressions' length times the string's, times 256 images.
 fn name_length_rule() -> Rule {
-    let name = format!("size(self.find(r'^{NAME_PATTERN}'))");
+    // Every `dir/` (a port's `:` included), then the last component up to its tag or digest.
+    let name = r"self.find(r'^(?:[^/@]*/)*[^:@/]*')";
     let added = format!(
-        r"(self.matches(r'^{DOMAIN_PATTERN}/') ? (self.matches(r'^docker\.io/[^/]*$') ? 8 : 0) : (self.find(r'^{NAME_PATTERN}').contains('/') ? 10 : 18))"
+        r"(self.matches(r'^(?:localhost|[^/]*[.:][^/]*)/') ? (self.matches(r'^docker\.io/[^/]*$') ? 8 : 0) : ({name}.contains('/') ? 10 : 18))"
     );
-    Rule::new(format!("{name} + {added} <= {NAME_MAX}")).message(
+    Rule::new(format!("size({name}) + {added} <= {NAME_MAX}")).message(
         "ref's repository name must be at most 255 characters once normalised (with docker.io/library/ for Docker Hub short names)",
     )
 }
@@ -269,6 +273,14 @@ pub struct ImageCacheStatus {
     /// The last rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_rollout: Option<RolloutTimes>,
+    /// `RemoveFromNodes` only: nodes that may hold one of the cache's images
+    /// (or were pulling one). A deleted cache keeps its finalizer until each of
+    /// these nodes still in the cluster has had its copies removed, even
+    /// across a coordinator restart or while the node's agent is away.
+    /// Always written, so an emptied list replaces the old one.
+    #[serde(default)]
+    #[schemars(length(max = 5000))]
+    pub nodes_holding: Vec<String>,
 }
 
 /// Selected nodes by state; a node counts once, in its worst state.

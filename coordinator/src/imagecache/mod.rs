@@ -2,16 +2,26 @@
 //!
 //! [`crd`] holds the resource types; [`plan`] decides, as a pure function of
 //! caches, nodes and agent reports, what every node should pull or remove and
-//! what each cache's status says; [`controller`] feeds it from the apiserver
-//! and the agent sessions and carries the plan out; [`view`] turns one cache's
-//! spec into the planner's view and lists what it could not use; [`tags`]
-//! follows the digests of tracked tags.
+//! what each cache's counts are; [`view`] turns one cache's spec into the
+//! planner's view and lists what it could not use; [`status`] turns the counts
+//! into phase, conditions and rollout times, and [`detail`] into per-node
+//! detail for the public API (both pure, beside the planner); [`controller`]
+//! is the thin loop that feeds them from the apiserver and the agent sessions
+//! and carries the plan out; [`tags`] follows the digests of tracked tags;
+//! [`access`] keeps one tenant's pull Secret from deciding another tenant's
+//! pulls and readiness; [`problems`] keeps a lasting problem to one Warning
+//! Event; [`watch`] mirrors the apiserver and wakes the loop only for news.
 
+pub mod access;
 pub mod controller;
 pub mod crd;
+pub mod detail;
 pub mod plan;
+pub mod problems;
+pub mod status;
 pub mod tags;
 pub mod view;
+pub mod watch;
 
 use kube::CustomResourceExt;
 

@@ -10,6 +10,7 @@ use berth_proto::agent as pb;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
 use super::crd::{DeletionPolicy, FailedNode, ImageState, NodeCounts};
+pub use crate::domain::{AgentView, Failure};
 
 /// Most failed nodes a status lists by name.
 pub const FAILED_SAMPLE: usize = 10;
@@ -39,6 +40,22 @@ pub struct CacheView {
     pub max_pulls_per_node: u32,
     /// What in the spec could not be used as written (see `view`).
     pub problems: Vec<SpecProblem>,
+    /// Images whose readiness for this cache waits on, or was refused by, a
+    /// check of the cache's own credentials (see `access`); absent: no doubt.
+    pub access: BTreeMap<String, Access>,
+    /// Nodes its status records as possibly holding its images (see [`holders`]).
+    pub holders: Vec<String>,
+}
+
+/// Doubt about a cache's own right to an image another cache's credentials pulled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// The registry has not yet answered for this cache's credentials: a node
+    /// holding the image counts as waiting, not ready.
+    Unverified,
+    /// The registry refused this cache's credentials (its words): the image is
+    /// Failed with `AuthFailed` for this cache on every selected node.
+    Denied(String),
 }
 
 /// One wanted image.
@@ -63,38 +80,10 @@ pub struct NodeView {
     pub agent: Option<AgentView>,
 }
 
-/// A node's agent, as the coordinator knows it.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct AgentView {
-    /// A session is open.
-    pub connected: bool,
-    /// The runtime's images.
-    pub images: Vec<pb::Image>,
-    /// References being pulled.
-    pub pulling: BTreeSet<String>,
-    /// References being removed.
-    pub removing: BTreeSet<String>,
-    /// Last failed pull per reference.
-    pub failures: BTreeMap<String, Failure>,
-}
-
-/// The last failed pull of an image on a node.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Failure {
-    /// e.g. `AuthFailed`.
-    pub reason: String,
-    /// The runtime's message.
-    pub message: String,
-    /// Attempts so far.
-    pub attempts: u32,
-    /// Its backoff has passed: it may be tried again.
-    pub retry_due: bool,
-}
-
 /// Something the coordinator should ask an agent to do.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Action {
-    /// Pull `image` on `node` for `cache` (whose pull secrets apply).
+    /// Pull `image` on `node` for `caches` (whose pull secrets apply).
     Pull {
         /// Node name.
         node: String,
@@ -102,8 +91,12 @@ pub enum Action {
         image: String,
         /// Deadline of the attempt.
         timeout: Duration,
-        /// The cache it is pulled for.
-        cache: String,
+        /// Every live cache that wants it on the node and is not refused it,
+        /// the one whose rollout admitted the pull first; their credentials
+        /// are tried in turn.
+        caches: Vec<String>,
+        /// Failed attempts so far on this node.
+        attempt: u32,
         /// Its size where another node holds it (0: unknown), for the disk guard.
         expected_size: u64,
         /// For a tracked tag, the `repository@digest` to end up with.
@@ -139,7 +132,50 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     labels_ok && exprs_ok
 }
 
+/// `selector` as `kubectl` writes one: `pool=gpu,zone in (a,b),!spot`.
+pub fn describe_selector(selector: &LabelSelector) -> String {
+    let mut parts: Vec<String> = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    for e in selector.match_expressions.iter().flatten() {
+        let values = e.values.as_deref().unwrap_or_default().join(",");
+        parts.push(match e.operator.as_str() {
+            "In" => format!("{} in ({values})", e.key),
+            "NotIn" => format!("{} notin ({values})", e.key),
+            "Exists" => e.key.clone(),
+            "DoesNotExist" => format!("!{}", e.key),
+            op => format!("{} {op} ({values})", e.key),
+        });
+    }
+    if parts.is_empty() {
+        "(everything)".into()
+    } else {
+        parts.join(",")
+    }
+}
+
 impl CacheView {
+    /// How the cache picks nodes, for messages: `nodeSelector pool=gpu and
+    /// nodeNames [a, b]`; `every node` with neither.
+    pub fn describe_targets(&self) -> String {
+        let selector = self
+            .selector
+            .as_ref()
+            .map(|s| format!("nodeSelector {}", describe_selector(s)));
+        let names = self
+            .node_names
+            .as_ref()
+            .map(|n| format!("nodeNames [{}]", n.join(", ")));
+        match (selector, names) {
+            (Some(s), Some(n)) => format!("{s} and {n}"),
+            (Some(one), None) | (None, Some(one)) => one,
+            (None, None) => "every node".into(),
+        }
+    }
+
     /// Whether the cache selects `node`.
     pub fn targets(&self, node: &NodeView) -> bool {
         let by_name = self
@@ -164,13 +200,68 @@ impl AgentView {
             _ => Some(image),
         }
     }
+}
 
-    /// Whether the runtime holds `reference` (by tag or by digest).
-    pub fn holds(&self, reference: &str) -> Option<&pb::Image> {
-        self.images.iter().find(|i| {
-            i.repo_tags.iter().any(|t| t == reference)
-                || i.repo_digests.iter().any(|d| d == reference)
-        })
+/// Where one wanted image of a cache stands on one node.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ImageOnNode<'a> {
+    /// No connected agent: nobody can tell.
+    Unknown,
+    /// The node holds it (for a tracked tag, at the tracked digest).
+    Ready(&'a pb::Image),
+    /// Its last pull failed.
+    Failed(Failure),
+    /// A pull is under way.
+    Pulling,
+    /// Waiting for a pull.
+    Pending,
+}
+
+impl ImageOnNode<'_> {
+    /// `Ready`, `Pulling`, `Pending`, `Failed` or `Unknown`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ImageOnNode::Unknown => "Unknown",
+            ImageOnNode::Ready(_) => "Ready",
+            ImageOnNode::Failed(_) => "Failed",
+            ImageOnNode::Pulling => "Pulling",
+            ImageOnNode::Pending => "Pending",
+        }
+    }
+}
+
+/// The one decision of where image `w` of a cache stands on `node`; the
+/// status counts and the per-node detail both come from it.
+pub fn image_state<'a>(cache: &CacheView, node: &'a NodeView, w: &WantedImage) -> ImageOnNode<'a> {
+    let Some(a) = node.agent.as_ref().filter(|a| a.connected) else {
+        return ImageOnNode::Unknown;
+    };
+    let access = cache.access.get(&w.reference);
+    if let Some(Access::Denied(why)) = access {
+        // The node's own failed pulls, if any, say more than the check did.
+        let tried = a.failures.get(&w.reference);
+        return ImageOnNode::Failed(Failure {
+            reason: pb::FailureReason::AuthFailed.name().into(),
+            message: tried.map_or_else(
+                || format!("the registry refused this cache's own credentials: {why}"),
+                |f| f.message.clone(),
+            ),
+            attempts: tried.map_or(0, |f| f.attempts),
+            retry_due: false,
+        });
+    }
+    if let Some(image) = a.holds_wanted(w) {
+        if access == Some(&Access::Unverified) {
+            ImageOnNode::Pending
+        } else {
+            ImageOnNode::Ready(image)
+        }
+    } else if let Some(f) = a.failures.get(&w.reference) {
+        ImageOnNode::Failed(f.clone())
+    } else if a.pulling.contains(&w.reference) {
+        ImageOnNode::Pulling
+    } else {
+        ImageOnNode::Pending
     }
 }
 
@@ -217,14 +308,16 @@ fn pending_removals<'a>(
     })
 }
 
-/// What to ask the agents to do now: pulls of wanted images that are missing,
+/// What to ask the agents to do now (only of agents whose current session has
+/// sent its inventory): pulls of wanted images that are missing,
 /// not under way and not backing off, within each cache's rollout limits; and
 /// removals of images Berth pulled that no live cache wants and no container uses.
 pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
     let wanted = wanted(caches, nodes);
     let mut sizes: BTreeMap<&str, u64> = BTreeMap::new();
     for a in nodes.iter().filter_map(|n| n.agent.as_ref()) {
-        for i in &a.images {
+        // A size of 0 is unknown (e.g. a finished pull not yet in an inventory).
+        for i in a.images.iter().filter(|i| i.size_bytes > 0) {
             for t in i.repo_tags.iter().chain(&i.repo_digests) {
                 sizes.insert(t, i.size_bytes);
             }
@@ -236,7 +329,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
         let targets: Vec<(&NodeView, &AgentView)> = nodes
             .iter()
             .filter(|n| c.targets(n))
-            .filter_map(|n| Some((n, n.agent.as_ref().filter(|a| a.connected)?)))
+            .filter_map(|n| Some((n, known(n)?)))
             .collect();
         let busy = |a: &AgentView| {
             c.images
@@ -251,6 +344,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
             for i in &c.images {
                 let r = &i.reference;
                 let blocked = a.holds_wanted(i).is_some()
+                    || matches!(c.access.get(r), Some(Access::Denied(_)))
                     || a.pulling.contains(r)
                     || a.failures.get(r).is_some_and(|f| !f.retry_due)
                     || planned.contains(&(n.name.clone(), r.clone()));
@@ -271,10 +365,33 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
                     node: n.name.clone(),
                     image: r.clone(),
                     timeout: i.timeout,
-                    cache: c.key.clone(),
+                    caches: vec![c.key.clone()],
+                    attempt: a.failures.get(r).map_or(0, |f| f.attempts),
                     expected_size: sizes.get(r.as_str()).copied().unwrap_or_default(),
                     pin: i.pin.clone(),
                 });
+            }
+        }
+    }
+    // Every other cache wanting the image on the node lends its credentials.
+    for action in &mut out {
+        let Action::Pull {
+            node,
+            image,
+            caches: lenders,
+            ..
+        } = action
+        else {
+            continue;
+        };
+        let Some(n) = nodes.iter().find(|n| &n.name == node) else {
+            continue;
+        };
+        for c in caches.iter().filter(|c| !c.deleting && c.targets(n)) {
+            let wants = c.images.iter().any(|i| &i.reference == image);
+            let refused = matches!(c.access.get(image.as_str()), Some(Access::Denied(_)));
+            if wants && !refused && !lenders.contains(&c.key) {
+                lenders.push(c.key.clone());
             }
         }
     }
@@ -294,11 +411,81 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
     out
 }
 
-/// A deleting RemoveFromNodes cache may go once none of its images is left
-/// to remove on a connected node (in-use images are kept, not waited for).
-pub fn deletion_done(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> bool {
+/// Whether a connected agent's inventory says what the node holds.
+fn known(n: &NodeView) -> Option<&AgentView> {
+    n.agent.as_ref().filter(|a| a.connected && a.reported)
+}
+
+/// Whether `agent` holds (as Berth's) or pulls one of `references`.
+fn holds_any(agent: &AgentView, references: &[&str]) -> bool {
+    references
+        .iter()
+        .any(|r| agent.pulling.contains(*r) || agent.holds(r).is_some_and(|i| i.managed))
+}
+
+/// The record, kept in a `RemoveFromNodes` cache's status, of the nodes that
+/// may hold one of its images: a node whose agent reports it holding or
+/// pulling one; and a node whose agent is away (or has not reported since the
+/// coordinator started) that was recorded before or was last seen holding or
+/// pulling one. A node leaves the record when its agent reports none of them,
+/// or when it leaves the cluster (`nodes` lists the cluster's nodes).
+pub fn holders(cache: &CacheView, nodes: &[NodeView]) -> Vec<String> {
+    if cache.deletion != DeletionPolicy::RemoveFromNodes {
+        return vec![];
+    }
+    let all: Vec<&str> = cache
+        .images
+        .iter()
+        .map(|i| i.reference.as_str())
+        .chain(cache.forgotten.iter().map(String::as_str))
+        .collect();
+    nodes
+        .iter()
+        .filter(|n| match known(n) {
+            Some(a) => holds_any(a, &all),
+            None => {
+                cache.holders.contains(&n.name)
+                    || n.agent.as_ref().is_some_and(|a| holds_any(a, &all))
+            }
+        })
+        .map(|n| n.name.clone())
+        .collect()
+}
+
+/// The nodes a deleting RemoveFromNodes cache still waits for: connected
+/// nodes with one of its images left to remove or still being pulled, and
+/// nodes whose agent is away that may hold one ([`holders`]). In-use images
+/// are kept, not waited for; nodes that left the cluster are not waited for.
+pub fn deletion_waits(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> Vec<String> {
     let wanted = wanted(caches, nodes);
-    pending_removals(cache, nodes, &wanted).next().is_none()
+    let mut out: BTreeSet<String> = pending_removals(cache, nodes, &wanted)
+        .map(|(n, _)| n.name.clone())
+        .collect();
+    for n in nodes {
+        let unwanted: Vec<&str> = unwanted_by(cache, n)
+            .into_iter()
+            .filter(|r| !wanted.contains(&(n.name.clone(), r.to_string())))
+            .collect();
+        if unwanted.is_empty() {
+            continue;
+        }
+        let waits = match known(n) {
+            Some(a) => unwanted.iter().any(|r| a.pulling.contains(*r)),
+            None => {
+                cache.holders.contains(&n.name)
+                    || n.agent.as_ref().is_some_and(|a| holds_any(a, &unwanted))
+            }
+        };
+        if waits {
+            out.insert(n.name.clone());
+        }
+    }
+    out.into_iter().collect()
+}
+
+/// A deleting RemoveFromNodes cache may go once [`deletion_waits`] names no node.
+pub fn deletion_done(cache: &CacheView, caches: &[CacheView], nodes: &[NodeView]) -> bool {
+    deletion_waits(cache, caches, nodes).is_empty()
 }
 
 /// The status a cache should show.
@@ -310,6 +497,10 @@ pub struct Computed {
     pub images: Vec<ImageState>,
     /// The most frequent failure reason, if any node failed.
     pub top_reason: Option<String>,
+    /// Entries of `nodeNames` that name no node of the cluster.
+    pub missing_node_names: Vec<String>,
+    /// The record of nodes that may hold the cache's images ([`holders`]).
+    pub holders: Vec<String>,
 }
 
 /// Node state, worst first.
@@ -335,37 +526,37 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
     let mut reasons: BTreeMap<String, u32> = BTreeMap::new();
     for n in nodes.iter().filter(|n| cache.targets(n)) {
         counts.target += 1;
-        let Some(a) = n.agent.as_ref().filter(|a| a.connected) else {
+        if n.agent.as_ref().is_none_or(|a| !a.connected) {
             counts.unknown += 1;
             continue;
-        };
+        }
         let mut worst = NodeState::Ready;
         for (i, st) in cache.images.iter().zip(images.iter_mut()) {
-            let r = &i.reference;
             if let Some(pin) = &i.pin {
                 st.digest = pin.split_once('@').map(|(_, d)| d.to_string());
             }
-            let state = if let Some(img) = a.holds_wanted(i) {
-                st.ready_nodes += 1;
-                st.image_id.get_or_insert_with(|| img.id.clone());
-                st.size.get_or_insert(img.size_bytes);
-                NodeState::Ready
-            } else if let Some(f) = a.failures.get(r) {
-                st.failed_nodes += 1;
-                *st.failure_reasons.entry(f.reason.clone()).or_default() += 1;
-                *reasons.entry(f.reason.clone()).or_default() += 1;
-                if st.failed_nodes_sample.len() < FAILED_SAMPLE {
-                    st.failed_nodes_sample.push(FailedNode {
-                        node: n.name.clone(),
-                        reason: f.reason.clone(),
-                        message: f.message.chars().take(512).collect(),
-                    });
+            let state = match image_state(cache, n, i) {
+                ImageOnNode::Ready(img) => {
+                    st.ready_nodes += 1;
+                    st.image_id.get_or_insert_with(|| img.id.clone());
+                    st.size.get_or_insert(img.size_bytes);
+                    NodeState::Ready
                 }
-                NodeState::Failed
-            } else if a.pulling.contains(r) {
-                NodeState::Pulling
-            } else {
-                NodeState::Pending
+                ImageOnNode::Failed(f) => {
+                    st.failed_nodes += 1;
+                    *st.failure_reasons.entry(f.reason.clone()).or_default() += 1;
+                    *reasons.entry(f.reason.clone()).or_default() += 1;
+                    if st.failed_nodes_sample.len() < FAILED_SAMPLE {
+                        st.failed_nodes_sample.push(FailedNode {
+                            node: n.name.clone(),
+                            reason: f.reason.clone(),
+                            message: f.message.chars().take(512).collect(),
+                        });
+                    }
+                    NodeState::Failed
+                }
+                ImageOnNode::Pulling => NodeState::Pulling,
+                ImageOnNode::Pending | ImageOnNode::Unknown => NodeState::Pending,
             };
             worst = worst.min(state);
         }
@@ -380,10 +571,19 @@ pub fn status(cache: &CacheView, nodes: &[NodeView]) -> Computed {
         .into_iter()
         .max_by(|a, b| a.1.cmp(&b.1).then(b.0.cmp(&a.0)))
         .map(|(r, _)| r);
+    let missing_node_names = cache
+        .node_names
+        .iter()
+        .flatten()
+        .filter(|name| !nodes.iter().any(|n| &n.name == *name))
+        .cloned()
+        .collect();
     Computed {
         nodes: counts,
         images,
         top_reason,
+        missing_node_names,
+        holders: holders(cache, nodes),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `updatePolicy: TrackTag`: which digest each tracked tag points to now.
 //!
 //! [`Registry`] resolves a tag to a manifest digest (one real implementation
-//! over the OCI distribution API, one in-memory fake for tests).
+//! over the OCI distribution API, one in-memory fake for tests); it also
+//! tells whether given credentials may read an image
+//! ([`super::access`]), since an authenticated manifest HEAD is the same call.
 //! [`TagTracker`] re-resolves each tracked reference once per its interval, in
 //! the background, and keeps the last good answer, so every node converges on
 //! one digest and a registry hiccup changes nothing on the nodes.
@@ -20,46 +22,71 @@ use berth_proto::reference::Reference;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
+/// Why a registry gave no digest.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry refused the credentials (or their absence).
+    #[error("{0}")]
+    Denied(String),
+    /// Anything else: unreachable, unknown manifest, bad answer.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// Resolves tags to digests.
 pub trait Registry: Send + Sync + 'static {
-    /// The digest (`sha256:…`) `reference` (with a tag) points to now.
+    /// The digest (`sha256:…`) `reference` points to now, read with `auth`
+    /// (anonymously if `None`).
     fn resolve(
         &self,
         reference: &str,
         auth: Option<RegistryAuth>,
-    ) -> impl Future<Output = Result<String, String>> + Send;
+    ) -> impl Future<Output = Result<String, RegistryError>> + Send;
 }
 
 /// The OCI distribution API, through `oci-client`.
 pub struct OciRegistry {
-    client: oci_client::Client,
+    insecure: Vec<String>,
 }
 
 impl OciRegistry {
-    /// A client speaking plain HTTP to the `insecure` registries (`host:port`)
-    /// and HTTPS to every other.
+    /// Speaks plain HTTP to the `insecure` registries (`host:port`) and HTTPS
+    /// to every other.
     pub fn new(insecure: Vec<String>) -> Self {
-        let config = oci_client::client::ClientConfig {
-            protocol: oci_client::client::ClientProtocol::HttpsExcept(insecure),
-            ..Default::default()
-        };
-        OciRegistry {
-            client: oci_client::Client::new(config),
-        }
+        OciRegistry { insecure }
     }
 }
 
 impl Registry for OciRegistry {
-    async fn resolve(&self, reference: &str, auth: Option<RegistryAuth>) -> Result<String, String> {
-        let r = oci_reference(&Reference::parse(reference).map_err(|e| e.to_string())?);
+    async fn resolve(
+        &self,
+        reference: &str,
+        auth: Option<RegistryAuth>,
+    ) -> Result<String, RegistryError> {
+        let r = oci_reference(
+            &Reference::parse(reference).map_err(|e| RegistryError::Failed(e.to_string()))?,
+        );
         let auth = match auth {
             Some(a) => oci_client::secrets::RegistryAuth::Basic(a.username, a.password),
             None => oci_client::secrets::RegistryAuth::Anonymous,
         };
-        self.client
+        // A client per call: oci-client keeps one login per registry, and one
+        // tenant's token must never answer for another tenant's credentials.
+        let config = oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::HttpsExcept(self.insecure.clone()),
+            ..Default::default()
+        };
+        oci_client::Client::new(config)
             .fetch_manifest_digest(&r, &auth)
             .await
-            .map_err(|e| format!("cannot resolve {reference}: {e}"))
+            .map_err(|e| {
+                let message = format!("cannot resolve {reference}: {e}");
+                if refused(&e) {
+                    RegistryError::Denied(message)
+                } else {
+                    RegistryError::Failed(message)
+                }
+            })
     }
 }
 
@@ -79,25 +106,55 @@ pub fn oci_reference(reference: &Reference) -> oci_client::Reference {
     }
 }
 
-/// An in-memory registry: reference → digest.
+/// Whether the registry refused the credentials.
+fn refused(e: &oci_client::errors::OciDistributionError) -> bool {
+    use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
+    match e {
+        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => true,
+        E::ServerError { code, .. } => *code == 401 || *code == 403,
+        E::RegistryError { envelope, .. } => envelope
+            .errors
+            .iter()
+            .any(|e| matches!(e.code, C::Unauthorized | C::Denied)),
+        _ => false,
+    }
+}
+
+/// An in-memory registry: reference → digest, with private repositories.
 #[derive(Default, Clone)]
 pub struct MemRegistry {
     /// What each tag points to.
     pub tags: Arc<Mutex<HashMap<String, String>>>,
+    /// Repositories readable only with these credentials.
+    pub private: Arc<Mutex<HashMap<String, RegistryAuth>>>,
+    /// Calls so far.
+    pub calls: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Registry for MemRegistry {
     async fn resolve(
         &self,
         reference: &str,
-        _auth: Option<RegistryAuth>,
-    ) -> Result<String, String> {
+        auth: Option<RegistryAuth>,
+    ) -> Result<String, RegistryError> {
+        self.calls
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let repository = berth_proto::reference::Reference::parse(reference)
+            .map(|r| r.repository())
+            .unwrap_or_default();
+        if let Some(needed) = self.private.lock().unwrap().get(&repository)
+            && auth.as_ref() != Some(needed)
+        {
+            return Err(RegistryError::Denied(format!(
+                "{reference}: 401 Unauthorized"
+            )));
+        }
         self.tags
             .lock()
             .unwrap()
             .get(reference)
             .cloned()
-            .ok_or_else(|| format!("{reference}: manifest unknown"))
+            .ok_or_else(|| RegistryError::Failed(format!("{reference}: manifest unknown")))
     }
 }
 

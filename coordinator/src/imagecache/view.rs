@@ -22,8 +22,8 @@ use super::plan::{CacheView, SpecProblem, WantedImage};
 
 /// How often a tracked tag is re-resolved when the spec names no interval.
 pub const DEFAULT_TRACK_INTERVAL: Duration = Duration::from_secs(300);
-/// Deadline of one pull attempt when the spec names none.
-pub const DEFAULT_PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Deadline of one pull attempt when the spec names none (the agent's too).
+pub use berth_proto::DEFAULT_PULL_TIMEOUT;
 /// Pulls of one cache at once on a node when the spec names no limit.
 pub const DEFAULT_PULLS_PER_NODE: u32 = 2;
 /// Reason of the condition that lists a spec's problems.
@@ -169,6 +169,13 @@ pub fn cache_view(c: &ImageCache, pins: &HashMap<String, String>) -> CacheView {
             .max_concurrent_pulls_per_node
             .unwrap_or(DEFAULT_PULLS_PER_NODE),
         problems,
+        access: Default::default(),
+        holders: c
+            .status
+            .iter()
+            .flat_map(|s| &s.nodes_holding)
+            .cloned()
+            .collect(),
     }
 }
 

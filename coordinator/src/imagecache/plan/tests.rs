@@ -30,6 +30,7 @@ fn node(name: &str, labels: &[(&str, &str)], held: &[&str]) -> NodeView {
             .collect(),
         agent: Some(AgentView {
             connected: true,
+            reported: true,
             images: held.iter().map(|r| image(r, true, false)).collect(),
             ..Default::default()
         }),
@@ -319,7 +320,13 @@ fn the_failed_node_sample_is_bounded() {
 
 #[test]
 fn a_pull_carries_the_size_another_node_reports_for_the_disk_guard() {
-    let nodes = [node("n1", &[], &["r/a:1"]), node("n2", &[], &[])];
+    let mut just_pulled = node("n0", &[], &["r/a:1"]);
+    just_pulled.agent.as_mut().unwrap().images[0].size_bytes = 0;
+    let nodes = [
+        node("n1", &[], &["r/a:1"]),
+        node("n2", &[], &[]),
+        just_pulled,
+    ];
     match &actions(&[cache("ns/c", &["r/a:1"])], &nodes)[..] {
         [
             Action::Pull {
@@ -386,4 +393,231 @@ fn a_tag_beside_a_digest_is_pulled_by_digest_and_held_once_the_runtime_reports_t
     assert!(actions(std::slice::from_ref(&c), std::slice::from_ref(&n)).is_empty());
     let s = status(&c, &[n]);
     assert_eq!((s.nodes.ready, s.images[0].ready_nodes), (1, 1));
+}
+
+#[test]
+fn a_shared_pull_names_every_wanting_cache_so_any_cache_s_credentials_can_serve() {
+    let nodes = [node("n1", &[], &[]), node("n2", &[], &[])];
+    let mut other = cache("ns-b/b", &["r/x:1"]);
+    other.node_names = Some(vec!["n2".into()]);
+    let caches = [cache("ns-a/a", &["r/x:1"]), other];
+    let lenders: Vec<(String, Vec<String>)> = actions(&caches, &nodes)
+        .into_iter()
+        .filter_map(|a| match a {
+            Action::Pull { node, caches, .. } => Some((node, caches)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        lenders,
+        [
+            ("n1".to_string(), vec!["ns-a/a".to_string()]),
+            (
+                "n2".to_string(),
+                vec!["ns-a/a".to_string(), "ns-b/b".to_string()]
+            ),
+        ]
+    );
+}
+
+#[test]
+fn a_retried_pull_carries_its_failed_attempts() {
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().failures.insert(
+        "r/x:1".into(),
+        Failure {
+            reason: "AuthFailed".into(),
+            message: "401".into(),
+            attempts: 3,
+            retry_due: true,
+        },
+    );
+    match &actions(&[cache("ns/c", &["r/x:1"])], &[n])[..] {
+        [Action::Pull { attempt, .. }] => assert_eq!(*attempt, 3),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_cache_refused_by_the_registry_is_failed_on_its_own_status_while_its_neighbour_is_ready() {
+    let nodes = [node("n1", &[], &["r/x:1"])];
+    let good = cache("ns-a/a", &["r/x:1"]);
+    let mut refused = cache("ns-b/b", &["r/x:1"]);
+    refused
+        .access
+        .insert("r/x:1".into(), Access::Denied("401 Unauthorized".into()));
+    let mut unchecked = cache("ns-c/c", &["r/x:1"]);
+    unchecked.access.insert("r/x:1".into(), Access::Unverified);
+    assert_eq!(status(&good, &nodes).nodes.ready, 1);
+    let s = status(&refused, &nodes);
+    assert_eq!((s.nodes.ready, s.nodes.failed), (0, 1));
+    assert_eq!(s.top_reason.as_deref(), Some("AuthFailed"));
+    assert!(s.images[0].failed_nodes_sample[0].message.contains("401"));
+    let s = status(&unchecked, &nodes);
+    assert_eq!((s.nodes.ready, s.nodes.pending), (0, 1));
+}
+
+#[test]
+fn a_refused_cache_neither_pulls_nor_lends_its_credentials() {
+    let nodes = [node("n1", &[], &[])];
+    let mut refused = cache("ns-b/b", &["r/x:1"]);
+    refused
+        .access
+        .insert("r/x:1".into(), Access::Denied("401".into()));
+    assert!(actions(std::slice::from_ref(&refused), &nodes).is_empty());
+    match &actions(&[refused, cache("ns-a/a", &["r/x:1"])], &nodes)[..] {
+        [Action::Pull { caches, .. }] => assert_eq!(caches, &["ns-a/a".to_string()]),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn selectors_are_described_as_kubectl_writes_them() {
+    let s = LabelSelector {
+        match_labels: Some([("pool".to_string(), "gpu".to_string())].into()),
+        match_expressions: Some(vec![
+            LabelSelectorRequirement {
+                key: "zone".into(),
+                operator: "In".into(),
+                values: Some(vec!["a".into(), "b".into()]),
+            },
+            LabelSelectorRequirement {
+                key: "spot".into(),
+                operator: "DoesNotExist".into(),
+                values: None,
+            },
+        ]),
+    };
+    assert_eq!(describe_selector(&s), "pool=gpu,zone in (a,b),!spot");
+    let mut c = cache("ns/c", &[]);
+    assert_eq!(c.describe_targets(), "every node");
+    c.selector = Some(s);
+    c.node_names = Some(vec!["n1".into()]);
+    assert_eq!(
+        c.describe_targets(),
+        "nodeSelector pool=gpu,zone in (a,b),!spot and nodeNames [n1]"
+    );
+}
+
+fn removing(key: &str, images: &[&str]) -> CacheView {
+    let mut c = cache(key, images);
+    c.deletion = DeletionPolicy::RemoveFromNodes;
+    c
+}
+
+fn away(mut n: NodeView) -> NodeView {
+    n.agent.as_mut().unwrap().connected = false;
+    n
+}
+
+#[test]
+fn a_deleted_cache_waits_for_a_node_whose_agent_is_away_and_was_seen_holding_its_image() {
+    let nodes = [node("n1", &[], &[]), away(node("n2", &[], &["r/a:1"]))];
+    let mut c = removing("ns/c", &["r/a:1"]);
+    assert_eq!(holders(&c, &nodes), ["n2"]);
+    c.deleting = true;
+    let caches = [c.clone()];
+    assert_eq!(deletion_waits(&c, &caches, &nodes), ["n2"]);
+    // The agent comes back and the image is removed: nothing left to wait for.
+    let back = [node("n1", &[], &[]), node("n2", &[], &["r/a:1"])];
+    assert_eq!(removes(&actions(&caches, &back)), [p("n2", "r/a:1")]);
+    let clean = [node("n1", &[], &[]), node("n2", &[], &[])];
+    assert!(deletion_done(&c, &caches, &clean));
+}
+
+#[test]
+fn the_status_record_keeps_a_deleted_cache_waiting_across_a_coordinator_restart() {
+    // After a restart the registry knows nothing of n2; only the record does.
+    let unknown = NodeView {
+        name: "n2".into(),
+        ..Default::default()
+    };
+    let mut c = removing("ns/c", &["r/a:1"]);
+    c.holders = vec!["n2".into(), "gone".into()];
+    let nodes = [node("n1", &[], &[]), unknown.clone()];
+    assert_eq!(
+        holders(&c, &nodes),
+        ["n2"],
+        "a node that left the cluster drops out"
+    );
+    c.deleting = true;
+    assert_eq!(deletion_waits(&c, std::slice::from_ref(&c), &nodes), ["n2"]);
+    // A node that reconnected but has not sent its inventory is not yet known.
+    let mut connecting = unknown;
+    connecting.agent = Some(AgentView {
+        connected: true,
+        ..Default::default()
+    });
+    let nodes = [node("n1", &[], &[]), connecting];
+    assert_eq!(deletion_waits(&c, std::slice::from_ref(&c), &nodes), ["n2"]);
+}
+
+#[test]
+fn a_deleted_cache_waits_for_a_pull_of_its_image_still_under_way() {
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().pulling.insert("r/a:1".into());
+    let mut c = removing("ns/c", &["r/a:1"]);
+    assert_eq!(holders(&c, std::slice::from_ref(&n)), ["n1"]);
+    c.deleting = true;
+    assert!(!deletion_done(
+        &c,
+        std::slice::from_ref(&c),
+        std::slice::from_ref(&n)
+    ));
+    // Another live cache that wants the image keeps it: no wait.
+    let caches = [c.clone(), cache("ns/other", &["r/a:1"])];
+    assert!(deletion_done(&c, &caches, &[n]));
+}
+
+#[test]
+fn deleted_nodes_and_retain_caches_do_not_block_deletion() {
+    let mut c = removing("ns/c", &["r/a:1"]);
+    c.holders = vec!["deleted-node".into()];
+    c.deleting = true;
+    assert!(deletion_done(
+        &c,
+        std::slice::from_ref(&c),
+        &[node("n1", &[], &[])]
+    ));
+    let mut retain = cache("ns/r", &["r/a:1"]);
+    retain.deleting = true;
+    let nodes = [away(node("n2", &[], &["r/a:1"]))];
+    assert!(holders(&retain, &nodes).is_empty());
+    assert!(deletion_done(
+        &retain,
+        std::slice::from_ref(&retain),
+        &nodes
+    ));
+}
+
+#[test]
+fn a_reconnected_agent_gets_no_pulls_before_its_inventory_says_what_it_holds() {
+    let mut n = node("n1", &[], &[]);
+    n.agent.as_mut().unwrap().reported = false;
+    assert!(actions(&[cache("ns/c", &["r/a:1"])], &[n]).is_empty());
+}
+
+#[test]
+fn a_refused_cache_keeps_the_node_s_own_failed_attempts_in_its_detail() {
+    let mut n = node("n2", &[], &[]);
+    n.agent.as_mut().unwrap().failures.insert(
+        "r/x:1".into(),
+        Failure {
+            reason: "AuthFailed".into(),
+            message: "pull access denied".into(),
+            attempts: 2,
+            retry_due: false,
+        },
+    );
+    let mut refused = cache("ns-b/b", &["r/x:1"]);
+    refused
+        .access
+        .insert("r/x:1".into(), Access::Denied("401".into()));
+    match image_state(&refused, &n, &refused.images[0]) {
+        ImageOnNode::Failed(f) => assert_eq!(
+            (f.reason.as_str(), f.message.as_str(), f.attempts),
+            ("AuthFailed", "pull access denied", 2)
+        ),
+        other => panic!("{other:?}"),
+    }
 }
