@@ -358,6 +358,17 @@ async fn a_private_image_is_cached_with_its_pull_secret_and_a_wrong_secret_degra
         ])
         .unwrap();
     }
+    // The coordinator reads pull Secrets only where a namespace allows it.
+    c.kubectl(&[
+        "-n",
+        &s.ns,
+        "create",
+        "rolebinding",
+        "berth-pull-secret-reader",
+        "--clusterrole=berth-pull-secret-reader",
+        "--serviceaccount=berth-system:berth-coordinator",
+    ])
+    .unwrap();
     let cache = |name: &str, node: &str, secret: &str| {
         format!(
             r#"

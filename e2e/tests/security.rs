@@ -1,7 +1,8 @@
 //! Security of Berth's own traffic and API on the real cluster: the
 //! coordinator's port speaks TLS only, agents hold their sessions over it,
-//! the public API is authenticated and authorized by Kubernetes RBAC, and a
-//! certificate the user puts in the Secret wins over the generated one.
+//! the public API is authenticated and authorized by Kubernetes RBAC, a
+//! certificate the user puts in the Secret wins over the generated one, and
+//! pull Secrets are read only in namespaces that allow it.
 //!
 //! Needs the cluster up and Berth installed. Run with `--test-threads=1`:
 //! the certificate test restarts the coordinator.
@@ -9,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_coordinator::imagecache::crd::ImageCache;
 use berth_e2e::{Bearer, COORDINATOR_NAME, Cluster, NAMESPACE, eventually};
 use berth_proto::api as pb;
 use berth_proto::api::inventory_client::InventoryClient;
@@ -404,4 +406,96 @@ async fn a_user_provided_certificate_in_the_secret_is_served_at_once_and_after_a
         .await
         .unwrap();
     outcome.unwrap();
+}
+
+/// The `Degraded` condition of ImageCache `ns/name`, as (status, reason, message).
+async fn degraded(c: &Cluster, ns: &str, name: &str) -> anyhow::Result<(String, String, String)> {
+    let api: Api<ImageCache> = Api::namespaced(c.client.clone(), ns);
+    let cond = api
+        .get(name)
+        .await?
+        .status
+        .and_then(|s| s.conditions.into_iter().find(|c| c.type_ == "Degraded"))
+        .ok_or_else(|| anyhow::anyhow!("no Degraded condition yet"))?;
+    Ok((cond.status, cond.reason, cond.message))
+}
+
+#[tokio::test]
+async fn a_pull_secret_is_read_only_where_a_rolebinding_allows_it_and_the_cache_says_which() {
+    let c = Cluster::from_env().await.unwrap();
+    let private = c.fresh_private_image("forbidden").await.unwrap();
+    let node = &c.nodes[0];
+    let ns = format!("sec-secret-{}", berth_e2e::registry::unique_suffix());
+    c.kubectl(&["create", "namespace", &ns]).unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns,
+        "create",
+        "secret",
+        "docker-registry",
+        "regcred",
+        "--docker-server",
+        c.auth_registry(),
+        "--docker-username",
+        c.var("BERTH_AUTH_USER"),
+        "--docker-password",
+        c.var("BERTH_AUTH_PASSWORD"),
+    ])
+    .unwrap();
+    c.apply(&format!(
+        r#"
+apiVersion: berth.dev/v1alpha1
+kind: ImageCache
+metadata: {{name: private, namespace: {ns}}}
+spec:
+  images: [{{ref: "{private}"}}]
+  nodeNames: [{node}]
+  imagePullSecrets: [{{name: regcred}}]
+"#
+    ))
+    .unwrap();
+
+    // No RoleBinding yet: the coordinator may not read the Secret, and says
+    // so with the command that fixes it.
+    let command = format!(
+        "kubectl -n {ns} create rolebinding berth-pull-secret-reader --clusterrole=berth-pull-secret-reader --serviceaccount={NAMESPACE}:berth-coordinator"
+    );
+    let (_, _, message) = eventually(
+        Duration::from_secs(60),
+        "Degraded with reason PullSecretForbidden",
+        || async {
+            let d = degraded(&c, &ns, "private").await?;
+            Ok((d.0 == "True" && d.1 == "PullSecretForbidden").then_some(d))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(message.contains(&format!("{ns}/regcred")), "{message}");
+    assert!(message.contains(&command), "{message}");
+    assert!(!c.cri_has_image(node, &private).await.unwrap());
+
+    // The namespace's owner allows it, exactly as the message says.
+    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
+    c.kubectl(&args).unwrap();
+    // A failed pull is retried with backoff (at most 60 s apart).
+    let api: Api<ImageCache> = Api::namespaced(c.client.clone(), &ns);
+    eventually(
+        Duration::from_secs(180),
+        "the private image cached",
+        || async {
+            let phase = api.get("private").await?.status.map(|s| s.phase);
+            Ok((phase.as_deref() == Some("Ready")).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    assert!(c.cri_has_image(node, &private).await.unwrap());
+    let (status, reason, _) = degraded(&c, &ns, "private").await.unwrap();
+    assert_eq!(status, "False", "{reason}");
+    assert_ne!(reason, "PullSecretForbidden");
+
+    api.delete("private", &DeleteParams::default())
+        .await
+        .unwrap();
+    let _ = c.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
 }
