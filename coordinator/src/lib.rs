@@ -16,6 +16,7 @@
 //! [`health`] tells the probes whether this replica is a standby, a working
 //! leader, or one whose controller died or stalled.
 
+pub mod access;
 pub mod api;
 pub mod auth;
 pub mod domain;
@@ -29,3 +30,4 @@ pub mod nodes;
 pub mod review;
 pub mod server;
 pub mod session;
+pub mod tls;

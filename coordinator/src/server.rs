@@ -1,13 +1,19 @@
-//! One gRPC server on one port: the agent protocol, the public API, gRPC
-//! health and reflection (so `grpcurl` needs no proto files).
+//! The coordinator's gRPC listeners.
 //!
-//! Connections arrive through [`crate::listener`] (caps, handshake timeout,
-//! the HTTP/2 preface read before the server sees the connection); HTTP/2
-//! itself is bounded by [`Limits`]' sibling constants below, so what a client
-//! without credentials can make the coordinator buffer is small per stream,
-//! per connection and in total.
+//! - The main port (7070) speaks TLS only. It serves the agent protocol, the
+//!   public API behind the access check ([`crate::access`]), gRPC health and
+//!   reflection (so `grpcurl` needs no proto files and `grpcurl list` needs
+//!   no token).
+//! - The health port (7071) speaks plaintext and serves `grpc.health.v1`
+//!   only, for the kubelet's gRPC probes, which cannot speak TLS.
 //!
-//! Health answers from the `HealthReporter` passed in, whose statuses
+//! Both accept through the one loop of [`crate::listener`]: TCP accept →
+//! connection caps → the handshake (TLS on 7070, none on 7071) followed by the HTTP/2 preface ([`Http2Preface`]), all within the
+//! handshake timeout → tonic. HTTP/2 itself is bounded by the constants
+//! below, so what a client without credentials can make the coordinator
+//! buffer is small per stream, per connection and in total.
+//!
+//! Both serve the one `HealthReporter` passed in, whose statuses
 //! [`crate::health`] keeps; agent sessions are accepted while `leading` is
 //! true.
 
@@ -18,10 +24,14 @@ use std::time::Duration;
 use berth_proto::agent::agent_service_server::AgentServiceServer;
 use berth_proto::api::inventory_server::InventoryServer;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
+use tower::Layer;
 
+use crate::access::layer::AccessLayer;
+use crate::access::{Authorizer, Reviewer, policy};
 use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
 use crate::domain::CacheDetails;
@@ -29,6 +39,7 @@ pub use crate::listener::Plain;
 use crate::listener::{self, Accept, Handshake, Http2Preface};
 use crate::nodes::NodeRegistry;
 use crate::session::{AgentSessions, SessionLimits};
+use crate::tls::TlsAcceptor;
 
 /// Largest agent message (an inventory of ~20 000 images); read only from
 /// agents whose token the apiserver accepted.
@@ -46,8 +57,14 @@ pub const MAX_HEADER_LIST: u32 = 16 << 10;
 /// Longest wait for a response to start (sessions answer within the 10 s
 /// Hello timeout plus a token check).
 pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The health port's limits: the kubelet's probes and an operator or two.
+pub const HEALTH_LIMITS: listener::Limits = listener::Limits {
+    max_connections: 64,
+    max_per_ip: 16,
+    handshake_timeout: Duration::from_secs(5),
+};
 
-/// The gRPC port's bounds.
+/// The main port's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Connections, in total and per source IP, and the handshake timeout.
@@ -73,42 +90,70 @@ impl Default for Limits {
     }
 }
 
-/// What the gRPC port serves.
-pub struct Services<V> {
+/// What the main port serves.
+pub struct Services<V, R> {
     /// The live node view agents report into and the API reads.
     pub registry: Arc<NodeRegistry>,
     /// Per-node detail of each ImageCache.
     pub details: CacheDetails,
     /// Authenticates agents.
     pub verifier: Arc<V>,
-    /// The health statuses ([`crate::health`] keeps them).
+    /// Authenticates and authorizes public API callers.
+    pub authorizer: Arc<Authorizer<R>>,
+    /// The health statuses ([`crate::health`] keeps them), shared with the
+    /// health port.
     pub health: HealthReporter,
     /// Whether this replica leads: agent sessions are accepted only then.
     pub leading: watch::Receiver<bool>,
 }
 
-/// Serves every coordinator service on `listener`, plaintext, with default
+/// A gRPC health server reading `reporter`'s statuses.
+pub fn health_server(reporter: &HealthReporter) -> HealthServer<HealthService> {
+    HealthServer::new(HealthService::from_health_reporter(reporter.clone()))
+        .max_decoding_message_size(MAX_PUBLIC_MESSAGE)
+}
+
+async fn shutdown_signal(mut stopping: watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|s| *s).await;
+}
+
+/// A tonic server builder with the coordinator's HTTP/2 bounds.
+fn bounded_builder() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .http2_adaptive_window(Some(false))
+        .http2_max_header_list_size(MAX_HEADER_LIST)
+        .timeout(RESPONSE_TIMEOUT)
+}
+
+/// Serves every coordinator service over TLS on `listener`, with default
 /// limits, until `stopping` turns true.
-pub async fn serve<V: TokenVerifier>(
-    listener: tokio::net::TcpListener,
-    services: Services<V>,
+pub async fn serve<V: TokenVerifier, R: Reviewer>(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    services: Services<V, R>,
     stopping: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    serve_with(listener, Plain, Limits::default(), services, stopping).await
+    serve_with(listener, tls, Limits::default(), services, stopping).await
 }
 
 /// Serves every coordinator service on connections from `acceptor` that
-/// pass `handshake` (e.g. TLS) and then the HTTP/2 preface, within
-/// `limits`, until `stopping` turns true.
-pub async fn serve_with<V, A, H>(
+/// pass `handshake` (TLS in production, [`Plain`] in some tests) and then
+/// the HTTP/2 preface, within `limits`, until `stopping` turns true.
+pub async fn serve_with<V, R, A, H>(
     acceptor: A,
     handshake: H,
     limits: Limits,
-    services: Services<V>,
+    services: Services<V, R>,
     stopping: watch::Receiver<bool>,
 ) -> anyhow::Result<()>
 where
     V: TokenVerifier,
+    R: Reviewer,
     A: Accept,
     H: Handshake<A::Conn>,
     H::Io: AsyncRead + AsyncWrite + Unpin,
@@ -117,15 +162,10 @@ where
         registry,
         details,
         verifier,
+        authorizer,
         health,
         leading,
     } = services;
-    let mut stop = stopping.clone();
-    let shutdown = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let health = HealthServer::new(HealthService::from_health_reporter(health))
-        .max_decoding_message_size(MAX_PUBLIC_MESSAGE);
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -136,22 +176,15 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE);
+    let guard = AccessLayer::new(authorizer, policy::inventory);
     let incoming = listener::incoming(
         "grpc",
         acceptor,
         Http2Preface(handshake),
         limits.connections,
     );
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .http2_adaptive_window(Some(false))
-        .http2_max_header_list_size(MAX_HEADER_LIST)
-        .timeout(RESPONSE_TIMEOUT)
-        .add_service(health)
+    bounded_builder()
+        .add_service(health_server(&health))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
@@ -160,20 +193,42 @@ where
                 verifier,
                 limits.sessions,
                 leading,
-                stopping,
+                stopping.clone(),
             ))
             .max_decoding_message_size(MAX_AGENT_MESSAGE),
         )
         .add_service(
-            InventoryServer::new(InventoryApi::new(registry, details))
-                .max_decoding_message_size(MAX_PUBLIC_MESSAGE),
+            guard.layer(
+                InventoryServer::new(InventoryApi::new(registry, details))
+                    .max_decoding_message_size(MAX_PUBLIC_MESSAGE),
+            ),
         )
-        .serve_with_incoming_shutdown(incoming, shutdown)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal(stopping))
+        .await?;
+    Ok(())
+}
+
+/// Serves `grpc.health.v1` alone, in plaintext, on connections from
+/// `acceptor` (through the same accept loop, with [`HEALTH_LIMITS`]) until
+/// `stopping` turns true: the kubelet's probes.
+pub async fn serve_health<A>(
+    acceptor: A,
+    health: HealthReporter,
+    stopping: watch::Receiver<bool>,
+) -> anyhow::Result<()>
+where
+    A: Accept,
+    A::Conn: AsyncRead + AsyncWrite + Unpin,
+{
+    let incoming = listener::incoming("health", acceptor, Http2Preface(Plain), HEALTH_LIMITS);
+    bounded_builder()
+        .add_service(health_server(&health))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal(stopping))
         .await?;
     Ok(())
 }
 
 /// Binds `addr`.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
-    Ok(tokio::net::TcpListener::bind(addr).await?)
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    Ok(TcpListener::bind(addr).await?)
 }

@@ -14,6 +14,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use berth_coordinator::access::{
+    AccessError, Authorizer, Caller, ResourceAccess, Reviewer, TokenVerdict,
+};
 use berth_coordinator::auth::{AgentIdentity, AuthError, TokenIdentity, TokenVerifier};
 use berth_coordinator::listener::{self, Accept};
 use berth_coordinator::metrics::METRICS;
@@ -73,6 +76,19 @@ impl TokenVerifier for Fake {
     }
 }
 
+/// The public API is not flooded here: no token is valid for it.
+struct NoCallers;
+
+impl Reviewer for NoCallers {
+    async fn review_token(&self, _token: &str) -> Result<TokenVerdict, AccessError> {
+        Ok(TokenVerdict::Invalid("no callers in this test".into()))
+    }
+
+    async fn review_access(&self, _: &Caller, _: &ResourceAccess) -> Result<bool, AccessError> {
+        Ok(false)
+    }
+}
+
 /// Starts the server on a loopback port with `limits`; returns its address.
 async fn start<A>(acceptor: A, addr: SocketAddr, limits: Limits, fake: Arc<Fake>) -> SocketAddr
 where
@@ -85,6 +101,7 @@ where
             registry: Arc::new(NodeRegistry::default()),
             details: Default::default(),
             verifier: fake,
+            authorizer: Arc::new(Authorizer::new(NoCallers)),
             health: tonic_health::server::HealthReporter::new(),
             // Leading: sessions get as far as the token check.
             leading: tokio::sync::watch::channel(true).1,

@@ -6,6 +6,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_coordinator::access::{
+    AccessError, Authorizer, Caller, ResourceAccess, Reviewer, TokenVerdict,
+};
 use berth_coordinator::auth::{AgentIdentity, AuthError, TokenIdentity, TokenVerifier};
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
@@ -42,6 +45,19 @@ impl TokenVerifier for AnyToken {
     }
 }
 
+/// The public API is not called here: no token is valid for it.
+struct NoCallers;
+
+impl Reviewer for NoCallers {
+    async fn review_token(&self, _token: &str) -> Result<TokenVerdict, AccessError> {
+        Ok(TokenVerdict::Invalid("no callers in this test".into()))
+    }
+
+    async fn review_access(&self, _: &Caller, _: &ResourceAccess) -> Result<bool, AccessError> {
+        Ok(false)
+    }
+}
+
 /// Shaped like a JWT, so it reaches the verifier.
 const TOKEN: &str = "aGVhZA.Ym9keQ.c2ln";
 
@@ -67,10 +83,18 @@ async fn start() -> Coordinator {
         registry: registry.clone(),
         details: CacheDetails::default(),
         verifier: Arc::new(AnyToken),
+        authorizer: Arc::new(Authorizer::new(NoCallers)),
         health: reporter,
         leading: leading_rx,
     };
-    tokio::spawn(server::serve(listener, services, stopping));
+    // Plaintext: leadership, not TLS, is under test here (tls_server.rs).
+    tokio::spawn(server::serve_with(
+        listener,
+        server::Plain,
+        server::Limits::default(),
+        services,
+        stopping,
+    ));
     Coordinator {
         addr,
         registry,

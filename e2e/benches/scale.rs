@@ -8,7 +8,8 @@
 //! agent ServiceAccount bound to that node, and a token bound to that Pod, so
 //! the coordinator authenticates it exactly as a real agent (TokenReview, then
 //! the Pod's node). Agents dial the leader's pod IP (the host routes to pod
-//! subnets).
+//! subnets) over TLS, trusting the CA bundle in the ConfigMap berth-ca and
+//! checking the Service's name in the certificate, as real agents do.
 //!
 //! Figures are taken where they land, not from Berth's own counters: the
 //! coordinator's requests from the apiserver's audit log (every request of
@@ -224,8 +225,14 @@ async fn make_agents(
         .await
 }
 
-/// Starts one simulated agent per token, each holding `images`.
-fn start_agents(coordinator: &str, tokens: Vec<(String, PathBuf)>, images: &[String]) {
+/// Starts one simulated agent per token, each holding `images`, dialing
+/// `coordinator` over TLS and trusting `ca_file`.
+fn start_agents(
+    coordinator: &str,
+    ca_file: &std::path::Path,
+    tokens: Vec<(String, PathBuf)>,
+    images: &[String],
+) {
     for (name, token_file) in tokens {
         let rt = MemRuntime::default();
         for i in images {
@@ -233,7 +240,10 @@ fn start_agents(coordinator: &str, tokens: Vec<(String, PathBuf)>, images: &[Str
         }
         let (runner, updates) = TaskRunner::new(Arc::new(rt), &name, 2, Managed::load(None));
         let cfg = SessionConfig {
-            coordinator: format!("http://{coordinator}:7070"),
+            coordinator: format!("https://{coordinator}:7070"),
+            ca_file: ca_file.to_path_buf(),
+            // Dialed by pod IP; the certificate names the Service.
+            tls_server_name: Some(berth_e2e::COORDINATOR_NAME.into()),
             node_name: name,
             token_file,
             socket: "memory".into(),
@@ -294,6 +304,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     let cgroup = coordinator_cgroup(leader.metadata.uid.as_deref().unwrap_or_default())?;
     let metrics_addr = format!("{coordinator}:9090");
+    // The agents trust the CA the coordinator publishes, as real agents do.
+    let ca_file = c.ca_file().await?;
     let dir = std::env::temp_dir().join(format!("berth-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ns = format!("bench-scale-{}", berth_e2e::registry::unique_suffix());
@@ -321,7 +333,7 @@ async fn main() -> anyhow::Result<()> {
         reset_peak(&cgroup)?;
         let connect_mark = audit.mark()?;
         let t = Instant::now();
-        start_agents(&coordinator, tokens, &images);
+        start_agents(&coordinator, &ca_file, tokens, &images);
         eventually(
             Duration::from_secs(900),
             "every simulated agent connected",

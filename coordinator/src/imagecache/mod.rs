@@ -10,7 +10,9 @@
 //! and carries the plan out; [`tags`] follows the digests of tracked tags;
 //! [`access`] keeps one tenant's pull Secret from deciding another tenant's
 //! pulls and readiness; [`problems`] keeps a lasting problem to one Warning
-//! Event; [`watch`] mirrors the apiserver and wakes the loop only for news.
+//! Event; [`pull_secrets`] shows a pull Secret the coordinator may not read
+//! (and the RoleBinding to create); [`watch`] mirrors the apiserver and wakes
+//! the loop only for news.
 
 pub mod access;
 pub mod controller;
@@ -18,6 +20,7 @@ pub mod crd;
 pub mod detail;
 pub mod plan;
 pub mod problems;
+pub mod pull_secrets;
 pub mod status;
 pub mod tags;
 pub mod view;
