@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
-use berth_coordinator::access::{Authorizer, kube::KubeReviewer};
+use berth_coordinator::access::kube::KubeReviewer;
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
 use berth_coordinator::imagecache;
@@ -150,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
             &args.agent_service_account,
             &args.audience,
         )),
-        authorizer: Arc::new(Authorizer::new(KubeReviewer::new(client.clone()))),
+        reviewer: KubeReviewer::new(client.clone()),
         health: health.clone(),
         leading,
     };

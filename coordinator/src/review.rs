@@ -7,13 +7,18 @@
 //!    [`ReviewLimits::refusal_ttl`], valid tokens until their expiry but at
 //!    most [`ReviewLimits::identity_ttl`]; both caches are bounded, and a
 //!    flood of refusals cannot evict the valid tokens;
-//! 3. apiserver calls in flight are bounded overall and per client address;
-//!    over a bound the caller gets [`AuthError::Busy`] (`ResourceExhausted`)
-//!    at once, nothing queues.
+//! 3. apiserver calls in flight are bounded overall and per client address
+//!    by an [`ApiGate`]; over a bound the caller gets [`AuthError::Busy`]
+//!    (`ResourceExhausted`) at once, nothing queues.
 //!
-//! Bounding the calls in flight also bounds the coordinator's connections to
-//! the apiserver: kube's HTTP/1 client carries one request per connection, so
-//! its pool never holds more connections than there were calls at once.
+//! The gate is shared: the public API's access check
+//! ([`crate::access::Authorizer`]) sends its TokenReviews and
+//! SubjectAccessReviews through the same [`ApiGate`], so agents and API
+//! callers together never have more than [`ReviewLimits::in_flight`] calls
+//! at the apiserver. Bounding the calls in flight also bounds the
+//! coordinator's connections to the apiserver: kube's HTTP/1 client carries
+//! one request per connection, so its pool never holds more connections than
+//! there were calls at once.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
@@ -30,7 +35,8 @@ use crate::metrics::METRICS;
 /// Bounds of [`Reviews`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReviewLimits {
-    /// apiserver calls (TokenReviews, pod reads) in flight at once.
+    /// apiserver calls (TokenReviews, pod reads, and the public API's
+    /// TokenReviews and SubjectAccessReviews) in flight at once.
     pub in_flight: usize,
     /// apiserver calls in flight for one client address.
     pub in_flight_per_peer: usize,
@@ -133,10 +139,82 @@ impl Refused {
 pub struct Reviews<V> {
     verifier: Arc<V>,
     limits: ReviewLimits,
-    global: Semaphore,
-    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    gate: Arc<ApiGate>,
     refusals: Mutex<TtlCache<Refused>>,
     identities: Mutex<TtlCache<TokenIdentity>>,
+}
+
+/// The bound on apiserver calls in flight, overall and per client address,
+/// shared by everything that asks the apiserver on a client's behalf.
+pub struct ApiGate {
+    global: Semaphore,
+    per_peer_max: usize,
+    per_peer: Arc<Mutex<HashMap<IpAddr, usize>>>,
+}
+
+/// Why [`ApiGate::enter`] refused: a bound was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Busy {
+    /// The client's address has its maximum of calls in flight.
+    Peer,
+    /// The coordinator has its maximum of calls in flight.
+    Global,
+}
+
+impl Busy {
+    /// Where the bound was reached, for messages ("… in flight {where}").
+    pub fn place(self) -> &'static str {
+        match self {
+            Busy::Peer => "from this address",
+            Busy::Global => "on the coordinator",
+        }
+    }
+}
+
+/// One call's place in an [`ApiGate`]; given back when dropped.
+pub struct Pass<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
+    _slot: PeerSlot,
+}
+
+impl ApiGate {
+    /// A gate of `limits.in_flight` calls, `limits.in_flight_per_peer` per
+    /// client address.
+    pub fn new(limits: &ReviewLimits) -> Self {
+        ApiGate {
+            global: Semaphore::new(limits.in_flight),
+            per_peer_max: limits.in_flight_per_peer,
+            per_peer: Arc::default(),
+        }
+    }
+
+    /// A place for one call from `peer` (unknown peers share one address),
+    /// or at once which bound was reached; counted in
+    /// `berth_token_reviews_avoided_total` (`busy_peer`, `busy`).
+    pub fn enter(&self, peer: Option<IpAddr>) -> Result<Pass<'_>, Busy> {
+        let ip = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let slot = {
+            let mut peers = self.per_peer.lock().unwrap();
+            let n = peers.entry(ip).or_default();
+            if *n >= self.per_peer_max {
+                METRICS.review_avoided("busy_peer");
+                return Err(Busy::Peer);
+            }
+            *n += 1;
+            PeerSlot {
+                peers: self.per_peer.clone(),
+                ip,
+            }
+        };
+        let Ok(permit) = self.global.try_acquire() else {
+            METRICS.review_avoided("busy");
+            return Err(Busy::Global);
+        };
+        Ok(Pass {
+            _permit: permit,
+            _slot: slot,
+        })
+    }
 }
 
 /// One caller's share of a peer's in-flight calls.
@@ -184,13 +262,18 @@ fn expiry(token: &str) -> Option<SystemTime> {
 }
 
 impl<V: TokenVerifier> Reviews<V> {
-    /// Checks tokens with `verifier` within `limits`.
+    /// Checks tokens with `verifier` within `limits`, with a gate of its own.
     pub fn new(verifier: Arc<V>, limits: ReviewLimits) -> Self {
+        Self::with_gate(verifier, limits, Arc::new(ApiGate::new(&limits)))
+    }
+
+    /// Checks tokens with `verifier`, caching within `limits`, its apiserver
+    /// calls bounded by `gate` (shared with other callers of the apiserver).
+    pub fn with_gate(verifier: Arc<V>, limits: ReviewLimits, gate: Arc<ApiGate>) -> Self {
         Reviews {
             verifier,
             limits,
-            global: Semaphore::new(limits.in_flight),
-            per_peer: Arc::default(),
+            gate,
             refusals: Mutex::new(TtlCache::new(limits.cache_entries)),
             identities: Mutex::new(TtlCache::new(limits.cache_entries)),
         }
@@ -203,24 +286,10 @@ impl<V: TokenVerifier> Reviews<V> {
         peer: Option<IpAddr>,
         call: impl Future<Output = Result<T, AuthError>>,
     ) -> Result<T, AuthError> {
-        let ip = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        let _slot = {
-            let mut peers = self.per_peer.lock().unwrap();
-            let n = peers.entry(ip).or_default();
-            if *n >= self.limits.in_flight_per_peer {
-                METRICS.review_avoided("busy_peer");
-                return Err(AuthError::Busy("from this address"));
-            }
-            *n += 1;
-            PeerSlot {
-                peers: self.per_peer.clone(),
-                ip,
-            }
-        };
-        let Ok(_permit) = self.global.try_acquire() else {
-            METRICS.review_avoided("busy");
-            return Err(AuthError::Busy("on the coordinator"));
-        };
+        let _pass = self
+            .gate
+            .enter(peer)
+            .map_err(|busy| AuthError::Busy(busy.place()))?;
         call.await
     }
 

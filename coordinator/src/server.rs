@@ -13,6 +13,10 @@
 //! below, so what a client without credentials can make the coordinator
 //! buffer is small per stream, per connection and in total.
 //!
+//! Token checks reach the apiserver through one [`ApiGate`]: the agents'
+//! TokenReviews and pod reads ([`Reviews`]) and the public API's
+//! TokenReviews and SubjectAccessReviews ([`Authorizer`]) share its bounds.
+//!
 //! Both serve the one `HealthReporter` passed in, whose statuses
 //! [`crate::health`] keeps; agent sessions are accepted while `leading` is
 //! true.
@@ -38,6 +42,7 @@ use crate::domain::CacheDetails;
 pub use crate::listener::Plain;
 use crate::listener::{self, Accept, Handshake, Http2Preface};
 use crate::nodes::NodeRegistry;
+use crate::review::{ApiGate, Reviews};
 use crate::session::{AgentSessions, SessionLimits};
 use crate::tls::TlsAcceptor;
 
@@ -96,10 +101,11 @@ pub struct Services<V, R> {
     pub registry: Arc<NodeRegistry>,
     /// Per-node detail of each ImageCache.
     pub details: CacheDetails,
-    /// Authenticates agents.
+    /// Authenticates agents (through [`Reviews`]).
     pub verifier: Arc<V>,
-    /// Authenticates and authorizes public API callers.
-    pub authorizer: Arc<Authorizer<R>>,
+    /// Answers the public API's access questions (through an
+    /// [`Authorizer`]).
+    pub reviewer: R,
     /// The health statuses ([`crate::health`] keeps them), shared with the
     /// health port.
     pub health: HealthReporter,
@@ -162,10 +168,18 @@ where
         registry,
         details,
         verifier,
-        authorizer,
+        reviewer,
         health,
         leading,
     } = services;
+    // One bound on apiserver calls for agents and API callers together.
+    let gate = Arc::new(ApiGate::new(&limits.sessions.reviews));
+    let reviews = Arc::new(Reviews::with_gate(
+        verifier,
+        limits.sessions.reviews,
+        gate.clone(),
+    ));
+    let authorizer = Arc::new(Authorizer::with_gate(reviewer, gate));
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(berth_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -190,8 +204,8 @@ where
         .add_service(
             AgentServiceServer::new(AgentSessions::new(
                 registry.clone(),
-                verifier,
-                limits.sessions,
+                reviews,
+                limits.sessions.unauthenticated,
                 leading,
                 stopping.clone(),
             ))

@@ -63,21 +63,22 @@ pub struct AgentSessions<V> {
 }
 
 impl<V: TokenVerifier> AgentSessions<V> {
-    /// Sessions authenticated by `verifier` within `limits`, recorded in
-    /// `registry`, accepted while `leading` is true; all end when `stopping`
-    /// turns true, so agents move to the next coordinator instead of holding
-    /// this one open through its shutdown.
+    /// Sessions authenticated through `reviews`, at most `unauthenticated`
+    /// of them being checked at once, recorded in `registry`, accepted while
+    /// `leading` is true; all end when `stopping` turns true, so agents move
+    /// to the next coordinator instead of holding this one open through its
+    /// shutdown.
     pub fn new(
         registry: Arc<NodeRegistry>,
-        verifier: Arc<V>,
-        limits: SessionLimits,
+        reviews: Arc<Reviews<V>>,
+        unauthenticated: usize,
         leading: watch::Receiver<bool>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         AgentSessions {
             registry,
-            reviews: Arc::new(Reviews::new(verifier, limits.reviews)),
-            unauthenticated: Arc::new(Semaphore::new(limits.unauthenticated)),
+            reviews,
+            unauthenticated: Arc::new(Semaphore::new(unauthenticated)),
             leading,
             stopping,
         }

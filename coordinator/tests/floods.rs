@@ -14,9 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use berth_coordinator::access::{
-    AccessError, Authorizer, Caller, ResourceAccess, Reviewer, TokenVerdict,
-};
+use berth_coordinator::access::{AccessError, Caller, ResourceAccess, Reviewer, TokenVerdict};
 use berth_coordinator::auth::{AgentIdentity, AuthError, TokenIdentity, TokenVerifier};
 use berth_coordinator::listener::{self, Accept};
 use berth_coordinator::metrics::METRICS;
@@ -101,7 +99,7 @@ where
             registry: Arc::new(NodeRegistry::default()),
             details: Default::default(),
             verifier: fake,
-            authorizer: Arc::new(Authorizer::new(NoCallers)),
+            reviewer: NoCallers,
             health: tonic_health::server::HealthReporter::new(),
             // Leading: sessions get as far as the token check.
             leading: tokio::sync::watch::channel(true).1,

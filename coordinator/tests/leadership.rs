@@ -6,9 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_coordinator::access::{
-    AccessError, Authorizer, Caller, ResourceAccess, Reviewer, TokenVerdict,
-};
+use berth_coordinator::access::{AccessError, Caller, ResourceAccess, Reviewer, TokenVerdict};
 use berth_coordinator::auth::{AgentIdentity, AuthError, TokenIdentity, TokenVerifier};
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
@@ -83,7 +81,7 @@ async fn start() -> Coordinator {
         registry: registry.clone(),
         details: CacheDetails::default(),
         verifier: Arc::new(AnyToken),
-        authorizer: Arc::new(Authorizer::new(NoCallers)),
+        reviewer: NoCallers,
         health: reporter,
         leading: leading_rx,
     };

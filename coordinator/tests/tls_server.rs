@@ -6,9 +6,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use berth_coordinator::access::{
-    AccessError, Authorizer, Caller, ResourceAccess, Reviewer, TokenVerdict,
-};
+use berth_coordinator::access::{AccessError, Caller, ResourceAccess, Reviewer, TokenVerdict};
 use berth_coordinator::auth::{AgentIdentity, AuthError, TokenIdentity, TokenVerifier};
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::nodes::NodeRegistry;
@@ -106,7 +104,7 @@ async fn start() -> Running {
         registry: registry.clone(),
         details: CacheDetails::default(),
         verifier: Arc::new(Agents),
-        authorizer: Arc::new(Authorizer::new(rbac)),
+        reviewer: rbac,
         health: health.clone(),
         leading: tokio::sync::watch::channel(true).1,
     };

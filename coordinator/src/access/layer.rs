@@ -20,8 +20,9 @@ use tonic::server::NamedService;
 use super::policy::{Policy, Rule};
 use super::{AccessError, Authorizer, Caller, Reviewer};
 
-/// The largest first message read to decide (tonic's own decode limit).
-const MAX_MESSAGE: usize = 4 << 20;
+/// The largest first message read to decide: the public API's own decode
+/// limit.
+const MAX_MESSAGE: usize = crate::server::MAX_PUBLIC_MESSAGE;
 
 /// Wraps services in [`Guarded`].
 pub struct AccessLayer<R> {
@@ -88,6 +89,15 @@ pub fn bearer(headers: &http::HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// The client's IP, as the accept loop recorded it (`TcpConnectInfo` in the
+/// request's extensions); `None` when the request did not come through it.
+fn peer(req: &http::Request<Body>) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(|i| i.remote_addr)
+        .map(|a| a.ip())
+}
+
 /// Reads the body up to the end of the first gRPC message; returns every
 /// byte read (to be sent on) and where the message lies in it.
 async fn first_message(body: &mut Body) -> Result<(Bytes, std::ops::Range<usize>), AccessError> {
@@ -133,7 +143,8 @@ pub async fn check<R: Reviewer>(
 ) -> Result<(Caller, http::Request<Body>), AccessError> {
     let path = req.uri().path().to_string();
     let rule = policy(&path).ok_or_else(|| AccessError::NoRule(path.clone()))?;
-    let caller = authorizer.authenticate(bearer(req.headers())).await?;
+    let peer = peer(&req);
+    let caller = authorizer.authenticate(bearer(req.headers()), peer).await?;
     let (access, req) = match rule {
         Rule::Fixed(access) => (access, req),
         Rule::FromMessage(read) => {
@@ -150,7 +161,7 @@ pub async fn check<R: Reviewer>(
             (access, http::Request::from_parts(parts, body))
         }
     };
-    authorizer.authorize(&caller, &access).await?;
+    authorizer.authorize(&caller, &access, peer).await?;
     Ok((caller, req))
 }
 

@@ -8,7 +8,11 @@
 //! read (SubjectAccessReview), and only then lets the call through, with the
 //! [`Caller`] in the request's extensions. Answers are remembered briefly in
 //! [`cache::TtlCache`]s: a valid token until it expires (at most
-//! [`TOKEN_TTL`]), a verdict for [`VERDICT_TTL`]. [`kube::KubeReviewer`] asks
+//! [`TOKEN_TTL`]), a rejected one for [`REFUSAL_TTL`], a verdict for
+//! [`VERDICT_TTL`]. Every question that does reach the apiserver passes the
+//! coordinator's one [`ApiGate`] (shared with the agents' token reviews,
+//! [`crate::review`]): bounded in flight overall and per client address,
+//! refused at once (`ResourceExhausted`) beyond. [`kube::KubeReviewer`] asks
 //! the apiserver; tests put an in-memory [`Reviewer`] in its place.
 //!
 //! Health and reflection stay outside the layer, so `grpcurl list` works
@@ -21,6 +25,8 @@ pub mod policy;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -28,9 +34,14 @@ use sha2::{Digest, Sha256};
 
 use cache::TtlCache;
 
+use crate::review::{ApiGate, ReviewLimits};
+
 /// How long a valid token is trusted without asking again (less if it
 /// expires sooner).
 pub const TOKEN_TTL: Duration = Duration::from_secs(60);
+/// How long a token the apiserver rejected stays rejected without asking
+/// again (as for agents' tokens, [`ReviewLimits::refusal_ttl`]).
+pub const REFUSAL_TTL: Duration = Duration::from_secs(30);
 /// How long an allow or deny verdict is reused.
 pub const VERDICT_TTL: Duration = Duration::from_secs(10);
 /// Most tokens and verdicts remembered at once (each).
@@ -124,6 +135,9 @@ pub enum AccessError {
     /// The apiserver could not be asked.
     #[error("cannot check the caller with the apiserver: {0}")]
     Unavailable(String),
+    /// Too many apiserver questions are in flight; nothing was asked.
+    #[error("too many token and access checks in flight {0}; retry shortly")]
+    Busy(&'static str),
 }
 
 impl AccessError {
@@ -139,6 +153,7 @@ impl AccessError {
             }
             AccessError::BadRequest(_) => tonic::Status::invalid_argument(msg),
             AccessError::Unavailable(_) => tonic::Status::unavailable(msg),
+            AccessError::Busy(_) => tonic::Status::resource_exhausted(msg),
         }
     }
 }
@@ -160,27 +175,43 @@ pub trait Reviewer: Send + Sync + 'static {
     ) -> impl Future<Output = Result<bool, AccessError>> + Send;
 }
 
-/// A [`Reviewer`] with its answers remembered.
+/// A [`Reviewer`] with its answers remembered and its questions bounded.
 pub struct Authorizer<R> {
     reviewer: R,
+    gate: Arc<ApiGate>,
     tokens: TtlCache<[u8; 32], Caller>,
+    refusals: TtlCache<[u8; 32], String>,
     verdicts: TtlCache<(Caller, ResourceAccess), bool>,
 }
 
 impl<R: Reviewer> Authorizer<R> {
-    /// Asks `reviewer`, remembering up to [`CACHE_CAPACITY`] answers of each kind.
+    /// Asks `reviewer` through a gate of its own with the default bounds
+    /// (tests; the server shares one gate with the agents' reviews).
     pub fn new(reviewer: R) -> Self {
+        Self::with_gate(reviewer, Arc::new(ApiGate::new(&ReviewLimits::default())))
+    }
+
+    /// Asks `reviewer`, at most as many questions at once as `gate` lets
+    /// through, remembering up to [`CACHE_CAPACITY`] answers of each kind.
+    pub fn with_gate(reviewer: R, gate: Arc<ApiGate>) -> Self {
         Authorizer {
             reviewer,
+            gate,
             tokens: TtlCache::new(CACHE_CAPACITY),
+            refusals: TtlCache::new(CACHE_CAPACITY),
             verdicts: TtlCache::new(CACHE_CAPACITY),
         }
     }
 
-    /// The caller `token` belongs to. Valid tokens are remembered (by their
-    /// SHA-256) until they expire, at most [`TOKEN_TTL`]; rejected ones are
-    /// asked about again each time.
-    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller, AccessError> {
+    /// The caller `token`, sent from `peer`, belongs to. Valid tokens are
+    /// remembered (by their SHA-256) until they expire, at most
+    /// [`TOKEN_TTL`]; rejected ones for [`REFUSAL_TTL`]. Any token shape is
+    /// accepted for review: API callers may use static or OIDC tokens.
+    pub async fn authenticate(
+        &self,
+        token: Option<&str>,
+        peer: Option<IpAddr>,
+    ) -> Result<Caller, AccessError> {
         let token = token
             .filter(|t| !t.is_empty())
             .ok_or(AccessError::MissingToken)?;
@@ -188,28 +219,48 @@ impl<R: Reviewer> Authorizer<R> {
         if let Some(caller) = self.tokens.get(&key) {
             return Ok(caller);
         }
-        match self.reviewer.review_token(token).await? {
+        if let Some(why) = self.refusals.get(&key) {
+            return Err(AccessError::InvalidToken(why));
+        }
+        let verdict = {
+            let _pass = self
+                .gate
+                .enter(peer)
+                .map_err(|busy| AccessError::Busy(busy.place()))?;
+            self.reviewer.review_token(token).await?
+        };
+        match verdict {
             TokenVerdict::Valid(caller) => {
                 let ttl = token_ttl(token, SystemTime::now());
                 self.tokens.insert(key, caller.clone(), ttl);
                 Ok(caller)
             }
-            TokenVerdict::Invalid(why) => Err(AccessError::InvalidToken(why)),
+            TokenVerdict::Invalid(why) => {
+                self.refusals.insert(key, why.clone(), REFUSAL_TTL);
+                Err(AccessError::InvalidToken(why))
+            }
         }
     }
 
-    /// Ok if `caller` may do `access`; the verdict, either way, is reused
-    /// for [`VERDICT_TTL`].
+    /// Ok if `caller` (calling from `peer`) may do `access`; the verdict,
+    /// either way, is reused for [`VERDICT_TTL`].
     pub async fn authorize(
         &self,
         caller: &Caller,
         access: &ResourceAccess,
+        peer: Option<IpAddr>,
     ) -> Result<(), AccessError> {
         let key = (caller.clone(), access.clone());
         let allowed = match self.verdicts.get(&key) {
             Some(allowed) => allowed,
             None => {
-                let allowed = self.reviewer.review_access(caller, access).await?;
+                let allowed = {
+                    let _pass = self
+                        .gate
+                        .enter(peer)
+                        .map_err(|busy| AccessError::Busy(busy.place()))?;
+                    self.reviewer.review_access(caller, access).await?
+                };
                 self.verdicts.insert(key, allowed, VERDICT_TTL);
                 allowed
             }

@@ -312,24 +312,30 @@ async fn an_apiserver_that_cannot_be_asked_makes_the_call_unavailable_not_allowe
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_valid_token_is_reviewed_once_a_minute_and_a_rejected_one_every_time() {
+async fn a_valid_token_is_reviewed_once_a_minute_and_a_rejected_one_every_thirty_seconds() {
     let fake = Arc::new(Fake::default());
     fake.user("t-alice", "alice");
     let auth = Authorizer::new(fake.clone());
     for _ in 0..3 {
-        auth.authenticate(Some("t-alice")).await.unwrap();
+        auth.authenticate(Some("t-alice"), None).await.unwrap();
     }
     assert_eq!(fake.token_reviews.load(Ordering::SeqCst), 1);
     tokio::time::advance(TOKEN_TTL).await;
-    auth.authenticate(Some("t-alice")).await.unwrap();
+    auth.authenticate(Some("t-alice"), None).await.unwrap();
     assert_eq!(fake.token_reviews.load(Ordering::SeqCst), 2);
 
-    for _ in 0..2 {
-        assert!(auth.authenticate(Some("nope")).await.is_err());
+    for _ in 0..3 {
+        assert!(matches!(
+            auth.authenticate(Some("nope"), None).await,
+            Err(AccessError::InvalidToken(_))
+        ));
     }
+    assert_eq!(fake.token_reviews.load(Ordering::SeqCst), 3);
+    tokio::time::advance(REFUSAL_TTL).await;
+    assert!(auth.authenticate(Some("nope"), None).await.is_err());
     assert_eq!(fake.token_reviews.load(Ordering::SeqCst), 4);
     assert!(matches!(
-        auth.authenticate(None).await,
+        auth.authenticate(None, None).await,
         Err(AccessError::MissingToken)
     ));
 }
@@ -343,17 +349,20 @@ async fn a_verdict_is_reused_for_ten_seconds_then_asked_again() {
         username: "alice".into(),
         ..Default::default()
     };
-    auth.authorize(&alice, &list_nodes()).await.unwrap();
+    auth.authorize(&alice, &list_nodes(), None).await.unwrap();
     fake.revoke_all();
     tokio::time::advance(VERDICT_TTL - Duration::from_millis(1)).await;
-    auth.authorize(&alice, &list_nodes()).await.unwrap();
+    auth.authorize(&alice, &list_nodes(), None).await.unwrap();
     assert_eq!(fake.access_reviews.load(Ordering::SeqCst), 1);
     tokio::time::advance(Duration::from_millis(1)).await;
-    let e = auth.authorize(&alice, &list_nodes()).await.unwrap_err();
+    let e = auth
+        .authorize(&alice, &list_nodes(), None)
+        .await
+        .unwrap_err();
     assert!(matches!(e, AccessError::Denied { .. }), "{e}");
     assert_eq!(fake.access_reviews.load(Ordering::SeqCst), 2);
     // The refusal is remembered too.
-    assert!(auth.authorize(&alice, &list_nodes()).await.is_err());
+    assert!(auth.authorize(&alice, &list_nodes(), None).await.is_err());
     assert_eq!(fake.access_reviews.load(Ordering::SeqCst), 2);
 }
 
@@ -376,4 +385,19 @@ fn a_token_is_trusted_until_it_expires_but_never_longer_than_a_minute() {
     assert_eq!(token_ttl(&jwt_with_exp(1_003_600), now), TOKEN_TTL);
     assert_eq!(token_ttl(&jwt_with_exp(999_000), now), Duration::ZERO);
     assert_eq!(token_ttl("opaque-static-token", now), TOKEN_TTL);
+}
+
+#[tokio::test]
+async fn questions_beyond_the_shared_gate_are_refused_at_once_without_asking() {
+    let fake = Arc::new(Fake::default());
+    fake.user("t-alice", "alice");
+    let full = ReviewLimits {
+        in_flight: 0,
+        ..Default::default()
+    };
+    let auth = Authorizer::with_gate(fake.clone(), Arc::new(ApiGate::new(&full)));
+    let e = auth.authenticate(Some("t-alice"), None).await.unwrap_err();
+    assert!(matches!(e, AccessError::Busy(_)), "{e}");
+    assert_eq!(e.to_status().code(), tonic::Code::ResourceExhausted);
+    assert_eq!(fake.token_reviews.load(Ordering::SeqCst), 0);
 }
