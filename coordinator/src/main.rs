@@ -75,11 +75,12 @@ struct Args {
     /// Audience of the agents' projected tokens.
     #[arg(long, default_value = "berth")]
     audience: String,
-    /// Connections the gRPC port holds at once (lowered to fit the
-    /// open-file limit).
+    /// Connections port 7070 holds at once (one per agent, plus API
+    /// callers); lowered to fit the open-file limit.
     #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = server::Limits::default().connections.max_connections)]
     max_connections: usize,
-    /// Connections the gRPC port holds at once from one source IP.
+    /// Connections port 7070 holds at once from one source IP (each agent
+    /// dials from its own pod IP).
     #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_IP", default_value_t = server::Limits::default().connections.max_per_ip)]
     max_connections_per_ip: usize,
 }

@@ -79,14 +79,16 @@ pub struct Limits {
 }
 
 impl Default for Limits {
-    /// Worst case without credentials: 2048 connections, each buffering at
-    /// most its window plus one small request per stream, about 300 MB;
-    /// one source IP gets half of that.
+    /// Room for a 5000-node cluster: 8192 connections in total (each agent
+    /// holds one, from its own pod IP), 1024 from one source IP. Worst case
+    /// without credentials: each connection buffers at most its 128 KiB
+    /// window plus one small request per stream, so about 130 MB for one
+    /// source IP at its cap and about 1 GB if 8 or more addresses fill the
+    /// total cap; a small cluster may lower `BERTH_MAX_CONNECTIONS`.
     fn default() -> Self {
         Limits {
             connections: listener::Limits {
-                max_connections: 2048,
-                // The scale benchmark runs 1000 agents from one host.
+                max_connections: 8192,
                 max_per_ip: 1024,
                 handshake_timeout: Duration::from_secs(10),
             },

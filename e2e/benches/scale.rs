@@ -20,6 +20,13 @@
 //! apiserver writes of each phase and the peak memory; then how each grows
 //! from the first size to the second.
 //!
+//! All simulated agents dial from this host's one address, while the
+//! coordinator caps connections per source IP (`BERTH_MAX_CONNECTIONS_PER_IP`,
+//! 1024: real agents each have their own pod IP). When the largest size does
+//! not fit under the installed caps, the benchmark raises them on the
+//! Deployment for its run (a rollout; the new leader is measured) and puts
+//! the installed values back at the end.
+//!
 //! `cargo bench -p berth-e2e --bench scale`; `BERTH_SCALE_AGENTS` lists the
 //! sizes (default `1000,5000`).
 
@@ -253,6 +260,62 @@ fn start_agents(
     }
 }
 
+/// Connections the host needs beyond the simulated agents' (the real
+/// agents do not count: they dial from their own pod IPs).
+const CAP_SLACK: usize = 64;
+
+/// Sets the coordinator Deployment's env `vars` (`NAME=value`, or `NAME-` to
+/// unset) and waits for the rollout.
+fn set_coordinator_env(c: &Cluster, vars: &[String]) -> anyhow::Result<()> {
+    let mut args = vec!["-n", NAMESPACE, "set", "env", "deploy/berth-coordinator"];
+    args.extend(vars.iter().map(String::as_str));
+    c.kubectl(&args)?;
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "deploy/berth-coordinator",
+        "--timeout=300s",
+    ])?;
+    Ok(())
+}
+
+/// Raises the coordinator's connection caps so `agents` fit from one
+/// address; returns the env changes that restore the installed values
+/// (empty when nothing had to change).
+fn fit_caps(c: &Cluster, agents: usize) -> anyhow::Result<Vec<String>> {
+    let defaults = berth_coordinator::server::Limits::default().connections;
+    let need = agents + CAP_SLACK;
+    let mut raise = Vec::new();
+    let mut restore = Vec::new();
+    for (name, default) in [
+        ("BERTH_MAX_CONNECTIONS", defaults.max_connections),
+        ("BERTH_MAX_CONNECTIONS_PER_IP", defaults.max_per_ip),
+    ] {
+        let installed = c.coordinator_env(name)?;
+        let cap = match &installed {
+            Some(v) => v.parse().with_context(|| format!("{name}={v}"))?,
+            None => default,
+        };
+        if cap < need {
+            raise.push(format!("{name}={need}"));
+            restore.push(match installed {
+                Some(v) => format!("{name}={v}"),
+                None => format!("{name}-"),
+            });
+        }
+    }
+    if !raise.is_empty() {
+        println!(
+            "setup: {agents} agents from one address; raising {} for this run",
+            raise.join(" ")
+        );
+        set_coordinator_env(c, &raise)?;
+    }
+    Ok(restore)
+}
+
 /// What one size measured.
 struct Run {
     agents: usize,
@@ -286,17 +349,35 @@ async fn main() -> anyhow::Result<()> {
         "the cluster's env has no BERTH_AUDIT_LOG (bring it up with this e2e/cluster.sh)"
     );
     cleanup(&c).await?;
+    let restore = fit_caps(&c, *sizes.last().unwrap_or(&0))?;
+    let outcome = run(&c, &sizes, &audit).await;
+    if !restore.is_empty() {
+        println!("restoring {}", restore.join(" "));
+        set_coordinator_env(&c, &restore)?;
+    }
+    outcome
+}
+
+/// Every size, against the leader as it is now.
+async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
-    let leader = pods
-        .list(
-            &ListParams::default()
-                .labels("app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true"),
-        )
-        .await?
-        .items
-        .into_iter()
-        .find(|p| p.status.as_ref().is_some_and(|s| s.pod_ip.is_some()))
-        .context("no leading coordinator pod with an IP")?;
+    // After a rollout the new pods take a moment to elect and label.
+    let leader = eventually(
+        Duration::from_secs(120),
+        "a leading coordinator pod with an IP",
+        || async {
+            Ok(pods
+                .list(
+                    &ListParams::default()
+                        .labels("app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true"),
+                )
+                .await?
+                .items
+                .into_iter()
+                .find(|p| p.status.as_ref().is_some_and(|s| s.pod_ip.is_some())))
+        },
+    )
+    .await?;
     let coordinator = leader
         .status
         .as_ref()
@@ -318,7 +399,7 @@ async fn main() -> anyhow::Result<()> {
         // The agents of the earlier size stay; this size adds the rest.
         let t = Instant::now();
         let names: Vec<String> = (started..agents).map(|i| format!("sim-{i:05}")).collect();
-        let tokens = make_agents(&c, names, &dir).await?;
+        let tokens = make_agents(c, names, &dir).await?;
         println!(
             "setup: {} more nodes, pods and tokens in {:.1} s",
             agents - started,
@@ -446,7 +527,7 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     let _ = c.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
-    cleanup(&c).await?;
+    cleanup(c).await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -384,6 +384,39 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// The value of `name` in the coordinator Deployment's container env,
+    /// if set there (as a literal value).
+    pub fn coordinator_env(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let v = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "deploy/berth-coordinator",
+            "-o",
+            &format!(
+                "jsonpath={{.spec.template.spec.containers[0].env[?(@.name==\"{name}\")].value}}"
+            ),
+        ])?;
+        let v = v.trim();
+        Ok((!v.is_empty()).then(|| v.to_string()))
+    }
+
+    /// The connection caps of the coordinator's port 7070 as installed
+    /// (`BERTH_MAX_CONNECTIONS`, `BERTH_MAX_CONNECTIONS_PER_IP`), the
+    /// coordinator's `defaults` where unset: (total, per source IP).
+    pub fn coordinator_caps(&self, defaults: (usize, usize)) -> anyhow::Result<(usize, usize)> {
+        let read = |name: &str, default: usize| -> anyhow::Result<usize> {
+            match self.coordinator_env(name)? {
+                Some(v) => v.parse().with_context(|| format!("{name}={v}")),
+                None => Ok(default),
+            }
+        };
+        Ok((
+            read("BERTH_MAX_CONNECTIONS", defaults.0)?,
+            read("BERTH_MAX_CONNECTIONS_PER_IP", defaults.1)?,
+        ))
+    }
+
     /// `kubectl ARGS` with `input` on stdin; returns (success, stdout, stderr).
     pub fn kubectl_stdin(
         &self,

@@ -12,21 +12,23 @@
 //! process visible in the host's /proc, `BERTH_AUDIT_LOG` in the env file).
 //! Run with `--test-threads=1`: each test measures the coordinator alone.
 //! The TCP floods work whether port 7070 speaks TLS or not; the gRPC ones
-//! dial through [`channel`], the one place that knows how to reach it.
+//! dial through [`channel`]: TLS, trusting the CA in `berth-ca` and checking
+//! the Service's name (the pod IP is not in the certificate). Flood traffic
+//! carries garbage agent tokens; the public API calls that judge the outcome
+//! carry the e2e viewer token.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use berth_e2e::{Cluster, NAMESPACE, eventually};
+use berth_e2e::{COORDINATOR_NAME, Cluster, NAMESPACE, eventually};
 use berth_proto::agent as pb;
 use berth_proto::agent::agent_service_client::AgentServiceClient;
-use berth_proto::api::inventory_client::InventoryClient;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// The leading coordinator's pod (it labels itself; the Service selects it).
 const LEADER_LABEL: &str = "app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true";
@@ -40,10 +42,14 @@ const MEMORY_GROWTH_BOUND: u64 = 150 << 20;
 /// Open files the coordinator may hold above its quiet level after a flood.
 const FD_SLACK: usize = 64;
 
-/// A gRPC channel to the coordinator at `addr` (`IP:7070`). The one place to
-/// switch to TLS when port 7070 speaks it.
-async fn channel(addr: &str) -> anyhow::Result<Channel> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+/// A TLS gRPC channel to the coordinator at `addr` (`IP:7070`), verifying
+/// its certificate against `ca_pem` for the Service's name.
+async fn channel(addr: &str, ca_pem: &str) -> anyhow::Result<Channel> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name(COORDINATOR_NAME);
+    Ok(Endpoint::from_shared(format!("https://{addr}"))?
+        .tls_config(tls)?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .connect()
@@ -184,8 +190,10 @@ impl Drop for Sampler {
 }
 
 /// `connected_since` of every connected node, from ListNodes.
-async fn sessions(addr: &str) -> anyhow::Result<BTreeMap<String, String>> {
-    let nodes = InventoryClient::new(channel(addr).await?)
+async fn sessions(c: &Cluster, addr: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let nodes = c
+        .inventory_client(addr)
+        .await?
         .list_nodes(berth_proto::api::ListNodesRequest {
             include_images: false,
         })
@@ -200,8 +208,8 @@ async fn sessions(addr: &str) -> anyhow::Result<BTreeMap<String, String>> {
 }
 
 /// `grpc.health.v1.Health/Check` of the whole server.
-async fn health(addr: &str) -> anyhow::Result<()> {
-    let r = tonic_health::pb::health_client::HealthClient::new(channel(addr).await?)
+async fn health(c: &Cluster, addr: &str) -> anyhow::Result<()> {
+    let r = tonic_health::pb::health_client::HealthClient::new(c.coordinator_channel(addr).await?)
         .check(tonic_health::pb::HealthCheckRequest::default())
         .await?
         .into_inner();
@@ -215,6 +223,10 @@ struct Before {
     memory: u64,
     fds: usize,
     sessions: BTreeMap<String, String>,
+    /// The CA bundle of ConfigMap berth-ca, which the flood's TLS trusts.
+    ca_pem: String,
+    /// The installed per-source-IP connection cap of port 7070.
+    per_ip_cap: usize,
 }
 
 async fn before_flood(c: &Cluster) -> Before {
@@ -224,16 +236,22 @@ async fn before_flood(c: &Cluster) -> Before {
     let addr = coordinator.grpc();
     // Every real agent connected before the flood starts.
     let sessions = eventually(Duration::from_secs(60), "every node connected", || async {
-        let s = sessions(&addr).await?;
+        let s = sessions(c, &addr).await?;
         Ok(c.nodes.iter().all(|n| s.contains_key(n)).then_some(s))
     })
     .await
     .unwrap();
+    let defaults = berth_coordinator::server::Limits::default().connections;
+    let (_, per_ip_cap) = c
+        .coordinator_caps((defaults.max_connections, defaults.max_per_ip))
+        .unwrap();
     Before {
         memory: memory_bytes(coordinator.pid).unwrap(),
         fds: open_fds(coordinator.pid).unwrap(),
         coordinator,
         sessions,
+        ca_pem: c.ca_pem().await.unwrap(),
+        per_ip_cap,
     }
 }
 
@@ -268,11 +286,11 @@ async fn assert_survived(c: &Cluster, before: &Before, sampler: &Sampler) {
     .unwrap();
     let addr = now.grpc();
     eventually(Duration::from_secs(30), "a served health check", || async {
-        health(&addr).await.map(Some)
+        health(c, &addr).await.map(Some)
     })
     .await
     .unwrap();
-    let after = sessions(&addr).await.unwrap();
+    let after = sessions(c, &addr).await.unwrap();
     for (node, since) in &before.sessions {
         assert_eq!(
             after.get(node),
@@ -284,8 +302,13 @@ async fn assert_survived(c: &Cluster, before: &Before, sampler: &Sampler) {
 
 /// Opens a Session with `token` and a Hello of `hello_bytes` node name;
 /// returns the gRPC code it ends with.
-async fn session_with_hello(addr: &str, token: &str, hello_bytes: usize) -> tonic::Code {
-    let Ok(ch) = channel(addr).await else {
+async fn session_with_hello(
+    addr: &str,
+    ca_pem: &str,
+    token: &str,
+    hello_bytes: usize,
+) -> tonic::Code {
+    let Ok(ch) = channel(addr, ca_pem).await else {
         return tonic::Code::Unavailable;
     };
     let hello = pb::AgentMessage {
@@ -310,9 +333,10 @@ async fn huge_hellos_behind_garbage_tokens_neither_restart_nor_bloat_the_coordin
     let sampler = Sampler::start(before.coordinator.pid).unwrap();
     let addr = before.coordinator.grpc();
     let started = Instant::now();
-    let codes: Vec<tonic::Code> =
-        futures::future::join_all((0..150).map(|_| session_with_hello(&addr, GARBAGE, 3_900_000)))
-            .await;
+    let codes: Vec<tonic::Code> = futures::future::join_all(
+        (0..150).map(|_| session_with_hello(&addr, &before.ca_pem, GARBAGE, 3_900_000)),
+    )
+    .await;
     eprintln!("150 huge Hellos answered in {:?}", started.elapsed());
     for code in &codes {
         assert!(
@@ -358,9 +382,7 @@ async fn twenty_thousand_silent_connections_neither_exhaust_files_nor_stop_the_c
         "{text}"
     );
     let (_, peak_fds) = sampler.peak();
-    let cap = berth_coordinator::server::Limits::default()
-        .connections
-        .max_per_ip;
+    let cap = before.per_ip_cap;
     assert!(
         peak_fds <= before.fds + cap + FD_SLACK,
         "coordinator held {peak_fds} files (quiet: {}, per-IP cap {cap})",
@@ -407,7 +429,7 @@ async fn three_thousand_garbage_streams_on_one_connection_make_a_handful_of_toke
     let before = before_flood(&c).await;
     let sampler = Sampler::start(before.coordinator.pid).unwrap();
     let addr = before.coordinator.grpc();
-    let ch = channel(&addr).await.unwrap();
+    let ch = channel(&addr, &before.ca_pem).await.unwrap();
     let started = Instant::now();
     // The cluster runs on this host: one clock for us and the apiserver.
     let flood_start = Timestamp::now();
@@ -443,7 +465,7 @@ async fn three_thousand_garbage_streams_on_one_connection_make_a_handful_of_toke
     // log, so are the flood's, which the apiserver received before it.
     let flood_end = Timestamp::now();
     let sentinel = format!("{GARBAGE}x{}", std::process::id());
-    let code = session_with_hello(&addr, &sentinel, 16).await;
+    let code = session_with_hello(&addr, &before.ca_pem, &sentinel, 16).await;
     assert_eq!(code, tonic::Code::Unauthenticated);
     let received = eventually(
         Duration::from_secs(30),
