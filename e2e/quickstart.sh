@@ -23,18 +23,31 @@ kubectl -n berth-system exec "$agent" -- node-agent images pull "$BERTH_REGISTRY
 say kubectl -n berth-system exec "$agent" -- node-agent images ls
 kubectl -n berth-system exec "$agent" -- node-agent images ls
 
+# A ServiceAccount that may read the API (ClusterRole berth-viewer), and grpcurl
+# over TLS with the coordinator's CA and that account's token.
+kubectl -n berth-system create serviceaccount berth-viewer --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl create clusterrolebinding berth-viewer --clusterrole=berth-viewer \
+  --serviceaccount=berth-system:berth-viewer --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+CA="<(kubectl -n berth-system get cm berth-ca -o jsonpath='{.data.ca\\.crt}')"
+TOKEN='"authorization: Bearer $(kubectl -n berth-system create token berth-viewer)"'
+token=$(kubectl -n berth-system create token berth-viewer)
+api() {
+  grpcurl -cacert <(kubectl -n berth-system get cm berth-ca -o jsonpath='{.data.ca\.crt}') \
+    -servername berth-coordinator.berth-system.svc -H "authorization: Bearer $token" "$@"
+}
+
 kubectl -n berth-system port-forward --address 127.0.0.1 svc/berth-coordinator 17070:7070 >/dev/null 2>&1 &
 pf=$!
 trap 'kill $pf 2>/dev/null' EXIT
-until grpcurl -plaintext 127.0.0.1:17070 list >/dev/null 2>&1; do sleep 0.2; done
+until api 127.0.0.1:17070 list >/dev/null 2>&1; do sleep 0.2; done
 sleep 3 # the agent reports image changes within its 2 s poll
-say grpcurl -plaintext 127.0.0.1:17070 list
-grpcurl -plaintext 127.0.0.1:17070 list
-say grpcurl -plaintext 127.0.0.1:17070 berth.v1.Inventory/ListNodes
-grpcurl -plaintext 127.0.0.1:17070 berth.v1.Inventory/ListNodes
+say grpcurl -cacert "$CA" -servername berth-coordinator.berth-system.svc 127.0.0.1:17070 list
+api 127.0.0.1:17070 list
+say grpcurl -cacert "$CA" -servername berth-coordinator.berth-system.svc -H "$TOKEN" 127.0.0.1:17070 berth.v1.Inventory/ListNodes
+api 127.0.0.1:17070 berth.v1.Inventory/ListNodes
 for n in $BERTH_NODES; do
-  say grpcurl -plaintext -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages
-  grpcurl -plaintext -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages |
+  say grpcurl -cacert "$CA" -servername berth-coordinator.berth-system.svc -H "$TOKEN" -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages
+  api -d "{\"node\": \"$n\"}" 127.0.0.1:17070 berth.v1.Inventory/ListNodeImages |
     jq -r '.node as $n | .images[] | "\($n)  \(.repoTags[0] // .id)  \(.sizeBytes) bytes\(if .inUse then "  (in use)" else "" end)"'
 done
 say "kubectl apply -f - (an ImageCache of test/b:1 and test/c:1 on every node)"
@@ -49,7 +62,7 @@ EOF
 kubectl wait --for=jsonpath='{.status.phase}'=Ready imagecache/sample --timeout=120s >/dev/null
 say kubectl get imagecaches
 kubectl get imagecaches
-say grpcurl -plaintext -d '{"namespace": "default", "name": "sample"}' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache
-grpcurl -plaintext -d '{"namespace": "default", "name": "sample"}' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache |
+say grpcurl -cacert "$CA" -servername berth-coordinator.berth-system.svc -H "$TOKEN" -d \''{"namespace": "default", "name": "sample"}'\' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache
+api -d '{"namespace": "default", "name": "sample"}' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache |
   jq -r '.nodes[] | .node as $n | .images[] | "\($n)  \(.ref)  \(.state)"'
 printf '\nBerth is running. export KUBECONFIG=%s; e2e/cluster.sh down removes the cluster.\n' "$KUBECONFIG"

@@ -1,10 +1,14 @@
 //! Who is on the other end of an agent session.
 //!
-//! An agent presents its projected ServiceAccount token (audience `berth`).
-//! [`KubeVerifier`] asks the apiserver (TokenReview) whether the token is
-//! valid, checks that it belongs to the agent's ServiceAccount, and that the
-//! pod it is bound to exists, is the same pod (UID), and runs on the node the
-//! agent claims. [`TokenVerifier`] lets tests put a fake in its place.
+//! An agent presents its projected ServiceAccount token (audience `berth`) in
+//! the request's metadata. Checking it takes two steps, so the first can run
+//! before anything is read from the stream: [`TokenVerifier::review`] asks
+//! the apiserver (TokenReview) whether the token is valid, belongs to the
+//! agent's ServiceAccount and is bound to a pod; then, once the agent's
+//! `Hello` names its node, [`TokenVerifier::check_node`] checks that the pod
+//! still exists, is the same pod (UID), and runs on that node.
+//! [`KubeVerifier`] does both against the apiserver; tests put a fake in its
+//! place. [`crate::review`] bounds and caches the calls.
 
 use std::future::Future;
 
@@ -16,6 +20,17 @@ use kube::api::{Api, PostParams};
 const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+
+/// What a TokenReview proved about a token: an agent pod's token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenIdentity {
+    /// The pod the token is bound to.
+    pub pod: String,
+    /// That pod's UID.
+    pub pod_uid: String,
+    /// The node the pod was on when the token was issued, if recorded.
+    pub node: Option<String>,
+}
 
 /// An authenticated agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,6 +68,12 @@ pub enum AuthError {
         /// What the agent claimed.
         claimed: String,
     },
+    /// The token is not even shaped like a JWT; no apiserver was asked.
+    #[error("token rejected: not a JWT (three base64url parts separated by dots)")]
+    Malformed,
+    /// Too many token checks are in flight; nothing was asked.
+    #[error("too many token checks in flight {0}; retry shortly")]
+    Busy(&'static str),
     /// The apiserver could not be asked.
     #[error("cannot verify token: {0}")]
     Api(#[from] kube::Error),
@@ -62,9 +83,10 @@ impl AuthError {
     /// The gRPC status an agent sees.
     pub fn to_status(&self) -> tonic::Status {
         match self {
-            AuthError::MissingToken | AuthError::Rejected(_) => {
+            AuthError::MissingToken | AuthError::Rejected(_) | AuthError::Malformed => {
                 tonic::Status::unauthenticated(self.to_string())
             }
+            AuthError::Busy(_) => tonic::Status::resource_exhausted(self.to_string()),
             AuthError::Api(_) => tonic::Status::unavailable(self.to_string()),
             _ => tonic::Status::permission_denied(self.to_string()),
         }
@@ -73,10 +95,13 @@ impl AuthError {
 
 /// Decides whether a token may speak for a node.
 pub trait TokenVerifier: Send + Sync + 'static {
-    /// Verifies that `token` belongs to the agent pod on `claimed_node`.
-    fn verify(
+    /// Whether `token` is an agent pod's (one TokenReview); which pod.
+    fn review(&self, token: &str) -> impl Future<Output = Result<TokenIdentity, AuthError>> + Send;
+
+    /// Whether the pod of a reviewed token runs on `claimed_node` now.
+    fn check_node(
         &self,
-        token: &str,
+        token: &TokenIdentity,
         claimed_node: &str,
     ) -> impl Future<Output = Result<AgentIdentity, AuthError>> + Send;
 }
@@ -108,7 +133,7 @@ impl KubeVerifier {
 }
 
 impl TokenVerifier for KubeVerifier {
-    async fn verify(&self, token: &str, claimed_node: &str) -> Result<AgentIdentity, AuthError> {
+    async fn review(&self, token: &str) -> Result<TokenIdentity, AuthError> {
         let review = TokenReview {
             spec: TokenReviewSpec {
                 token: Some(token.to_string()),
@@ -138,24 +163,37 @@ impl TokenVerifier for KubeVerifier {
         }
         let extra = user.extra.unwrap_or_default();
         let first = |k: &str| extra.get(k).and_then(|v| v.first()).cloned();
-        let (Some(pod_name), Some(pod_uid)) = (first(POD_NAME), first(POD_UID)) else {
+        let (Some(pod), Some(pod_uid)) = (first(POD_NAME), first(POD_UID)) else {
             return Err(AuthError::NotPodBound);
         };
+        Ok(TokenIdentity {
+            pod,
+            pod_uid,
+            node: first(NODE_NAME),
+        })
+    }
+
+    async fn check_node(
+        &self,
+        token: &TokenIdentity,
+        claimed_node: &str,
+    ) -> Result<AgentIdentity, AuthError> {
+        let (pod_name, pod_uid) = (&token.pod, &token.pod_uid);
         let wrong_node = |actual: String| AuthError::WrongNode {
             pod: pod_name.clone(),
             actual,
             claimed: claimed_node.to_string(),
         };
-        if let Some(node) = first(NODE_NAME)
+        if let Some(node) = &token.node
             && node != claimed_node
         {
-            return Err(wrong_node(node));
+            return Err(wrong_node(node.clone()));
         }
         // The TokenReview proves the pod existed when the token was issued;
         // the pod itself says where it runs now.
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), &self.namespace);
         let pod = pods
-            .get_opt(&pod_name)
+            .get_opt(pod_name)
             .await?
             .ok_or_else(|| AuthError::Rejected(format!("pod {pod_name} no longer exists")))?;
         if pod.metadata.uid.as_deref() != Some(pod_uid.as_str()) {
@@ -169,7 +207,7 @@ impl TokenVerifier for KubeVerifier {
         }
         Ok(AgentIdentity {
             node: actual,
-            pod: pod_name,
+            pod: pod_name.clone(),
         })
     }
 }

@@ -1,5 +1,13 @@
 //! `coordinator`: the Berth coordinator Deployment's binary.
 //!
+//! Start-up, in order: raise the open-file limit and fit the connection caps
+//! below it ([`limits`]); serve plaintext gRPC health on 7071 at once (the
+//! kubelet's probes; NOT_SERVING until the TLS port is up); find or make the
+//! TLS certificate ([`tls`]) and follow its Secret; then serve 7070 (TLS,
+//! capped, agents and the public API) and 9090 (metrics), and stand by for
+//! the Lease. Both gRPC ports serve one `HealthReporter`, whose statuses
+//! [`health`] keeps.
+//!
 //! Every replica serves gRPC (health, reflection, the public API) and stands
 //! by for the Lease; the one that holds it ([`leader`]) labels its pod so the
 //! Service sends it the agents, accepts their sessions and runs the
@@ -16,14 +24,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow};
+use berth_coordinator::access::kube::KubeReviewer;
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
 use berth_coordinator::imagecache;
 use berth_coordinator::leader::{self, Elector, KubeLeases};
-use berth_coordinator::{auth::KubeVerifier, nodes::NodeRegistry, server};
+use berth_coordinator::{auth::KubeVerifier, limits, nodes::NodeRegistry, server, tls};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 /// How long a stopping coordinator waits for its Lease release and for its
@@ -34,10 +44,14 @@ const STOP_GRACE: Duration = Duration::from_secs(3);
 #[derive(Debug, Parser)]
 #[command(name = "coordinator", version, about)]
 struct Args {
-    /// Address of the gRPC server (agents and the public API).
+    /// Address of the TLS gRPC server (agents and the public API).
     #[arg(long, env = "BERTH_LISTEN", default_value = "0.0.0.0:7070")]
     listen: SocketAddr,
-    /// Namespace Berth runs in (where the Lease is).
+    /// Address of the plaintext gRPC health server (kubelet probes only).
+    #[arg(long, env = "BERTH_HEALTH_LISTEN", default_value = "0.0.0.0:7071")]
+    health_listen: SocketAddr,
+    /// Namespace Berth runs in: the Lease, the TLS Secret and the CA
+    /// ConfigMap live here.
     #[arg(long, env = "POD_NAMESPACE", default_value = "berth-system")]
     namespace: String,
     /// This pod's name: its identity in the Lease, and the pod it labels
@@ -61,6 +75,14 @@ struct Args {
     /// Audience of the agents' projected tokens.
     #[arg(long, default_value = "berth")]
     audience: String,
+    /// Connections port 7070 holds at once (one per agent, plus API
+    /// callers); lowered to fit the open-file limit.
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS", default_value_t = server::Limits::default().connections.max_connections)]
+    max_connections: usize,
+    /// Connections port 7070 holds at once from one source IP (each agent
+    /// dials from its own pod IP).
+    #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_IP", default_value_t = server::Limits::default().connections.max_per_ip)]
+    max_connections_per_ip: usize,
 }
 
 #[tokio::main]
@@ -74,20 +96,39 @@ async fn main() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
+    let limits = connection_limits(&args);
     let client = kube::Client::try_default().await?;
-    let verifier = KubeVerifier::new(
+    let (stop, stopping) = watch::channel(false);
+
+    // One health reporter for both gRPC ports. Probes get answers at once;
+    // "not serving" until the TLS port is up, then what `health` judges.
+    let health = HealthReporter::new();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    let health_listener = server::bind(args.health_listen).await?;
+    tokio::spawn({
+        let (health, stopping) = (health.clone(), stopping.clone());
+        async move {
+            if let Err(e) = server::serve_health(health_listener, health, stopping).await {
+                tracing::error!(error = %e, "health endpoint failed");
+            }
+        }
+    });
+
+    let material = tls::store::bootstrap(&client, &args.namespace).await?;
+    let acceptor = tls::TlsAcceptor::from_material(&material)?;
+    tokio::spawn(tls::store::watch(
         client.clone(),
-        &args.namespace,
-        &args.agent_service_account,
-        &args.audience,
-    );
+        args.namespace.clone(),
+        acceptor.clone(),
+        material,
+    ));
+
     let registry = Arc::new(NodeRegistry::default());
     let details = CacheDetails::default();
-    let (stop, stopping) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
     let (role_tx, role) = watch::channel(Role::Standby);
-    let health = HealthReporter::new();
-    tokio::spawn(health::report(health.clone(), role));
     // Removes a label left from an earlier leading life of this pod, then
     // sets it once leading.
     tokio::spawn(leader::label_pod(
@@ -101,17 +142,30 @@ async fn main() -> anyhow::Result<()> {
             tracing::error!(addr = %metrics_addr, error = %e, "metrics endpoint failed");
         }
     });
-    let listener = server::bind(args.listen).await?;
-    tracing::info!(listen = %args.listen, identity = %args.pod_name, "coordinator serving");
-    let mut server = tokio::spawn(server::serve(
-        listener,
-        registry.clone(),
-        details.clone(),
-        Arc::new(verifier),
-        health,
+    let services = server::Services {
+        registry: registry.clone(),
+        details: details.clone(),
+        verifier: Arc::new(KubeVerifier::new(
+            client.clone(),
+            &args.namespace,
+            &args.agent_service_account,
+            &args.audience,
+        )),
+        reviewer: KubeReviewer::new(client.clone()),
+        health: health.clone(),
         leading,
-        stopping,
+    };
+    let listener = server::bind(args.listen).await?;
+    tracing::info!(
+        listen = %args.listen,
+        health = %args.health_listen,
+        identity = %args.pod_name,
+        "coordinator serving (TLS)"
+    );
+    let mut server = tokio::spawn(server::serve_with(
+        listener, acceptor, limits, services, stopping,
     ));
+    tokio::spawn(health::report(health, role));
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut elector = Elector::new(
         KubeLeases::new(client.clone(), &args.namespace),
@@ -174,6 +228,23 @@ async fn main() -> anyhow::Result<()> {
         stop_server(&stop, server).await?;
     }
     outcome
+}
+
+/// The main port's limits: the caps asked for, fitted below the open-file
+/// limit (raised to its hard limit first).
+fn connection_limits(args: &Args) -> server::Limits {
+    let nofile = limits::raise_nofile().unwrap_or(1024);
+    let mut limits = server::Limits::default();
+    limits.connections.max_connections = args.max_connections;
+    limits.connections.max_per_ip = args.max_connections_per_ip;
+    limits.connections = limits.connections.within_fd_limit(nofile);
+    tracing::info!(
+        open_files = nofile,
+        max_connections = limits.connections.max_connections,
+        max_per_ip = limits.connections.max_per_ip,
+        "connection limits"
+    );
+    limits
 }
 
 /// Ends every agent session and stops the gRPC server, waiting at most

@@ -2,20 +2,25 @@
 //! OpenMetrics text format by the `prometheus-client` crate.
 //!
 //! A handful of counters and gauges in one process-wide [`METRICS`]; labels
-//! are few and bounded (task kind, result, reason; cache and node state).
-//! Sessions, the node registry and the controller update them; [`serve`]
-//! answers scrapes with [`Metrics::render`].
+//! are few and bounded (task kind, result, reason; cache and node state;
+//! listener and refusal reason). Sessions, the node registry, the listeners,
+//! the token reviews and the controller update them; [`serve`] answers
+//! scrapes with [`Metrics::render`], on the same hardened accept loop as the
+//! gRPC port ([`crate::listener`]).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::LazyLock;
 use std::sync::atomic::AtomicU64;
+use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::listener::{self, Accept, Limits, Plain};
 
 /// The coordinator's metrics.
 pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::default);
@@ -30,6 +35,27 @@ struct ResultLabels {
     kind: String,
     result: String,
     reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ListenerLabels {
+    listener: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReviewResult {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -55,6 +81,10 @@ pub struct Metrics {
     tasks_sent: Family<KindLabels, Counter>,
     task_results: Family<ResultLabels, Counter>,
     cache_nodes: Family<CacheLabels, Gauge>,
+    connections_refused: Family<RefusalLabels, Counter>,
+    accept_errors: Family<ListenerLabels, Counter>,
+    token_reviews: Family<ReviewResult, Counter>,
+    reviews_avoided: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -69,6 +99,10 @@ impl Default for Metrics {
             tasks_sent: Family::default(),
             task_results: Family::default(),
             cache_nodes: Family::default(),
+            connections_refused: Family::default(),
+            accept_errors: Family::default(),
+            token_reviews: Family::default(),
+            reviews_avoided: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -107,6 +141,26 @@ impl Default for Metrics {
             "Selected nodes of each ImageCache by state",
             m.cache_nodes.clone(),
         );
+        registry.register(
+            "connections_refused",
+            "Connections closed unserved (caps, handshake timeouts and failures)",
+            m.connections_refused.clone(),
+        );
+        registry.register(
+            "accept_errors",
+            "Failed accepts (the listener continues)",
+            m.accept_errors.clone(),
+        );
+        registry.register(
+            "token_reviews",
+            "TokenReviews sent to the apiserver, by result",
+            m.token_reviews.clone(),
+        );
+        registry.register(
+            "token_reviews_avoided",
+            "Token checks answered without a TokenReview (cached, malformed, over a bound)",
+            m.reviews_avoided.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -127,6 +181,34 @@ impl Metrics {
             reason: reason.into(),
         };
         self.task_results.get_or_create(&labels).inc();
+    }
+
+    /// Counts a connection `listener` closed unserved for `reason`.
+    pub fn connection_refused(&self, listener: &'static str, reason: &'static str) {
+        self.connections_refused
+            .get_or_create(&RefusalLabels { listener, reason })
+            .inc();
+    }
+
+    /// Counts a failed accept on `listener`.
+    pub fn accept_error(&self, listener: &'static str) {
+        self.accept_errors
+            .get_or_create(&ListenerLabels { listener })
+            .inc();
+    }
+
+    /// Counts a TokenReview sent, by `result` (`authenticated`, `refused`, `failed`).
+    pub fn token_review(&self, result: &'static str) {
+        self.token_reviews
+            .get_or_create(&ReviewResult { result })
+            .inc();
+    }
+
+    /// Counts a token check answered without a TokenReview, by `reason`.
+    pub fn review_avoided(&self, reason: &'static str) {
+        self.reviews_avoided
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     /// Replaces the per-cache node counts (`namespace/name`, state → count).
@@ -154,33 +236,57 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `addr` until the process ends.
+/// The metrics listener's limits: a scraper or two, never a crowd.
+pub const LIMITS: Limits = Limits {
+    max_connections: 64,
+    max_per_ip: 16,
+    handshake_timeout: Duration::from_secs(5),
+};
+/// Time a client has to send a request's headers.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of one metrics connection.
+pub const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// Serves `GET /metrics` on `addr` until the process ends; fails only if
+/// `addr` cannot be bound.
 pub async fn serve(addr: SocketAddr) -> std::io::Result<()> {
-    use hyper::service::service_fn;
-    use hyper_util::rt::TokioIo;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    loop {
-        let (stream, _) = listener.accept().await?;
-        tokio::spawn(async move {
-            let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                let (status, body) = if req.uri().path() == "/metrics" {
-                    (200, METRICS.render())
-                } else {
-                    (404, "only /metrics here\n".to_string())
-                };
-                hyper::Response::builder()
-                    .status(status)
-                    .header(
-                        "content-type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )
-                    .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+    serve_on(listener).await;
+    Ok(())
+}
+
+/// Serves `GET /metrics` on connections from `acceptor`, forever: accept
+/// errors are logged and survived ([`listener::run`]), connections are
+/// capped, slow headers and long-lived connections are cut off.
+pub async fn serve_on<A>(acceptor: A)
+where
+    A: Accept,
+    A::Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    listener::run("metrics", acceptor, Plain, LIMITS, |conn| async move {
+        use hyper::service::service_fn;
+        use hyper_util::rt::{TokioIo, TokioTimer};
+        let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+            let (status, body) = if req.uri().path() == "/metrics" {
+                (200, METRICS.render())
+            } else {
+                (404, "only /metrics here\n".to_string())
+            };
+            hyper::Response::builder()
+                .status(status)
+                .header(
+                    "content-type",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
         });
-    }
+        let served = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(conn), svc);
+        let _ = tokio::time::timeout(CONNECTION_LIFETIME, served).await;
+    })
+    .await
 }
 
 #[cfg(test)]
@@ -195,6 +301,10 @@ mod tests {
         m.set_cache_nodes([(("ns/c".to_string(), "ready"), 3)].into());
         m.agents_connected.inc();
         m.api_writes.inc_by(2);
+        m.connection_refused("grpc", "per_ip_cap");
+        m.accept_error("metrics");
+        m.token_review("refused");
+        m.review_avoided("malformed");
         let text = m.render();
         for line in [
             "# TYPE berth_tasks_sent counter",
@@ -205,6 +315,10 @@ mod tests {
             "berth_api_writes_total 2",
             "berth_reconcile_passes_total 0",
             "berth_status_writes_total 0",
+            "berth_connections_refused_total{listener=\"grpc\",reason=\"per_ip_cap\"} 1",
+            "berth_accept_errors_total{listener=\"metrics\"} 1",
+            "berth_token_reviews_total{result=\"refused\"} 1",
+            "berth_token_reviews_avoided_total{reason=\"malformed\"} 1",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

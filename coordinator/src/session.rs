@@ -2,9 +2,14 @@
 //!
 //! A session is accepted only on the leader (a standby answers `Unavailable`,
 //! "not the leader; reconnect", so an agent that reached it through a stale
-//! Service endpoint retries), and only if its first message is a `Hello` and
-//! the bearer token proves the sender is the agent pod on the node the `Hello`
-//! names.
+//! Service endpoint retries), and only if the bearer token in its metadata
+//! is an agent pod's and the first message, a `Hello`, names the node that
+//! pod runs on. The order is fixed: leadership, then the token, then the
+//! `Hello`, then the node. The token is checked before a single byte of the
+//! stream is read, so a caller without credentials never makes the
+//! coordinator decode a message; at most [`SessionLimits::unauthenticated`]
+//! sessions are being checked at once, and the checks themselves are bounded
+//! and cached ([`Reviews`]).
 //! Afterwards every message refreshes the node's `last_seen`, inventories
 //! replace the node's image list, and a session silent for three heartbeat
 //! intervals is closed (the agent reconnects).
@@ -16,41 +21,64 @@ use std::time::{Duration, SystemTime};
 use berth_proto::agent as pb;
 use berth_proto::agent::agent_service_server::AgentService;
 use futures::Stream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{info, warn};
 
 use crate::auth::TokenVerifier;
 use crate::nodes::{NodeRegistry, SessionId};
+use crate::review::{ReviewLimits, Reviews};
 
 /// How often agents are asked to send a heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
 /// How long the first message may take.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Bounds on sessions not yet authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionLimits {
+    /// Sessions between arrival and the end of their authentication.
+    pub unauthenticated: usize,
+    /// The token checks.
+    pub reviews: ReviewLimits,
+}
+
+impl Default for SessionLimits {
+    fn default() -> Self {
+        SessionLimits {
+            unauthenticated: 256,
+            reviews: ReviewLimits::default(),
+        }
+    }
+}
+
 /// Serves agent sessions into a [`NodeRegistry`].
 pub struct AgentSessions<V> {
     registry: Arc<NodeRegistry>,
-    verifier: Arc<V>,
+    reviews: Arc<Reviews<V>>,
+    unauthenticated: Arc<Semaphore>,
     leading: watch::Receiver<bool>,
     stopping: watch::Receiver<bool>,
 }
 
-impl<V> AgentSessions<V> {
-    /// Sessions authenticated by `verifier`, recorded in `registry`, accepted
-    /// while `leading` is true; all end when `stopping` turns true, so agents
-    /// move to the next coordinator instead of holding this one open through
-    /// its shutdown.
+impl<V: TokenVerifier> AgentSessions<V> {
+    /// Sessions authenticated through `reviews`, at most `unauthenticated`
+    /// of them being checked at once, recorded in `registry`, accepted while
+    /// `leading` is true; all end when `stopping` turns true, so agents move
+    /// to the next coordinator instead of holding this one open through its
+    /// shutdown.
     pub fn new(
         registry: Arc<NodeRegistry>,
-        verifier: Arc<V>,
+        reviews: Arc<Reviews<V>>,
+        unauthenticated: usize,
         leading: watch::Receiver<bool>,
         stopping: watch::Receiver<bool>,
     ) -> Self {
         AgentSessions {
             registry,
-            verifier,
+            reviews,
+            unauthenticated: Arc::new(Semaphore::new(unauthenticated)),
             leading,
             stopping,
         }
@@ -80,6 +108,18 @@ impl<V: TokenVerifier> AgentService for AgentSessions<V> {
         }
         let token =
             bearer(&request).ok_or_else(|| crate::auth::AuthError::MissingToken.to_status())?;
+        let Ok(_checking) = self.unauthenticated.clone().try_acquire_owned() else {
+            crate::metrics::METRICS.review_avoided("too_many_unauthenticated");
+            return Err(Status::resource_exhausted(
+                "too many sessions being authenticated; retry shortly",
+            ));
+        };
+        let peer = request.remote_addr().map(|a| a.ip());
+        // Nothing is read from the stream before the token is known good.
+        let reviewed = self.reviews.review(&token, peer).await.map_err(|e| {
+            warn!(?peer, error = %e, "agent token refused");
+            e.to_status()
+        })?;
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -93,10 +133,14 @@ impl<V: TokenVerifier> AgentService for AgentSessions<V> {
             }
         };
         let node = hello.node_name.clone();
-        let identity = self.verifier.verify(&token, &node).await.map_err(|e| {
-            warn!(node = %node, error = %e, "agent refused");
-            e.to_status()
-        })?;
+        let identity = self
+            .reviews
+            .check_node(&reviewed, &node, peer)
+            .await
+            .map_err(|e| {
+                warn!(node = %node, error = %e, "agent refused");
+                e.to_status()
+            })?;
         let (tx, rx) = mpsc::channel(256);
         let session = self
             .registry

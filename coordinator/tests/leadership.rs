@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use berth_coordinator::auth::{AgentIdentity, AuthError, TokenVerifier};
+use berth_coordinator::access::{AccessError, Caller, ResourceAccess, Reviewer, TokenVerdict};
+use berth_coordinator::auth::{AgentIdentity, AuthError, TokenIdentity, TokenVerifier};
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
 use berth_coordinator::nodes::NodeRegistry;
@@ -22,13 +23,41 @@ use tonic_health::server::HealthReporter;
 struct AnyToken;
 
 impl TokenVerifier for AnyToken {
-    async fn verify(&self, _token: &str, node: &str) -> Result<AgentIdentity, AuthError> {
+    async fn review(&self, _token: &str) -> Result<TokenIdentity, AuthError> {
+        Ok(TokenIdentity {
+            pod: "agent".into(),
+            pod_uid: "uid".into(),
+            node: None,
+        })
+    }
+
+    async fn check_node(
+        &self,
+        _token: &TokenIdentity,
+        node: &str,
+    ) -> Result<AgentIdentity, AuthError> {
         Ok(AgentIdentity {
             node: node.into(),
             pod: format!("agent-{node}"),
         })
     }
 }
+
+/// The public API is not called here: no token is valid for it.
+struct NoCallers;
+
+impl Reviewer for NoCallers {
+    async fn review_token(&self, _token: &str) -> Result<TokenVerdict, AccessError> {
+        Ok(TokenVerdict::Invalid("no callers in this test".into()))
+    }
+
+    async fn review_access(&self, _: &Caller, _: &ResourceAccess) -> Result<bool, AccessError> {
+        Ok(false)
+    }
+}
+
+/// Shaped like a JWT, so it reaches the verifier.
+const TOKEN: &str = "aGVhZA.Ym9keQ.c2ln";
 
 /// A coordinator server on a free local port; stops when dropped.
 struct Coordinator {
@@ -48,13 +77,20 @@ async fn start() -> Coordinator {
     let (role, roles) = watch::channel(Role::Standby);
     let reporter = HealthReporter::new();
     tokio::spawn(health::report(reporter.clone(), roles));
-    tokio::spawn(server::serve(
+    let services = server::Services {
+        registry: registry.clone(),
+        details: CacheDetails::default(),
+        verifier: Arc::new(AnyToken),
+        reviewer: NoCallers,
+        health: reporter,
+        leading: leading_rx,
+    };
+    // Plaintext: leadership, not TLS, is under test here (tls_server.rs).
+    tokio::spawn(server::serve_with(
         listener,
-        registry.clone(),
-        CacheDetails::default(),
-        Arc::new(AnyToken),
-        reporter,
-        leading_rx,
+        server::Plain,
+        server::Limits::default(),
+        services,
         stopping,
     ));
     Coordinator {
@@ -79,7 +115,7 @@ async fn session(addr: &str, node: &str) -> Result<pb::coordinator_message::Kind
     tx.send(hello).await.unwrap();
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     req.metadata_mut()
-        .insert("authorization", "Bearer t".parse().unwrap());
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
     let mut answers = client.session(req).await?.into_inner();
     let first = answers.message().await?.and_then(|m| m.kind);
     first.ok_or_else(|| tonic::Status::internal("no first message"))

@@ -15,12 +15,11 @@ use berth_coordinator::imagecache::crd::ImageCache;
 use berth_e2e::bench::{Goal, confirm_on_nodes, direct_pull, median, ms, report, runs};
 use berth_e2e::{Cluster, eventually};
 use berth_proto::api::GetImageCacheRequest;
-use berth_proto::api::inventory_client::InventoryClient;
 use kube::api::{Api, DeleteParams, PostParams};
 
 /// Polls the coordinator until it reports `image` Ready on `node`.
 async fn wait_reported(
-    api: &mut InventoryClient<tonic::transport::Channel>,
+    api: &mut berth_e2e::ApiClient,
     ns: &str,
     name: &str,
     node: &str,
@@ -76,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
     c.kubectl(&["create", "namespace", &ns])?;
     let caches: Api<ImageCache> = Api::namespaced(c.client.clone(), &ns);
     let pf = c.port_forward("berth-coordinator", 7070)?;
-    let mut inventory = InventoryClient::connect(format!("http://{}", pf.addr())).await?;
+    let mut inventory = c.inventory_client(&pf.addr()).await?;
 
     let (mut berth, mut direct) = (Vec::new(), Vec::new());
     for i in 0..runs {

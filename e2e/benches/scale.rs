@@ -8,7 +8,8 @@
 //! agent ServiceAccount bound to that node, and a token bound to that Pod, so
 //! the coordinator authenticates it exactly as a real agent (TokenReview, then
 //! the Pod's node). Agents dial the leader's pod IP (the host routes to pod
-//! subnets).
+//! subnets) over TLS, trusting the CA bundle in the ConfigMap berth-ca and
+//! checking the Service's name in the certificate, as real agents do.
 //!
 //! Figures are taken where they land, not from Berth's own counters: the
 //! coordinator's requests from the apiserver's audit log (every request of
@@ -18,6 +19,13 @@
 //! benchmark. Each size prints time to connect and to converge, the
 //! apiserver writes of each phase and the peak memory; then how each grows
 //! from the first size to the second.
+//!
+//! All simulated agents dial from this host's one address, while the
+//! coordinator caps connections per source IP (`BERTH_MAX_CONNECTIONS_PER_IP`,
+//! 1024: real agents each have their own pod IP). When the largest size does
+//! not fit under the installed caps, the benchmark raises them on the
+//! Deployment for its run (a rollout; the new leader is measured) and puts
+//! the installed values back at the end.
 //!
 //! `cargo bench -p berth-e2e --bench scale`; `BERTH_SCALE_AGENTS` lists the
 //! sizes (default `1000,5000`).
@@ -224,8 +232,14 @@ async fn make_agents(
         .await
 }
 
-/// Starts one simulated agent per token, each holding `images`.
-fn start_agents(coordinator: &str, tokens: Vec<(String, PathBuf)>, images: &[String]) {
+/// Starts one simulated agent per token, each holding `images`, dialing
+/// `coordinator` over TLS and trusting `ca_file`.
+fn start_agents(
+    coordinator: &str,
+    ca_file: &std::path::Path,
+    tokens: Vec<(String, PathBuf)>,
+    images: &[String],
+) {
     for (name, token_file) in tokens {
         let rt = MemRuntime::default();
         for i in images {
@@ -233,7 +247,10 @@ fn start_agents(coordinator: &str, tokens: Vec<(String, PathBuf)>, images: &[Str
         }
         let (runner, updates) = TaskRunner::new(Arc::new(rt), &name, 2, Managed::load(None));
         let cfg = SessionConfig {
-            coordinator: format!("http://{coordinator}:7070"),
+            coordinator: format!("https://{coordinator}:7070"),
+            ca_file: ca_file.to_path_buf(),
+            // Dialed by pod IP; the certificate names the Service.
+            tls_server_name: Some(berth_e2e::COORDINATOR_NAME.into()),
             node_name: name,
             token_file,
             socket: "memory".into(),
@@ -241,6 +258,62 @@ fn start_agents(coordinator: &str, tokens: Vec<(String, PathBuf)>, images: &[Str
         };
         tokio::spawn(session::run(runner, updates, cfg));
     }
+}
+
+/// Connections the host needs beyond the simulated agents' (the real
+/// agents do not count: they dial from their own pod IPs).
+const CAP_SLACK: usize = 64;
+
+/// Sets the coordinator Deployment's env `vars` (`NAME=value`, or `NAME-` to
+/// unset) and waits for the rollout.
+fn set_coordinator_env(c: &Cluster, vars: &[String]) -> anyhow::Result<()> {
+    let mut args = vec!["-n", NAMESPACE, "set", "env", "deploy/berth-coordinator"];
+    args.extend(vars.iter().map(String::as_str));
+    c.kubectl(&args)?;
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "rollout",
+        "status",
+        "deploy/berth-coordinator",
+        "--timeout=300s",
+    ])?;
+    Ok(())
+}
+
+/// Raises the coordinator's connection caps so `agents` fit from one
+/// address; returns the env changes that restore the installed values
+/// (empty when nothing had to change).
+fn fit_caps(c: &Cluster, agents: usize) -> anyhow::Result<Vec<String>> {
+    let defaults = berth_coordinator::server::Limits::default().connections;
+    let need = agents + CAP_SLACK;
+    let mut raise = Vec::new();
+    let mut restore = Vec::new();
+    for (name, default) in [
+        ("BERTH_MAX_CONNECTIONS", defaults.max_connections),
+        ("BERTH_MAX_CONNECTIONS_PER_IP", defaults.max_per_ip),
+    ] {
+        let installed = c.coordinator_env(name)?;
+        let cap = match &installed {
+            Some(v) => v.parse().with_context(|| format!("{name}={v}"))?,
+            None => default,
+        };
+        if cap < need {
+            raise.push(format!("{name}={need}"));
+            restore.push(match installed {
+                Some(v) => format!("{name}={v}"),
+                None => format!("{name}-"),
+            });
+        }
+    }
+    if !raise.is_empty() {
+        println!(
+            "setup: {agents} agents from one address; raising {} for this run",
+            raise.join(" ")
+        );
+        set_coordinator_env(c, &raise)?;
+    }
+    Ok(restore)
 }
 
 /// What one size measured.
@@ -276,17 +349,35 @@ async fn main() -> anyhow::Result<()> {
         "the cluster's env has no BERTH_AUDIT_LOG (bring it up with this e2e/cluster.sh)"
     );
     cleanup(&c).await?;
+    let restore = fit_caps(&c, *sizes.last().unwrap_or(&0))?;
+    let outcome = run(&c, &sizes, &audit).await;
+    if !restore.is_empty() {
+        println!("restoring {}", restore.join(" "));
+        set_coordinator_env(&c, &restore)?;
+    }
+    outcome
+}
+
+/// Every size, against the leader as it is now.
+async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
-    let leader = pods
-        .list(
-            &ListParams::default()
-                .labels("app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true"),
-        )
-        .await?
-        .items
-        .into_iter()
-        .find(|p| p.status.as_ref().is_some_and(|s| s.pod_ip.is_some()))
-        .context("no leading coordinator pod with an IP")?;
+    // After a rollout the new pods take a moment to elect and label.
+    let leader = eventually(
+        Duration::from_secs(120),
+        "a leading coordinator pod with an IP",
+        || async {
+            Ok(pods
+                .list(
+                    &ListParams::default()
+                        .labels("app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true"),
+                )
+                .await?
+                .items
+                .into_iter()
+                .find(|p| p.status.as_ref().is_some_and(|s| s.pod_ip.is_some())))
+        },
+    )
+    .await?;
     let coordinator = leader
         .status
         .as_ref()
@@ -294,6 +385,8 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_default();
     let cgroup = coordinator_cgroup(leader.metadata.uid.as_deref().unwrap_or_default())?;
     let metrics_addr = format!("{coordinator}:9090");
+    // The agents trust the CA the coordinator publishes, as real agents do.
+    let ca_file = c.ca_file().await?;
     let dir = std::env::temp_dir().join(format!("berth-scale-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let ns = format!("bench-scale-{}", berth_e2e::registry::unique_suffix());
@@ -306,7 +399,7 @@ async fn main() -> anyhow::Result<()> {
         // The agents of the earlier size stay; this size adds the rest.
         let t = Instant::now();
         let names: Vec<String> = (started..agents).map(|i| format!("sim-{i:05}")).collect();
-        let tokens = make_agents(&c, names, &dir).await?;
+        let tokens = make_agents(c, names, &dir).await?;
         println!(
             "setup: {} more nodes, pods and tokens in {:.1} s",
             agents - started,
@@ -321,7 +414,7 @@ async fn main() -> anyhow::Result<()> {
         reset_peak(&cgroup)?;
         let connect_mark = audit.mark()?;
         let t = Instant::now();
-        start_agents(&coordinator, tokens, &images);
+        start_agents(&coordinator, &ca_file, tokens, &images);
         eventually(
             Duration::from_secs(900),
             "every simulated agent connected",
@@ -434,7 +527,7 @@ async fn main() -> anyhow::Result<()> {
         )?;
     }
     let _ = c.kubectl(&["delete", "namespace", &ns, "--wait=false"]);
-    cleanup(&c).await?;
+    cleanup(c).await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

@@ -10,6 +10,12 @@
 //! socket; [`Cluster::kubectl`] and [`Cluster::grpcurl`] run the real tools.
 //! Tests make the images they assert on with [`Cluster::fresh_image`] (see
 //! [`registry`]), so they pass on any cluster whatever other caches hold.
+//!
+//! The coordinator speaks TLS only and its public API wants a bearer token:
+//! [`Cluster::api_grpcurl`] and [`Cluster::inventory_client`] trust the CA
+//! from the ConfigMap `berth-ca` ([`Cluster::ca_pem`]) and send the token of
+//! a viewer ServiceAccount ([`Cluster::api_token`]); [`Cluster::grpcurl_as`]
+//! calls with any token, or none.
 
 pub mod bench;
 pub mod registry;
@@ -17,14 +23,24 @@ pub mod registry;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use berth_proto::api::inventory_client::InventoryClient;
 use k8s_cri::v1::image_service_client::ImageServiceClient;
-use tonic::transport::Channel;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Namespace Berth is installed into by `manifests/`.
 pub const NAMESPACE: &str = "berth-system";
+
+/// The name the coordinator's certificate is checked against.
+pub const COORDINATOR_NAME: &str = "berth-coordinator.berth-system.svc";
+
+/// The ServiceAccount (in [`NAMESPACE`]) the tests read the API as, bound to
+/// the ClusterRole `berth-viewer`.
+pub const VIEWER_SA: &str = "berth-e2e-viewer";
 
 /// Where the env file of the local cluster lives unless `BERTH_E2E_ENV` says.
 pub const LOCAL_ENV: &str = "/var/lib/berth-e2e/env";
@@ -38,6 +54,8 @@ pub struct Cluster {
     pub client: kube::Client,
     /// Worker node names.
     pub nodes: Vec<String>,
+    /// The viewer's token, made once per `Cluster`.
+    token: OnceLock<String>,
 }
 
 fn read_env(path: &Path) -> anyhow::Result<HashMap<String, String>> {
@@ -81,6 +99,7 @@ impl Cluster {
             local: true,
             client,
             nodes,
+            token: OnceLock::new(),
         })
     }
 
@@ -112,6 +131,7 @@ impl Cluster {
             local: false,
             client,
             nodes,
+            token: OnceLock::new(),
         })
     }
     /// A value from the harness's env file.
@@ -364,6 +384,39 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// The value of `name` in the coordinator Deployment's container env,
+    /// if set there (as a literal value).
+    pub fn coordinator_env(&self, name: &str) -> anyhow::Result<Option<String>> {
+        let v = self.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "deploy/berth-coordinator",
+            "-o",
+            &format!(
+                "jsonpath={{.spec.template.spec.containers[0].env[?(@.name==\"{name}\")].value}}"
+            ),
+        ])?;
+        let v = v.trim();
+        Ok((!v.is_empty()).then(|| v.to_string()))
+    }
+
+    /// The connection caps of the coordinator's port 7070 as installed
+    /// (`BERTH_MAX_CONNECTIONS`, `BERTH_MAX_CONNECTIONS_PER_IP`), the
+    /// coordinator's `defaults` where unset: (total, per source IP).
+    pub fn coordinator_caps(&self, defaults: (usize, usize)) -> anyhow::Result<(usize, usize)> {
+        let read = |name: &str, default: usize| -> anyhow::Result<usize> {
+            match self.coordinator_env(name)? {
+                Some(v) => v.parse().with_context(|| format!("{name}={v}")),
+                None => Ok(default),
+            }
+        };
+        Ok((
+            read("BERTH_MAX_CONNECTIONS", defaults.0)?,
+            read("BERTH_MAX_CONNECTIONS_PER_IP", defaults.1)?,
+        ))
+    }
+
     /// `kubectl ARGS` with `input` on stdin; returns (success, stdout, stderr).
     pub fn kubectl_stdin(
         &self,
@@ -445,6 +498,138 @@ impl Cluster {
         Ok(String::from_utf8(out.stdout)?)
     }
 }
+
+impl Cluster {
+    /// The CA bundle the coordinator publishes (ConfigMap `berth-ca`, key
+    /// `ca.crt`), read now: it changes when the certificate does.
+    pub async fn ca_pem(&self) -> anyhow::Result<String> {
+        let maps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+            kube::Api::namespaced(self.client.clone(), NAMESPACE);
+        let cm = maps
+            .get("berth-ca")
+            .await
+            .context("reading ConfigMap berth-ca (the coordinator publishes it on start)")?;
+        cm.data
+            .and_then(|mut d| d.remove("ca.crt"))
+            .context("ConfigMap berth-ca has no ca.crt")
+    }
+
+    /// [`Cluster::ca_pem`] in a file, for tools that want a path.
+    pub async fn ca_file(&self) -> anyhow::Result<PathBuf> {
+        let pem = self.ca_pem().await?;
+        let path = std::env::temp_dir().join(format!(
+            "berth-e2e-ca-{}-{}.crt",
+            std::process::id(),
+            registry::unique_suffix()
+        ));
+        std::fs::write(&path, pem)?;
+        Ok(path)
+    }
+
+    /// A token of [`VIEWER_SA`], which may read the whole public API. The
+    /// ServiceAccount and its ClusterRoleBinding are created if missing.
+    pub fn api_token(&self) -> anyhow::Result<String> {
+        if let Some(t) = self.token.get() {
+            return Ok(t.clone());
+        }
+        self.apply(&format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {VIEWER_SA}, namespace: {NAMESPACE}}}\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRoleBinding\nmetadata: {{name: {VIEWER_SA}}}\nroleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: berth-viewer}}\nsubjects:\n- {{kind: ServiceAccount, name: {VIEWER_SA}, namespace: {NAMESPACE}}}\n"
+        ))?;
+        let token = self.create_token(VIEWER_SA)?;
+        Ok(self.token.get_or_init(|| token).clone())
+    }
+
+    /// `kubectl create token SA` in [`NAMESPACE`], for an hour.
+    pub fn create_token(&self, service_account: &str) -> anyhow::Result<String> {
+        Ok(self
+            .kubectl(&[
+                "-n",
+                NAMESPACE,
+                "create",
+                "token",
+                service_account,
+                "--duration",
+                "1h",
+            ])?
+            .trim()
+            .to_string())
+    }
+
+    /// `grpcurl` over TLS (trusting `berth-ca`, checking
+    /// [`COORDINATOR_NAME`]) with `token` as bearer, if any; returns
+    /// (success, stdout, stderr), refusals included.
+    pub async fn grpcurl_as(
+        &self,
+        token: Option<&str>,
+        args: &[&str],
+    ) -> anyhow::Result<(bool, String, String)> {
+        let ca = self.ca_file().await?;
+        let ca = ca.to_string_lossy().into_owned();
+        let header = token.map(|t| format!("authorization: Bearer {t}"));
+        let mut full = vec!["-cacert", &ca, "-servername", COORDINATOR_NAME];
+        if let Some(h) = &header {
+            full.extend(["-H", h.as_str()]);
+        }
+        full.extend_from_slice(args);
+        let out = Command::new(self.tool("grpcurl"))
+            .args(&full)
+            .output()
+            .context("running grpcurl")?;
+        let _ = std::fs::remove_file(&ca);
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        ))
+    }
+
+    /// `grpcurl` over TLS as the viewer ([`Cluster::api_token`]); fails with
+    /// grpcurl's stderr.
+    pub async fn api_grpcurl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let token = self.api_token()?;
+        let (ok, out, err) = self.grpcurl_as(Some(&token), args).await?;
+        if !ok {
+            bail!("grpcurl {}: {err}", args.join(" "));
+        }
+        Ok(out)
+    }
+
+    /// A TLS channel to the coordinator at `addr` (`host:port`: a
+    /// port-forward or a pod IP), verified against `berth-ca` as
+    /// [`COORDINATOR_NAME`].
+    pub async fn coordinator_channel(&self, addr: &str) -> anyhow::Result<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.ca_pem().await?))
+            .domain_name(COORDINATOR_NAME);
+        Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+            .with_context(|| format!("TLS connection to the coordinator at {addr}"))
+    }
+
+    /// A `berth.v1.Inventory` client at `addr` that calls as the viewer.
+    pub async fn inventory_client(&self, addr: &str) -> anyhow::Result<ApiClient> {
+        let channel = self.coordinator_channel(addr).await?;
+        let bearer = Bearer(format!("Bearer {}", self.api_token()?).parse()?);
+        Ok(InventoryClient::with_interceptor(channel, bearer))
+    }
+}
+
+/// Adds `authorization: Bearer …` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+/// An Inventory client that sends the viewer's token.
+pub type ApiClient = InventoryClient<InterceptedService<Channel, Bearer>>;
 
 /// A running `kubectl port-forward`.
 pub struct PortForward {

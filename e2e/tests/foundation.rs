@@ -62,15 +62,16 @@ async fn agent_pull(c: &Cluster, node: &str, image: &str) -> String {
     .unwrap()
 }
 
-/// `ListNodes` through grpcurl, as JSON.
-fn list_nodes(c: &Cluster, addr: &str) -> anyhow::Result<serde_json::Value> {
-    let out = c.grpcurl(&[
-        "-plaintext",
-        "-d",
-        r#"{"include_images": true}"#,
-        addr,
-        "berth.v1.Inventory/ListNodes",
-    ])?;
+/// `ListNodes` through grpcurl (TLS, as the viewer), as JSON.
+async fn list_nodes(c: &Cluster, addr: &str) -> anyhow::Result<serde_json::Value> {
+    let out = c
+        .api_grpcurl(&[
+            "-d",
+            r#"{"include_images": true}"#,
+            addr,
+            "berth.v1.Inventory/ListNodes",
+        ])
+        .await?;
     Ok(serde_json::from_str(&out)?)
 }
 
@@ -98,7 +99,7 @@ async fn wait_all_connected(c: &Cluster, addr: &str, timeout: Duration) -> anyho
         timeout,
         "every node connected to the coordinator",
         || async {
-            let v = list_nodes(c, addr)?;
+            let v = list_nodes(c, addr).await?;
             let connected = connected_nodes(&v);
             Ok(c.nodes
                 .iter()
@@ -141,9 +142,10 @@ async fn every_node_is_ready_and_runs_one_agent_that_reached_the_coordinator_by_
         "exactly one running agent on every node, none elsewhere"
     );
 
-    // The agents dial `http://berth-coordinator:7070`: the coordinator lists
-    // a node only after that node's agent reached it through DNS and the
-    // Service, and authenticated.
+    // The agents dial `https://berth-coordinator.berth-system.svc:7070`: the
+    // coordinator lists a node only after that node's agent reached it
+    // through DNS and the Service, verified its certificate, and
+    // authenticated.
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
     wait_all_connected(&c, &pf.addr(), Duration::from_secs(60))
         .await
@@ -183,7 +185,7 @@ async fn grpcurl_lists_every_node_with_exactly_the_images_cri_reports() {
     agent_pull(&c, &c.nodes[0], &only_a).await;
 
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
-    let services = c.grpcurl(&["-plaintext", &pf.addr(), "list"]).unwrap();
+    let services = c.api_grpcurl(&[&pf.addr(), "list"]).await.unwrap();
     assert!(services.contains("berth.v1.Inventory"), "{services}");
     assert!(
         services.contains("berth.agent.v1.AgentService"),
@@ -194,7 +196,7 @@ async fn grpcurl_lists_every_node_with_exactly_the_images_cri_reports() {
         Duration::from_secs(30),
         "Inventory == CRI on every node",
         || async {
-            let listed = connected_nodes(&list_nodes(&c, &pf.addr())?);
+            let listed = connected_nodes(&list_nodes(&c, &pf.addr()).await?);
             for node in &c.nodes {
                 let cri = c.cri_image_ids(node).await?;
                 if listed.get(node) != Some(&cri) {
@@ -206,17 +208,17 @@ async fn grpcurl_lists_every_node_with_exactly_the_images_cri_reports() {
     )
     .await
     .unwrap();
-    let listed = connected_nodes(&list_nodes(&c, &pf.addr()).unwrap());
+    let listed = connected_nodes(&list_nodes(&c, &pf.addr()).await.unwrap());
     assert_ne!(listed[&c.nodes[0]], listed[&c.nodes[1]]);
 
     let one = c
-        .grpcurl(&[
-            "-plaintext",
+        .api_grpcurl(&[
             "-d",
             &format!(r#"{{"node": "{}"}}"#, c.nodes[1]),
             &pf.addr(),
             "berth.v1.Inventory/ListNodeImages",
         ])
+        .await
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&one).unwrap();
     let mut ids: Vec<String> = v["images"]
@@ -319,11 +321,19 @@ async fn a_restarted_coordinator_sees_every_node_again_within_seconds() {
     );
 }
 
-/// Opens a session with `token` claiming `node`; returns the gRPC outcome.
-async fn try_session(addr: &str, token: &str, node: &str) -> Result<(), tonic::Status> {
-    let mut client = AgentServiceClient::connect(format!("http://{addr}"))
+/// Opens a session (over TLS) with `token` claiming `node`; returns the
+/// gRPC outcome.
+async fn try_session(
+    c: &Cluster,
+    addr: &str,
+    token: &str,
+    node: &str,
+) -> Result<(), tonic::Status> {
+    let channel = c
+        .coordinator_channel(addr)
         .await
-        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+        .map_err(|e| tonic::Status::unavailable(format!("{e:#}")))?;
+    let mut client = AgentServiceClient::new(channel);
     let hello = pb::AgentMessage {
         kind: Some(pb::agent_message::Kind::Hello(pb::Hello {
             node_name: node.to_string(),
@@ -380,16 +390,16 @@ async fn forged_and_wrong_node_tokens_are_refused() {
     forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
     let forged = String::from_utf8(forged).unwrap();
     for bad in [forged.as_str(), "not-a-token"] {
-        let e = try_session(&pf.addr(), bad, a).await.unwrap_err();
+        let e = try_session(&c, &pf.addr(), bad, a).await.unwrap_err();
         assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     }
 
-    let e = try_session(&pf.addr(), &token_for("not-berth"), a)
+    let e = try_session(&c, &pf.addr(), &token_for("not-berth"), a)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 
-    let e = try_session(&pf.addr(), &good, b).await.unwrap_err();
+    let e = try_session(&c, &pf.addr(), &good, b).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
     assert!(e.message().contains(a.as_str()), "{}", e.message());
 
@@ -404,14 +414,14 @@ async fn forged_and_wrong_node_tokens_are_refused() {
             "berth",
         ])
         .unwrap();
-    let e = try_session(&pf.addr(), default_sa.trim(), a)
+    let e = try_session(&c, &pf.addr(), default_sa.trim(), a)
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
 
     // The same token, for its own node, is accepted: the refusals above are
     // about the token, not a coordinator that refuses everyone.
-    try_session(&pf.addr(), &good, a).await.unwrap();
+    try_session(&c, &pf.addr(), &good, a).await.unwrap();
     // That test session replaced the real agent's; the agent reconnects.
     wait_all_connected(&c, &pf.addr(), Duration::from_secs(30))
         .await

@@ -358,6 +358,17 @@ async fn a_private_image_is_cached_with_its_pull_secret_and_a_wrong_secret_degra
         ])
         .unwrap();
     }
+    // The coordinator reads pull Secrets only where a namespace allows it.
+    c.kubectl(&[
+        "-n",
+        &s.ns,
+        "create",
+        "rolebinding",
+        "berth-pull-secret-reader",
+        "--clusterrole=berth-pull-secret-reader",
+        "--serviceaccount=berth-system:berth-coordinator",
+    ])
+    .unwrap();
     let cache = |name: &str, node: &str, secret: &str| {
         format!(
             r#"
@@ -420,13 +431,14 @@ async fn a_missing_image_is_retried_with_backoff_and_cached_once_it_is_pushed() 
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
     let seen: std::sync::Mutex<Vec<(u64, std::time::Instant)>> = Default::default();
     eventually(Duration::from_secs(90), "a fourth pull attempt", || async {
-        let detail = c.grpcurl(&[
-            "-plaintext",
-            "-d",
-            &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns),
-            &pf.addr(),
-            "berth.v1.Inventory/GetImageCache",
-        ])?;
+        let detail = c
+            .api_grpcurl(&[
+                "-d",
+                &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns),
+                &pf.addr(),
+                "berth.v1.Inventory/GetImageCache",
+            ])
+            .await?;
         let v: serde_json::Value = serde_json::from_str(&detail)?;
         let img = &v["nodes"][0]["images"][0];
         anyhow::ensure!(img["state"] == "Failed", "{detail}");

@@ -51,13 +51,25 @@ pub enum Command {
 /// `node-agent run …`
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// Coordinator URL.
+    /// Coordinator URL (TLS only).
     #[arg(
         long,
         env = "BERTH_COORDINATOR",
-        default_value = "http://berth-coordinator:7070"
+        default_value = "https://berth-coordinator.berth-system.svc:7070"
     )]
     pub coordinator: String,
+    /// CA bundle the coordinator's certificate must chain to (the
+    /// ConfigMap berth-ca, key ca.crt).
+    #[arg(
+        long,
+        env = "BERTH_CA_FILE",
+        default_value = "/var/run/berth-ca/ca.crt"
+    )]
+    pub ca_file: PathBuf,
+    /// Name to verify in the coordinator's certificate [default: the
+    /// URL's host].
+    #[arg(long, env = "BERTH_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
     /// Name of this node.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
@@ -225,6 +237,8 @@ async fn agent(socket: PathBuf, run: RunArgs) -> anyhow::Result<()> {
     });
     let cfg = SessionConfig {
         coordinator: run.coordinator,
+        ca_file: run.ca_file,
+        tls_server_name: run.tls_server_name,
         node_name: run.node_name.clone(),
         token_file: run.token_file,
         socket: socket.display().to_string(),

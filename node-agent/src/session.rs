@@ -12,6 +12,12 @@
 //! runtime is down), and learns the runtime's new version from the next
 //! `Hello`; [`run_while_reachable`] starts that next session as soon as the
 //! health monitor sees the runtime answer again.
+//!
+//! The coordinator speaks TLS only. The agent trusts the CA bundle in
+//! [`SessionConfig::ca_file`] (the `berth-ca` ConfigMap, mounted), re-read on
+//! every attempt so a rotated bundle is picked up without a restart, and
+//! checks the certificate against the URL's host or
+//! [`SessionConfig::tls_server_name`].
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -20,7 +26,7 @@ use berth_proto::agent as pb;
 use berth_proto::agent::agent_service_client::AgentServiceClient;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, warn};
 
 use crate::inventory;
@@ -33,8 +39,13 @@ pub const CAPABILITIES: &[&str] = &["inventory", "pull", "remove"];
 /// How the agent reaches and talks to the coordinator.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
-    /// e.g. `http://berth-coordinator.berth-system.svc:7070`.
+    /// e.g. `https://berth-coordinator.berth-system.svc:7070`.
     pub coordinator: String,
+    /// PEM bundle of the CA(s) the coordinator's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// The name the certificate must carry, when the URL's host is not it
+    /// (e.g. dialing a pod IP); default: the URL's host.
+    pub tls_server_name: Option<String>,
     /// The node this agent runs on.
     pub node_name: String,
     /// The projected ServiceAccount token.
@@ -55,6 +66,33 @@ pub enum SessionError {
         path: PathBuf,
         /// The IO error.
         source: std::io::Error,
+    },
+    /// The coordinator URL is not `https://`.
+    #[error(
+        "coordinator URL {0} is not https://: the coordinator serves TLS only (e.g. https://berth-coordinator.berth-system.svc:7070)"
+    )]
+    NotTls(String),
+    /// The CA bundle could not be read.
+    #[error(
+        "cannot read the CA bundle {path}: {source}; mount the ConfigMap berth-ca (key ca.crt) there, or set BERTH_CA_FILE"
+    )]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        source: std::io::Error,
+    },
+    /// The coordinator's certificate does not verify against the CA bundle.
+    #[error(
+        "the certificate of coordinator {url} does not verify against {ca_file}: {reason}; is the berth-ca ConfigMap current, and does the certificate name the host you dial?"
+    )]
+    Untrusted {
+        /// Its URL.
+        url: String,
+        /// The CA bundle used.
+        ca_file: PathBuf,
+        /// What rustls found wrong.
+        reason: String,
     },
     /// The coordinator could not be reached.
     #[error("cannot reach coordinator {url}: {source}")]
@@ -157,19 +195,7 @@ async fn session_once<R: ImageRuntime>(
         path: cfg.token_file.clone(),
         source,
     })?;
-    let connect_err = |source| SessionError::Connect {
-        url: cfg.coordinator.clone(),
-        source,
-    };
-    let channel = Endpoint::from_shared(cfg.coordinator.clone())
-        .map_err(connect_err)?
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(10))
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(connect_err)?;
+    let channel = connect(cfg).await?;
 
     let version = rt.version().await?;
     let mut last = inventory::read(rt, &runner.managed().all()).await?;
@@ -250,6 +276,75 @@ async fn session_once<R: ImageRuntime>(
             }
         }
     }
+}
+
+/// A TLS channel to the coordinator; a certificate that does not verify is
+/// [`SessionError::Untrusted`], with rustls's reason.
+pub async fn connect(cfg: &SessionConfig) -> Result<Channel, SessionError> {
+    endpoint(cfg)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| match certificate_problem(&e) {
+            Some(reason) => SessionError::Untrusted {
+                url: cfg.coordinator.clone(),
+                ca_file: cfg.ca_file.clone(),
+                reason,
+            },
+            None => SessionError::Connect {
+                url: cfg.coordinator.clone(),
+                source: e,
+            },
+        })
+}
+
+/// The coordinator's endpoint with TLS: the CA bundle read now, the server
+/// name from the config or the URL.
+pub fn endpoint(cfg: &SessionConfig) -> Result<Endpoint, SessionError> {
+    if !cfg.coordinator.starts_with("https://") {
+        return Err(SessionError::NotTls(cfg.coordinator.clone()));
+    }
+    let pem = std::fs::read(&cfg.ca_file).map_err(|source| SessionError::CaFile {
+        path: cfg.ca_file.clone(),
+        source,
+    })?;
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
+    if let Some(name) = &cfg.tls_server_name {
+        tls = tls.domain_name(name.clone());
+    }
+    let connect_err = |source| SessionError::Connect {
+        url: cfg.coordinator.clone(),
+        source,
+    };
+    Endpoint::from_shared(cfg.coordinator.clone())
+        .map_err(connect_err)?
+        .tls_config(tls)
+        .map_err(connect_err)
+}
+
+/// What rustls said about the coordinator's certificate, if that is why the
+/// connection failed (it sits a few sources deep, inside an `io::Error`).
+fn certificate_problem(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let rustls_err = err.downcast_ref::<rustls::Error>().or_else(|| {
+            err.downcast_ref::<std::io::Error>()?
+                .get_ref()?
+                .downcast_ref::<rustls::Error>()
+        });
+        if let Some(r) = rustls_err {
+            return matches!(
+                r,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+            .then(|| r.to_string());
+        }
+        next = err.source();
+    }
+    None
 }
 
 /// Reads the inventory and sends it if it differs from `last`; false once

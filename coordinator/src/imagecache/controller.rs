@@ -23,6 +23,7 @@ use berth_proto::agent as pb;
 use berth_proto::docker_config::{DockerCredentials, RegistryAuth};
 use berth_proto::reference::Reference;
 use k8s_openapi::api::core::v1::{Node, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -35,6 +36,7 @@ use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, Update
 use super::detail::node_details;
 use super::plan::{self, Access, Action, CacheView, NodeView};
 use super::problems::ProblemLog;
+use super::pull_secrets::{forbidden_message, is_forbidden, mark_forbidden};
 use super::sizes::Sizes;
 use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
@@ -68,6 +70,8 @@ pub struct Controller {
     sizes: Sizes<OciRegistry>,
     access: AccessChecker<OciRegistry>,
     problems: std::sync::Mutex<ProblemLog>,
+    /// (cache key, Secret name) → why the coordinator may not read it.
+    forbidden: std::sync::Mutex<HashMap<(String, String), String>>,
     written: HashMap<String, (Instant, ImageCacheStatus)>,
     deferred: Option<Instant>,
     phases: HashMap<String, String>,
@@ -102,6 +106,7 @@ pub async fn run(
         sizes: Sizes::new(OciRegistry::new(insecure.clone())),
         access: AccessChecker::new(OciRegistry::new(insecure), wake.clone()),
         problems: Default::default(),
+        forbidden: Default::default(),
         client,
         registry,
         caches,
@@ -169,6 +174,11 @@ impl Controller {
             self.dispatch(action, &caches, &mut secrets).await;
         }
 
+        // Forget unreadable Secrets of caches that are gone.
+        self.forbidden
+            .lock()
+            .unwrap()
+            .retain(|(k, _), _| views.iter().any(|v| &v.key == k));
         let mut details = BTreeMap::new();
         let mut node_counts = BTreeMap::new();
         for (c, v) in caches.iter().zip(&views) {
@@ -184,7 +194,7 @@ impl Controller {
                 node_counts.insert((v.key.clone(), state), count.into());
             }
             let grace = self.started.elapsed() < AGENT_GRACE;
-            let status = build_status(
+            let mut status = build_status(
                 c.status.as_ref(),
                 c.metadata.generation,
                 v,
@@ -192,6 +202,9 @@ impl Controller {
                 Timestamp::now(),
                 grace,
             );
+            if let Some(message) = self.forbidden_for(&v.key) {
+                mark_forbidden(&mut status, &message, &Time(Timestamp::now()));
+            }
             details.insert(v.key.clone(), node_details(v, &node_views));
             self.write_status(c, status).await;
             if v.deleting && c.finalizers().iter().any(|f| f == FINALIZER) {
@@ -419,10 +432,34 @@ impl Controller {
         None
     }
 
+    /// Why a pull Secret of cache `k` is unreadable, if one is.
+    fn forbidden_for(&self, k: &str) -> Option<String> {
+        self.forbidden
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|((cache, _), _)| cache == k)
+            .map(|(_, m)| m.clone())
+    }
+
     async fn load_secret(&self, c: &ImageCache, ns: &str, name: &str) -> Option<DockerCredentials> {
         let api: Api<Secret> = Api::namespaced(self.client.clone(), ns);
         let subject = format!("{} secret {name}", key(c));
-        let problem = match api.get_opt(name).await {
+        let read = api.get_opt(name).await;
+        let forbidden_key = (key(c), name.to_string());
+        if let Err(e) = &read
+            && is_forbidden(e)
+        {
+            let own_ns = std::env::var("POD_NAMESPACE").unwrap_or_else(|_| "berth-system".into());
+            let message = forbidden_message(ns, name, &own_ns);
+            self.forbidden
+                .lock()
+                .unwrap()
+                .insert(forbidden_key, message);
+        } else {
+            self.forbidden.lock().unwrap().remove(&forbidden_key);
+        }
+        let problem = match read {
             Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
                 Some(bytes) => {
                     match DockerCredentials::parse(&bytes.0, &format!("Secret {ns}/{name}")) {
@@ -438,6 +475,9 @@ impl Controller {
                 ),
             },
             Ok(None) => format!("imagePullSecret {ns}/{name} does not exist"),
+            Err(e) if is_forbidden(&e) => self
+                .forbidden_for(&key(c))
+                .unwrap_or_else(|| format!("cannot read Secret {ns}/{name}: {e}")),
             Err(e) => format!("cannot read Secret {ns}/{name}: {e}"),
         };
         if self.problems.lock().unwrap().is_news(&subject, &problem) {

@@ -11,7 +11,9 @@
 //! [`sizes`] learns from the registry how much disk a first pull takes;
 //! [`access`] keeps one tenant's pull Secret from deciding another tenant's
 //! pulls and readiness; [`problems`] keeps a lasting problem to one Warning
-//! Event; [`watch`] mirrors the apiserver and wakes the loop only for news.
+//! Event; [`pull_secrets`] shows a pull Secret the coordinator may not read
+//! (and the RoleBinding to create); [`watch`] mirrors the apiserver and wakes
+//! the loop only for news.
 
 pub mod access;
 pub mod controller;
@@ -19,6 +21,7 @@ pub mod crd;
 pub mod detail;
 pub mod plan;
 pub mod problems;
+pub mod pull_secrets;
 pub mod sizes;
 pub mod status;
 pub mod tags;
