@@ -358,6 +358,42 @@ async fn main() -> anyhow::Result<()> {
     outcome
 }
 
+/// The images of the cache of round `round`.
+fn round_images(round: usize) -> Vec<String> {
+    (0..IMAGES)
+        .map(|i| format!("bench.invalid/r{round}/img{i:02}:1"))
+        .collect()
+}
+
+/// Fails once the Lease names another holder than `leader`: the simulated
+/// agents dial the leader's pod IP, so figures after a takeover mean nothing.
+async fn same_leader(c: &Cluster, leader: &str) -> anyhow::Result<()> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.client.clone(), NAMESPACE);
+    let holder = leases
+        .get("berth-coordinator")
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .unwrap_or_default();
+    if holder != leader {
+        bail!(
+            "the Lease moved from {leader} to {holder:?} during the benchmark; its figures would mix two coordinators"
+        );
+    }
+    Ok(())
+}
+
+/// Returns (as an error) once the Lease leaves `leader`.
+async fn leader_lost(c: &Cluster, leader: &str) -> anyhow::Error {
+    loop {
+        if let Err(e) = same_leader(c, leader).await {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Every size, against the leader as it is now.
 async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
@@ -378,6 +414,7 @@ async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> 
         },
     )
     .await?;
+    let leader_name = leader.metadata.name.clone().unwrap_or_default();
     let coordinator = leader
         .status
         .as_ref()
@@ -405,28 +442,30 @@ async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> 
             agents - started,
             t.elapsed().as_secs_f64()
         );
-        let images: Vec<String> = (0..IMAGES)
-            .map(|i| format!("bench.invalid/r{round}/img{i:02}:1"))
-            .collect();
-        // Earlier agents already run with their own images; the new cache's
-        // images are published on every agent started from now, and the
-        // earlier ones pull them through their in-memory runtime's registry.
+        let images = round_images(round);
+        // Every agent's in-memory registry offers the images of every round,
+        // so agents started for an earlier size can pull this size's too.
+        let offered: Vec<String> = (0..sizes.len()).flat_map(round_images).collect();
         reset_peak(&cgroup)?;
         let connect_mark = audit.mark()?;
         let t = Instant::now();
-        start_agents(&coordinator, &ca_file, tokens, &images);
-        eventually(
-            Duration::from_secs(900),
-            "every simulated agent connected",
-            || async {
-                let text = scrape(&metrics_addr)?;
-                Ok(
-                    (metric(&text, "berth_agents_connected") as usize >= agents + c.nodes.len())
-                        .then_some(()),
-                )
-            },
-        )
-        .await?;
+        start_agents(&coordinator, &ca_file, tokens, &offered);
+        let deadline = Instant::now() + Duration::from_secs(900);
+        loop {
+            same_leader(c, &leader_name).await?;
+            let connected = scrape(&metrics_addr)
+                .map(|text| metric(&text, "berth_agents_connected") as usize)
+                .unwrap_or_default();
+            if connected >= agents + c.nodes.len() {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "only {connected} of {} agents connected after 15 min",
+                agents + c.nodes.len()
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let connect = t.elapsed();
         let connect_reqs = audit.since(connect_mark)?;
 
@@ -445,12 +484,15 @@ async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> 
         let t = Instant::now();
         caches.create(&PostParams::default(), &cache).await?;
         let want = agents as u32;
-        let (_, at) = watch_until(&caches, &name, Duration::from_secs(900), |ic| {
+        let ready = watch_until(&caches, &name, Duration::from_secs(900), |ic| {
             ic.status
                 .as_ref()
                 .is_some_and(|s| s.phase == "Ready" && s.nodes.ready == want)
-        })
-        .await?;
+        });
+        let (_, at) = tokio::select! {
+            r = ready => r?,
+            e = leader_lost(c, &leader_name) => return Err(e),
+        };
         let converge = at - t;
         let converge_reqs = audit.since(converge_mark)?;
         let peak = peak_mb(&cgroup)?;
