@@ -258,18 +258,18 @@ spec:
         .await
         .unwrap();
     let killed = Instant::now();
-    let holder = eventually(TAKEOVER, "the standby to hold the Lease", || async {
-        Ok(lease_holder(&c).await?.filter(|h| *h != before.leader))
-    })
+    let holder = eventually(
+        TAKEOVER,
+        "another coordinator to hold the Lease",
+        || async { Ok(lease_holder(&c).await?.filter(|h| *h != before.leader)) },
+    )
     .await
     .unwrap();
     let took = killed.elapsed();
-    assert_eq!(holder, before.standby, "the Lease went to {holder}");
+    // The standby, or the replacement pod if it won the race for the
+    // expired Lease: either way another coordinator leads in time.
     assert!(took <= TAKEOVER, "takeover took {took:?}");
-    eprintln!(
-        "{} took over {took:?} after {} died",
-        before.standby, before.leader
-    );
+    eprintln!("{holder} took over {took:?} after {} died", before.leader);
 
     eventually(
         Duration::from_secs(120),
