@@ -398,19 +398,31 @@ async fn leader_lost(c: &Cluster, leader: &str) -> anyhow::Error {
 async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(c.client.clone(), NAMESPACE);
     // After a rollout the new pods take a moment to elect and label.
-    let leader = eventually(
-        Duration::from_secs(120),
-        "a leading coordinator pod with an IP",
+    // After a rollout the new pods take a moment to elect and label, and the
+    // old leader may still carry the label while it terminates: the leader
+    // is the live pod the Lease names, with a running coordinator process.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(c.client.clone(), NAMESPACE);
+    let (leader, cgroup) = eventually(
+        Duration::from_secs(180),
+        "the leading coordinator pod, running",
         || async {
-            Ok(pods
-                .list(
-                    &ListParams::default()
-                        .labels("app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true"),
-                )
+            let holder = leases
+                .get("berth-coordinator")
                 .await?
-                .items
-                .into_iter()
-                .find(|p| p.status.as_ref().is_some_and(|s| s.pod_ip.is_some())))
+                .spec
+                .and_then(|s| s.holder_identity)
+                .unwrap_or_default();
+            let Some(pod) = pods.get_opt(&holder).await? else {
+                return Ok(None);
+            };
+            let live = pod.metadata.deletion_timestamp.is_none()
+                && pod.status.as_ref().is_some_and(|s| s.pod_ip.is_some());
+            if !live {
+                return Ok(None);
+            }
+            let cgroup = coordinator_cgroup(pod.metadata.uid.as_deref().unwrap_or_default())?;
+            Ok(Some((pod, cgroup)))
         },
     )
     .await?;
@@ -420,7 +432,6 @@ async fn run(c: &Cluster, sizes: &[usize], audit: &Audit) -> anyhow::Result<()> 
         .as_ref()
         .and_then(|s| s.pod_ip.clone())
         .unwrap_or_default();
-    let cgroup = coordinator_cgroup(leader.metadata.uid.as_deref().unwrap_or_default())?;
     let metrics_addr = format!("{coordinator}:9090");
     // The agents trust the CA the coordinator publishes, as real agents do.
     let ca_file = c.ca_file().await?;
