@@ -4,9 +4,10 @@
 //! Where a node already holds the image, the planner knows its size from that
 //! node's inventory. Otherwise the coordinator reads the image's manifest
 //! (the layers' total, compressed) and asks the agent to allow for
-//! [`disk_estimate`] of it. Answers are kept a while per reference; a registry
-//! that does not answer in time leaves the size unknown (0), which the agent
-//! reports as such when it checks.
+//! [`disk_estimate`] of it. Answers are kept a while per reference, and so
+//! are failures (for a shorter while), so a registry that cannot answer costs
+//! one lookup per image, not one per node; an unknown size (0) is reported as
+//! such by the agent when it checks.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +20,8 @@ use super::tags::Registry;
 
 /// How long a learnt size is kept.
 const KEEP: Duration = Duration::from_secs(600);
+/// How long a failed lookup is kept before the registry is asked again.
+const KEEP_FAILURE: Duration = Duration::from_secs(60);
 /// Longest wait for a manifest before a pull goes out with an unknown size.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most sizes kept.
@@ -49,26 +52,16 @@ impl<R: Registry> Sizes<R> {
     /// The disk a pull of `reference` needs ([`disk_estimate`] of its
     /// layers), 0 if the registry cannot say within a short deadline.
     pub async fn expected(&self, reference: &str, auth: Option<RegistryAuth>) -> u64 {
-        if let Some((size, at)) = self.known.lock().unwrap().get(reference)
-            && at.elapsed() < KEEP
-        {
-            return *size;
+        if let Some((size, at)) = self.known.lock().unwrap().get(reference) {
+            let keep = if *size > 0 { KEEP } else { KEEP_FAILURE };
+            if at.elapsed() < keep {
+                return *size;
+            }
         }
         let answer =
             tokio::time::timeout(LOOKUP_TIMEOUT, self.registry.layers_size(reference, auth)).await;
-        match answer {
-            Ok(Ok(layers)) => {
-                let size = disk_estimate(layers);
-                let mut known = self.known.lock().unwrap();
-                if known.len() >= MAX_ENTRIES {
-                    known.retain(|_, (_, at)| at.elapsed() < KEEP);
-                    if known.len() >= MAX_ENTRIES {
-                        known.clear();
-                    }
-                }
-                known.insert(reference.to_string(), (size, Instant::now()));
-                size
-            }
+        let size = match answer {
+            Ok(Ok(layers)) => disk_estimate(layers),
             Ok(Err(e)) => {
                 debug!(reference, error = %e, "image size unknown");
                 0
@@ -80,7 +73,16 @@ impl<R: Registry> Sizes<R> {
                 );
                 0
             }
+        };
+        let mut known = self.known.lock().unwrap();
+        if known.len() >= MAX_ENTRIES {
+            known.retain(|_, (_, at)| at.elapsed() < KEEP);
+            if known.len() >= MAX_ENTRIES {
+                known.clear();
+            }
         }
+        known.insert(reference.to_string(), (size, Instant::now()));
+        size
     }
 }
 
@@ -108,15 +110,15 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_image_the_registry_cannot_describe_has_an_unknown_size() {
+    async fn an_image_the_registry_cannot_describe_has_an_unknown_size_asked_once() {
         let reg = MemRegistry::default();
         let sizes = Sizes::new(reg.clone());
         assert_eq!(sizes.expected("r.io/missing:1", None).await, 0);
         assert_eq!(sizes.expected("r.io/missing:1", None).await, 0);
         assert_eq!(
             reg.calls.load(Ordering::Relaxed),
-            2,
-            "failures are not kept"
+            1,
+            "a failure is kept a while: one lookup per image, not per node"
         );
     }
 }
