@@ -19,6 +19,9 @@
 
 pub mod bench;
 pub mod registry;
+mod scope;
+
+pub use scope::{RegistryLog, TestNamespace, phase};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -167,12 +170,10 @@ impl Cluster {
             .join("run/containerd.sock")
     }
 
-    /// A raw CRI image client on a node's containerd (not Berth's client).
+    /// A raw CRI image client on a node's containerd (not Berth's client;
+    /// only the unix-socket transport is shared with the agent).
     pub async fn cri(&self, node: &str) -> anyhow::Result<ImageServiceClient<Channel>> {
-        let path = self.node_socket(node);
-        let channel = tonic::transport::Endpoint::from_static("http://cri.invalid")
-            .connect_with_connector(tower_service(path))
-            .await?;
+        let channel = berth_node_agent::cri::unix_channel(self.node_socket(node));
         Ok(ImageServiceClient::new(channel))
     }
 
@@ -656,25 +657,6 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
-}
-
-/// A connector that dials one unix socket.
-pub fn tower_service(
-    path: PathBuf,
-) -> impl tower::Service<
-    tonic::transport::Uri,
-    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
-    Error = std::io::Error,
-    Future = impl Send,
-> + Clone {
-    tower::service_fn(move |_| {
-        let path = path.clone();
-        async move {
-            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                tokio::net::UnixStream::connect(path).await?,
-            ))
-        }
-    })
 }
 
 /// Polls `f` every 250 ms until it returns `Ok(Some(_))` or `timeout` passes.

@@ -8,26 +8,32 @@
 use std::time::Duration;
 
 use berth_coordinator::imagecache::crd::ImageCache;
-use berth_e2e::{Cluster, NAMESPACE, eventually};
+use berth_e2e::{Cluster, NAMESPACE, TestNamespace, eventually, phase};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// A namespace for one test, deleted (with its caches) when dropped.
+/// A test namespace whose pull Secrets the coordinator may read.
 struct Ns<'a> {
     c: &'a Cluster,
-    name: String,
+    ns: TestNamespace<'a>,
+}
+
+impl<'a> std::ops::Deref for Ns<'a> {
+    type Target = TestNamespace<'a>;
+    fn deref(&self) -> &TestNamespace<'a> {
+        &self.ns
+    }
 }
 
 impl<'a> Ns<'a> {
     fn new(c: &'a Cluster, prefix: &str) -> Ns<'a> {
-        let name = format!("{prefix}-{}", berth_e2e::registry::unique_suffix());
-        c.kubectl(&["create", "namespace", &name]).unwrap();
+        let ns = TestNamespace::new(c, prefix);
         // Pull Secrets are read only where the namespace allows it.
         c.kubectl(&[
             "-n",
-            &name,
+            &ns.name,
             "create",
             "rolebinding",
             "berth-pull-secrets",
@@ -35,20 +41,7 @@ impl<'a> Ns<'a> {
             "--serviceaccount=berth-system:berth-coordinator",
         ])
         .unwrap();
-        Ns { c, name }
-    }
-
-    fn caches(&self) -> Api<ImageCache> {
-        Api::namespaced(self.c.client.clone(), &self.name)
-    }
-
-    fn apply_cache(&self, name: &str, spec: &str) {
-        self.c
-            .apply(&format!(
-                "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: {name}, namespace: {}}}\nspec:\n{spec}",
-                self.name
-            ))
-            .unwrap();
+        Ns { c, ns }
     }
 
     fn secret(&self, name: &str, password: &str) {
@@ -71,37 +64,8 @@ impl<'a> Ns<'a> {
     }
 
     async fn wait(&self, name: &str, what: &str, ok: impl Fn(&ImageCache) -> bool) -> ImageCache {
-        let api = self.caches();
-        eventually(WAIT, what, || async {
-            let c = api.get(name).await?;
-            Ok(ok(&c).then_some(c))
-        })
-        .await
-        .unwrap()
+        self.wait_status(name, WAIT, what, ok).await
     }
-}
-
-impl Drop for Ns<'_> {
-    fn drop(&mut self) {
-        let _ = self.c.kubectl(&[
-            "delete",
-            "imagecaches",
-            "--all",
-            "-n",
-            &self.name,
-            "--wait=false",
-        ]);
-        let _ = self
-            .c
-            .kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
-    }
-}
-
-fn phase(c: &ImageCache) -> &str {
-    c.status
-        .as_ref()
-        .map(|s| s.phase.as_str())
-        .unwrap_or_default()
 }
 
 fn condition<'a>(c: &'a ImageCache, type_: &str) -> Option<(&'a str, &'a str, &'a str)> {

@@ -14,11 +14,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow, bail, ensure};
-use berth_coordinator::imagecache::crd::ImageCache;
-use berth_e2e::{Cluster, NAMESPACE, eventually};
+use anyhow::{Context, bail, ensure};
+use berth_e2e::{Cluster, NAMESPACE, RegistryLog, TestNamespace, eventually};
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, DeleteParams, ListParams};
 
@@ -162,73 +161,16 @@ async fn one_of_two_coordinators_holds_the_lease_is_the_services_endpoint_and_ha
     assert_ne!(r.leader, r.standby);
 }
 
-/// A namespace of this test's own, deleted (with its caches) when dropped.
-struct Scope<'a> {
-    c: &'a Cluster,
-    ns: String,
-}
-
-impl<'a> Scope<'a> {
-    fn new(c: &'a Cluster) -> Self {
-        let ns = format!("ha-{}", berth_e2e::registry::unique_suffix());
-        c.kubectl(&["create", "namespace", &ns]).unwrap();
-        Scope { c, ns }
-    }
-}
-
-impl Drop for Scope<'_> {
-    fn drop(&mut self) {
-        let _ = self.c.kubectl(&[
-            "delete",
-            "imagecaches",
-            "--all",
-            "-n",
-            &self.ns,
-            "--wait=false",
-        ]);
-        let _ = self
-            .c
-            .kubectl(&["delete", "namespace", &self.ns, "--wait=false"]);
-    }
-}
-
-async fn internal_ip(c: &Cluster, node: &str) -> anyhow::Result<String> {
-    let nodes: Api<Node> = Api::all(c.client.clone());
-    nodes
-        .get(node)
-        .await?
-        .status
-        .and_then(|s| s.addresses)
-        .unwrap_or_default()
-        .into_iter()
-        .find(|a| a.type_ == "InternalIP")
-        .map(|a| a.address)
-        .ok_or_else(|| anyhow!("node {node} has no InternalIP"))
-}
-
 #[tokio::test]
 async fn killing_the_leader_mid_rollout_hands_over_within_15s_and_every_node_pulls_once() {
     let c = Cluster::from_env().await.unwrap();
     let before = wait_steady(&c, Duration::from_secs(120)).await;
-    let s = Scope::new(&c);
+    let s = TestNamespace::new(&c, "ha");
     // 128 MiB of random layers, one node at a time: the rollout is still
     // going when the leader dies.
     let img = c.fresh_big_image("ha", 8, 16 << 20).await.unwrap();
-    let manifest_head = {
-        let (repo, tag) = img
-            .split_once('/')
-            .and_then(|(_, r)| r.rsplit_once(':'))
-            .unwrap();
-        format!("\"HEAD /v2/{repo}/manifests/{tag} ")
-    };
     // The registry's access log counts the pulls that reach it.
-    let log_path = format!("{}/logs/registry-plain.log", c.var("BERTH_E2E_DIR"));
-    let log_lines = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
-    };
-    let log_start = log_lines(&log_path);
+    let log = RegistryLog::mark(&c);
     c.apply(&format!(
         r#"apiVersion: berth.dev/v1alpha1
 kind: ImageCache
@@ -237,10 +179,10 @@ spec:
   images: [{{ref: "{img}"}}]
   rollout: {{maxConcurrentNodes: 1}}
 "#,
-        ns = s.ns
+        ns = s.name
     ))
     .unwrap();
-    let caches: Api<ImageCache> = Api::namespaced(c.client.clone(), &s.ns);
+    let caches = s.caches();
     // The first status the leader writes (a watch event, not a poll that
     // could miss a short state) shows the rollout under way: not every node
     // is ready yet. The leader dies right then.
@@ -300,18 +242,9 @@ spec:
             "the takeover test"
         ));
     } else {
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
         for node in &c.nodes {
-            let ip = internal_ip(&c, node).await.unwrap();
-            let pulls = log
-                .lines()
-                .skip(log_start)
-                .filter(|l| l.starts_with(&format!("{ip} ")) && l.contains(&manifest_head))
-                .count();
-            assert_eq!(
-                pulls, 1,
-                "{node} ({ip}) fetched {img}'s manifest {pulls} times"
-            );
+            let pulls = log.manifest_fetches(&c, node, &img).await.unwrap();
+            assert_eq!(pulls, 1, "{node} fetched {img}'s manifest {pulls} times");
         }
     }
 

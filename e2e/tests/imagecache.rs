@@ -9,24 +9,22 @@
 use std::time::Duration;
 
 use berth_coordinator::imagecache::crd::ImageCache;
-use berth_e2e::{Cluster, NAMESPACE, eventually};
+use berth_e2e::{Cluster, NAMESPACE, RegistryLog, TestNamespace, eventually, phase};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, ListParams};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-/// A namespace for one test, deleted (with its caches) when dropped.
+/// A namespace and a node label for one test, both gone when dropped.
 struct Scope<'a> {
     c: &'a Cluster,
-    ns: String,
+    ns: TestNamespace<'a>,
     label: String,
 }
 
 impl<'a> Scope<'a> {
     fn new(c: &'a Cluster, name: &str) -> Scope<'a> {
-        // Unique per run: an earlier run's namespace may still be terminating.
-        let ns = format!("ic-{name}-{}", berth_e2e::registry::unique_suffix());
-        c.kubectl(&["create", "namespace", &ns]).unwrap();
+        let ns = TestNamespace::new(c, &format!("ic-{name}"));
         for node in &c.nodes {
             c.kubectl(&["label", "node", node, &format!("berth-e2e/{name}-")])
                 .unwrap();
@@ -49,19 +47,12 @@ impl<'a> Scope<'a> {
             .unwrap();
     }
 
-    /// `kubectl apply` of an ImageCache in this namespace; `spec` is the YAML
-    /// under `spec:`, indented two spaces.
     fn apply_cache(&self, name: &str, spec: &str) {
-        self.c
-            .apply(&format!(
-                "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: {name}, namespace: {}}}\nspec:\n{spec}",
-                self.ns
-            ))
-            .unwrap();
+        self.ns.apply_cache(name, spec);
     }
 
     fn caches(&self) -> Api<ImageCache> {
-        Api::namespaced(self.c.client.clone(), &self.ns)
+        self.ns.caches()
     }
 
     /// Waits until the cache's status satisfies `ok`.
@@ -71,13 +62,7 @@ impl<'a> Scope<'a> {
         what: &str,
         ok: impl Fn(&ImageCache) -> bool,
     ) -> ImageCache {
-        let api = self.caches();
-        eventually(WAIT, what, || async {
-            let c = api.get(name).await?;
-            Ok(ok(&c).then_some(c))
-        })
-        .await
-        .unwrap()
+        self.ns.wait_status(name, WAIT, what, ok).await
     }
 
     async fn wait_gone(&self, name: &str) {
@@ -92,30 +77,12 @@ impl<'a> Scope<'a> {
 
 impl Drop for Scope<'_> {
     fn drop(&mut self) {
-        let _ = self.c.kubectl(&[
-            "delete",
-            "imagecaches",
-            "--all",
-            "-n",
-            &self.ns,
-            "--wait=false",
-        ]);
         for node in &self.c.nodes {
             let _ = self
                 .c
                 .kubectl(&["label", "node", node, &format!("{}-", self.label)]);
         }
-        let _ = self
-            .c
-            .kubectl(&["delete", "namespace", &self.ns, "--wait=false"]);
     }
-}
-
-fn phase(c: &ImageCache) -> &str {
-    c.status
-        .as_ref()
-        .map(|s| s.phase.as_str())
-        .unwrap_or_default()
 }
 
 /// A new image of this test's own (see [`Cluster::fresh_image`]).
@@ -173,7 +140,7 @@ async fn a_cache_puts_its_images_on_the_selected_nodes_only_and_reports_ready() 
     }
     // The printer columns read the status.
     let row = c
-        .kubectl(&["get", "ic", "sel", "-n", &s.ns, "--no-headers"])
+        .kubectl(&["get", "ic", "sel", "-n", &s.ns.name, "--no-headers"])
         .unwrap();
     assert!(
         row.split_whitespace()
@@ -201,7 +168,7 @@ spec:
   deletionPolicy: RemoveFromNodes
   {selector}
 "#,
-            ns = s.ns
+            ns = s.ns.name
         )
     };
     c.apply(&cache(&format!(
@@ -266,7 +233,7 @@ spec:
   nodeNames: [{n2}]
   deletionPolicy: RemoveFromNodes
 "#,
-            ns = s.ns
+            ns = s.ns.name
         )
     };
     c.apply(&cache("one", &shared)).unwrap();
@@ -288,10 +255,10 @@ spec:
   containers:
   - {{name: c, image: "{used}", imagePullPolicy: Never, command: [sleep, "3600"]}}
 "#,
-        ns = s.ns
+        ns = s.ns.name
     ))
     .unwrap();
-    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &s.ns);
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &s.ns.name);
     eventually(WAIT, "the pod running", || async {
         let p = pods.get("user").await?;
         Ok((p.status.and_then(|s| s.phase).as_deref() == Some("Running")).then_some(()))
@@ -344,7 +311,7 @@ async fn a_private_image_is_cached_with_its_pull_secret_and_a_wrong_secret_degra
     for (name, password) in [("good", c.var("BERTH_AUTH_PASSWORD")), ("bad", "wrong")] {
         c.kubectl(&[
             "-n",
-            &s.ns,
+            &s.ns.name,
             "create",
             "secret",
             "docker-registry",
@@ -361,7 +328,7 @@ async fn a_private_image_is_cached_with_its_pull_secret_and_a_wrong_secret_degra
     // The coordinator reads pull Secrets only where a namespace allows it.
     c.kubectl(&[
         "-n",
-        &s.ns,
+        &s.ns.name,
         "create",
         "rolebinding",
         "berth-pull-secret-reader",
@@ -380,7 +347,7 @@ spec:
   nodeNames: [{node}]
   imagePullSecrets: [{{name: {secret}}}]
 "#,
-            ns = s.ns
+            ns = s.ns.name
         )
     };
     c.apply(&cache("good", n1, "good")).unwrap();
@@ -434,7 +401,7 @@ async fn a_missing_image_is_retried_with_backoff_and_cached_once_it_is_pushed() 
         let detail = c
             .api_grpcurl(&[
                 "-d",
-                &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns),
+                &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns.name),
                 &pf.addr(),
                 "berth.v1.Inventory/GetImageCache",
             ])
@@ -575,7 +542,7 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
     for (spec, expected) in cases {
         let yaml = format!(
             "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: bad, namespace: {}}}\nspec:\n  {spec}\n",
-            s.ns
+            s.ns.name
         );
         let (ok, _, err) = c.kubectl_stdin(&["apply", "-f", "-"], &yaml).unwrap();
         assert!(!ok, "accepted: {spec}");
@@ -599,7 +566,7 @@ async fn invalid_specs_are_refused_at_admission_with_a_clear_message() {
     {
         let yaml = format!(
             "apiVersion: berth.dev/v1alpha1\nkind: ImageCache\nmetadata: {{name: good{i}, namespace: {}}}\nspec:\n  {spec}\n  paused: true\n",
-            s.ns
+            s.ns.name
         );
         let (ok, _, err) = c.kubectl_stdin(&["apply", "-f", "-"], &yaml).unwrap();
         assert!(ok, "refused: {spec}\n→ {err}");
@@ -687,21 +654,8 @@ async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges(
     let c = Cluster::from_env().await.unwrap();
     let s = Scope::new(&c, "crash");
     let img = fresh(&c, "crash").await;
-    let manifest_head = {
-        let (repo, tag) = img
-            .split_once('/')
-            .and_then(|(_, r)| r.rsplit_once(':'))
-            .unwrap();
-        format!("\"HEAD /v2/{repo}/manifests/{tag} ")
-    };
     // The registry's access log counts the pulls that reach it.
-    let log_path = format!("{}/logs/registry-plain.log", c.var("BERTH_E2E_DIR"));
-    let log_lines = |p: &str| {
-        std::fs::read_to_string(p)
-            .map(|t| t.lines().count())
-            .unwrap_or(0)
-    };
-    let before = log_lines(&log_path);
+    let log = RegistryLog::mark(&c);
     s.apply_cache(
         "crash",
         &format!(
@@ -756,25 +710,7 @@ async fn killing_the_agent_and_the_coordinator_during_a_rollout_still_converges(
             .iter()
             .find(|n| Some(*n) != killed_on.as_ref())
             .unwrap();
-        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(c.client.clone());
-        let ip = nodes
-            .get(survivor)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .addresses
-            .unwrap()
-            .into_iter()
-            .find(|a| a.type_ == "InternalIP")
-            .unwrap()
-            .address;
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        let pulls = log
-            .lines()
-            .skip(before)
-            .filter(|l| l.starts_with(&format!("{ip} ")) && l.contains(&manifest_head))
-            .count();
+        let pulls = log.manifest_fetches(&c, survivor, &img).await.unwrap();
         assert_eq!(pulls, 1, "{survivor} pulled {img} {pulls} times");
     }
 }
@@ -905,7 +841,7 @@ async fn metrics_show_connected_agents_tasks_and_cache_states() {
         let text = scrape(&c);
         let want = format!(
             "berth_imagecache_nodes{{namespace=\"{}\",name=\"m\",state=\"ready\"}} 1",
-            s.ns
+            s.ns.name
         );
         Ok(text.contains(&want).then_some(text))
     })

@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use berth_coordinator::imagecache::crd::ImageCache;
-use berth_e2e::{Cluster, NAMESPACE, eventually, missing_prerequisite};
+use berth_e2e::{Cluster, NAMESPACE, TestNamespace, missing_prerequisite, phase};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 
@@ -20,65 +20,6 @@ const START: Duration = Duration::from_secs(60);
 const RECOVERY: Duration = Duration::from_secs(30);
 /// How long the runtime stays down (an upgrade's restart).
 const DOWN_SECONDS: &str = "5";
-
-/// A namespace for this test, deleted (with its caches) when dropped.
-struct Scope<'a> {
-    c: &'a Cluster,
-    ns: String,
-}
-
-impl<'a> Scope<'a> {
-    fn new(c: &'a Cluster, name: &str) -> Scope<'a> {
-        // Unique per run: an earlier run's namespace may still be terminating.
-        let ns = format!("rt-{name}-{}", berth_e2e::registry::unique_suffix());
-        c.kubectl(&["create", "namespace", &ns]).unwrap();
-        Scope { c, ns }
-    }
-
-    fn caches(&self) -> Api<ImageCache> {
-        Api::namespaced(self.c.client.clone(), &self.ns)
-    }
-
-    /// Waits up to `timeout` until the cache's status satisfies `ok`.
-    async fn wait_status(
-        &self,
-        name: &str,
-        timeout: Duration,
-        what: &str,
-        ok: impl Fn(&ImageCache) -> bool,
-    ) -> ImageCache {
-        let api = self.caches();
-        eventually(timeout, what, || async {
-            let c = api.get(name).await?;
-            Ok(ok(&c).then_some(c))
-        })
-        .await
-        .unwrap()
-    }
-}
-
-impl Drop for Scope<'_> {
-    fn drop(&mut self) {
-        let _ = self.c.kubectl(&[
-            "delete",
-            "imagecaches",
-            "--all",
-            "-n",
-            &self.ns,
-            "--wait=false",
-        ]);
-        let _ = self
-            .c
-            .kubectl(&["delete", "namespace", &self.ns, "--wait=false"]);
-    }
-}
-
-fn phase(c: &ImageCache) -> &str {
-    c.status
-        .as_ref()
-        .map(|s| s.phase.as_str())
-        .unwrap_or_default()
-}
 
 /// The agent pod on `node`: (UID, restarts of its container).
 async fn agent_pod(c: &Cluster, node: &str) -> (String, i32) {
@@ -114,7 +55,7 @@ async fn a_containerd_restart_during_a_pull_is_survived_without_restarting_the_a
     let index = n1
         .strip_prefix("berth-node-")
         .expect("local cluster nodes are named berth-node-N");
-    let s = Scope::new(&c, "restart");
+    let s = TestNamespace::new(&c, "rt-restart");
     // 200 MiB of random layers: a pull of a few seconds on these machines.
     let img = c.fresh_big_image("rt-restart", 10, 20 << 20).await.unwrap();
     let before = agent_pod(&c, n1).await;
@@ -127,12 +68,12 @@ spec:
   images: [{{ref: "{img}"}}]
   nodeNames: [{n1}]
 "#,
-        ns = s.ns
+        ns = s.name
     ))
     .unwrap();
     // The first status (a watch event, not a poll that could miss a short
     // state) says the pull is under way; containerd goes down right then.
-    let caches: Api<ImageCache> = Api::namespaced(c.client.clone(), &s.ns);
+    let caches: Api<ImageCache> = s.caches();
     berth_e2e::bench::watch_until(&caches, "restart", START, |ic| phase(ic) == "Progressing")
         .await
         .unwrap();

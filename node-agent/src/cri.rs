@@ -275,6 +275,18 @@ pub struct CriRuntime {
     runtime: RuntimeServiceClient<Channel>,
 }
 
+/// A gRPC channel to the unix socket at `path`, lazy and reconnecting:
+/// tonic calls the connector again, with the same path, whenever the
+/// connection is gone (a restarted runtime makes a new socket there).
+pub fn unix_channel(path: PathBuf) -> Channel {
+    Endpoint::from_static("http://cri.invalid")
+        .connect_timeout(CONNECT_TIMEOUT)
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+}
+
 impl CriRuntime {
     /// Checks `socket`, dials it, and asks the runtime its version.
     pub async fn connect(socket: impl AsRef<Path>) -> Result<Self, CriError> {
@@ -333,18 +345,7 @@ impl CriRuntime {
     /// Calls fail with [`CriError::RuntimeUnavailable`] until it answers.
     pub fn lazy(socket: impl AsRef<Path>) -> Self {
         let socket = socket.as_ref().to_path_buf();
-        let path = socket.clone();
-        // Lazy and reconnecting: tonic calls the connector again, with the
-        // same path, whenever the connection is gone.
-        let channel =
-            Endpoint::from_static("http://cri.invalid")
-                .connect_timeout(CONNECT_TIMEOUT)
-                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }));
+        let channel = unix_channel(socket.clone());
         CriRuntime {
             images: ImageServiceClient::new(channel.clone()).max_decoding_message_size(64 << 20),
             runtime: RuntimeServiceClient::new(channel).max_decoding_message_size(64 << 20),
