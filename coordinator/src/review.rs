@@ -249,7 +249,7 @@ fn jwt_shaped(token: &str) -> bool {
 
 /// The `exp` claim of a JWT, read without checking the signature (only
 /// ever used for a token the apiserver has just accepted).
-fn expiry(token: &str) -> Option<SystemTime> {
+pub(crate) fn expiry(token: &str) -> Option<SystemTime> {
     let payload = token.split('.').nth(1)?;
     let json = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))

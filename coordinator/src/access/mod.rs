@@ -27,9 +27,8 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
-use base64::Engine as _;
 use sha2::{Digest, Sha256};
 
 use cache::TtlCache;
@@ -280,23 +279,8 @@ impl<R: Reviewer> Authorizer<R> {
 /// claim (read, not verified: the apiserver verified the token), at most
 /// [`TOKEN_TTL`]; a token without a readable `exp` gets [`TOKEN_TTL`].
 pub fn token_ttl(token: &str, now: SystemTime) -> Duration {
-    let exp = token
-        .split('.')
-        .nth(1)
-        .and_then(|p| {
-            base64::engine::general_purpose::URL_SAFE_NO_PAD
-                .decode(p.trim_end_matches('='))
-                .ok()
-        })
-        .and_then(|json| serde_json::from_slice::<serde_json::Value>(&json).ok())
-        .and_then(|claims| claims.get("exp")?.as_u64());
-    match exp {
-        Some(exp) => {
-            let left = (UNIX_EPOCH + Duration::from_secs(exp))
-                .duration_since(now)
-                .unwrap_or_default();
-            left.min(TOKEN_TTL)
-        }
+    match crate::review::expiry(token) {
+        Some(exp) => exp.duration_since(now).unwrap_or_default().min(TOKEN_TTL),
         None => TOKEN_TTL,
     }
 }

@@ -16,6 +16,8 @@ use tower::{Layer, Service, ServiceExt};
 use super::layer::AccessLayer;
 use super::policy::{self, Rule};
 use super::*;
+use base64::Engine as _;
+use std::time::UNIX_EPOCH;
 
 /// Tokens it knows, reads it allows, and how often it was asked.
 #[derive(Default)]
