@@ -31,4 +31,19 @@ kubectl -n berth-system set env ds/berth-node-agent BERTH_DISK_THRESHOLD=97 >/de
 kubectl -n berth-system set image deploy/berth-coordinator "coordinator=$image" >/dev/null
 kubectl -n berth-system set image ds/berth-node-agent "node-agent=$image" >/dev/null
 kubectl -n berth-system rollout status deploy/berth-coordinator --timeout=180s
+# The rollout is done when the new pods are available, but an old pod may
+# still be terminating and still hold the Lease (and the Service's leader
+# label). Wait until only current pods remain and one of them leads, so a
+# port-forward to the Service reaches a coordinator that stays.
+for _ in $(seq 600); do
+  leaving=$(kubectl -n berth-system get pods -l app.kubernetes.io/name=berth-coordinator \
+    -o jsonpath='{.items[?(@.metadata.deletionTimestamp)].metadata.name}')
+  holder=$(kubectl -n berth-system get lease berth-coordinator -o jsonpath='{.spec.holderIdentity}' 2>/dev/null || true)
+  leader=$(kubectl -n berth-system get pods -l app.kubernetes.io/name=berth-coordinator,berth.dev/leader=true \
+    -o jsonpath='{.items[*].metadata.name}')
+  if [ -z "$leaving" ] && [ -n "$holder" ] && [ "$leader" = "$holder" ]; then break; fi
+  sleep 0.5
+done
+[ -z "$leaving" ] && [ -n "$holder" ] && [ "$leader" = "$holder" ] ||
+  { echo "no settled coordinator leader after 5 min (leaving: $leaving; lease: $holder; labelled: $leader)" >&2; exit 1; }
 kubectl -n berth-system rollout status ds/berth-node-agent --timeout=180s
