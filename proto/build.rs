@@ -6,7 +6,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("berth_descriptor.bin"))
         .compile_protos(
-            &["berth/agent/v1/agent.proto", "berth/v1/inventory.proto"],
+            &[
+                "berth/agent/v1/agent.proto",
+                "berth/v1/inventory.proto",
+                "berth/v1/containers.proto",
+            ],
             &["."],
         )?;
     Ok(())

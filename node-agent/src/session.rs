@@ -250,7 +250,20 @@ async fn session_once<R: ImageRuntime>(
                         }
                     }
                     Some(pb::coordinator_message::Kind::Task(task)) => runner.submit(task),
-                    Some(pb::coordinator_message::Kind::Heartbeat(_)) | None => {}
+                    Some(pb::coordinator_message::Kind::LogRequest(r)) => {
+                        let refusal = pb::LogData {
+                            stream_id: r.stream_id,
+                            end: true,
+                            error: "this agent does not read logs yet".into(),
+                            ..Default::default()
+                        };
+                        if tx.send(send(pb::agent_message::Kind::LogData(refusal))).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(pb::coordinator_message::Kind::LogCancel(_))
+                    | Some(pb::coordinator_message::Kind::Heartbeat(_))
+                    | None => {}
                 }
             }
             Some(update) = updates.recv() => {
