@@ -19,6 +19,7 @@
 pub mod access;
 pub mod api;
 pub mod auth;
+pub mod containers;
 pub mod domain;
 pub mod health;
 pub mod imagecache;

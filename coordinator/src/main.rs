@@ -25,9 +25,13 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use berth_coordinator::access::kube::KubeReviewer;
+use berth_coordinator::containers::api::ContainersApi;
+use berth_coordinator::containers::images::ImagesApi;
+use berth_coordinator::containers::store::Spaces;
 use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
 use berth_coordinator::imagecache;
+use berth_coordinator::imagecache::tags::OciRegistry;
 use berth_coordinator::leader::{self, Elector, KubeLeases};
 use berth_coordinator::{auth::KubeVerifier, limits, nodes::NodeRegistry, server, tls};
 use clap::Parser;
@@ -154,6 +158,10 @@ async fn main() -> anyhow::Result<()> {
         reviewer: KubeReviewer::new(client.clone()),
         health: health.clone(),
         leading,
+        containers: Some((
+            ContainersApi::new(Spaces::new(client.clone()), registry.clone()),
+            ImagesApi::new(OciRegistry::new(args.insecure_registries.clone())),
+        )),
     };
     let listener = server::bind(args.listen).await?;
     tracing::info!(

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_proto::agent as pb;
 use tokio::sync::{Notify, mpsc};
 
+use crate::containers::logs::LogRouter;
 use crate::metrics::METRICS;
 
 pub use crate::domain::TaskRecord;
@@ -111,6 +112,7 @@ pub struct NodeView {
 pub struct NodeRegistry {
     inner: RwLock<Inner>,
     changed: Arc<Notify>,
+    logs: LogRouter,
 }
 
 #[derive(Debug, Default)]
@@ -127,6 +129,8 @@ impl NodeRegistry {
 
     /// Records a new session for `hello.node_name`, replacing any older one.
     pub fn connect(&self, hello: pb::Hello, now: SystemTime, outbox: Option<Outbox>) -> SessionId {
+        // Log streams of an older session of the node end with it.
+        self.logs.node_gone(&hello.node_name);
         let session = self.connect_inner(hello, now, outbox);
         self.changed.notify_one();
         session
@@ -237,6 +241,37 @@ impl NodeRegistry {
         })
     }
 
+    /// The log streams open through the agents' sessions.
+    pub fn logs(&self) -> &LogRouter {
+        &self.logs
+    }
+
+    /// Passes a batch of log lines from `node`'s agent to its reader, and
+    /// cancels the stream at the agent if the reader fell behind.
+    pub fn deliver_log(&self, node: &str, data: pb::LogData) {
+        let id = data.stream_id;
+        if !self.logs.deliver(node, data) {
+            let cancel = pb::CoordinatorMessage {
+                kind: Some(pb::coordinator_message::Kind::LogCancel(pb::LogCancel {
+                    stream_id: id,
+                })),
+            };
+            self.send(node, cancel);
+        }
+    }
+
+    /// Sends a message on the node's current session; false if it has none
+    /// or its queue is full.
+    pub fn send(&self, node: &str, msg: pb::CoordinatorMessage) -> bool {
+        let inner = self.inner.read().unwrap();
+        inner
+            .nodes
+            .get(node)
+            .filter(|n| n.connected)
+            .and_then(|n| n.outbox.as_ref())
+            .is_some_and(|outbox| outbox.try_send(Ok(msg)).is_ok())
+    }
+
     /// Sends `task` to the node's current session; false if it has none or
     /// its queue is full (the task falls out of the next plan again).
     pub fn dispatch(&self, node: &str, task: pb::Task, record: TaskRecord) -> bool {
@@ -314,7 +349,7 @@ impl NodeRegistry {
 
     /// Marks the node disconnected, if `session` is still its newest.
     pub fn disconnect(&self, node: &str, session: SessionId) -> bool {
-        self.with_current(node, session, |n| {
+        let current = self.with_current(node, session, |n| {
             if n.connected {
                 METRICS.agents_connected.dec();
             }
@@ -322,7 +357,12 @@ impl NodeRegistry {
             n.outbox = None;
             // Its pulls stay listed: the agent may finish them while away, and
             // a deleted cache must wait for what they leave behind.
-        })
+        });
+        if current {
+            // Its log streams ended with it.
+            self.logs.node_gone(node);
+        }
+        current
     }
 
     /// Every node, sorted by name.

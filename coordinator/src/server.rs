@@ -26,6 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::agent::agent_service_server::AgentServiceServer;
+use berth_proto::api::containers_server::ContainersServer;
+use berth_proto::api::images_server::ImagesServer;
 use berth_proto::api::inventory_server::InventoryServer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -38,6 +40,8 @@ use crate::access::layer::AccessLayer;
 use crate::access::{Authorizer, Reviewer, policy};
 use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
+use crate::containers::api::ContainersApi;
+use crate::containers::images::ImagesApi;
 use crate::domain::CacheDetails;
 pub use crate::listener::Plain;
 use crate::listener::{self, Accept, Handshake, Http2Preface};
@@ -113,6 +117,8 @@ pub struct Services<V, R> {
     pub health: HealthReporter,
     /// Whether this replica leads: agent sessions are accepted only then.
     pub leading: watch::Receiver<bool>,
+    /// The Docker API's services, if this coordinator serves them.
+    pub containers: Option<(ContainersApi, ImagesApi)>,
 }
 
 /// A gRPC health server reading `reporter`'s statuses.
@@ -173,6 +179,7 @@ where
         reviewer,
         health,
         leading,
+        containers,
     } = services;
     // One bound on apiserver calls for agents and API callers together.
     let gate = Arc::new(ApiGate::new(&limits.sessions.reviews));
@@ -192,7 +199,11 @@ where
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE);
-    let guard = AccessLayer::new(authorizer, policy::inventory);
+    let guard = AccessLayer::new(authorizer, policy::public);
+    let (containers, images) = match containers {
+        Some((c, i)) => (Some(c), Some(i)),
+        None => (None, None),
+    };
     let incoming = listener::incoming(
         "grpc",
         acceptor,
@@ -219,6 +230,12 @@ where
                     .max_decoding_message_size(MAX_PUBLIC_MESSAGE),
             ),
         )
+        .add_optional_service(containers.map(|c| {
+            guard.layer(ContainersServer::new(c).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
+        }))
+        .add_optional_service(images.map(|i| {
+            guard.layer(ImagesServer::new(i).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
+        }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal(stopping))
         .await?;
     Ok(())

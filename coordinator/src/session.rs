@@ -196,9 +196,13 @@ async fn pump(
             Some(pb::agent_message::Kind::TaskUpdate(u)) => {
                 registry.task_update(node, session, &u, std::time::Instant::now())
             }
-            Some(pb::agent_message::Kind::Heartbeat(_))
-            | Some(pb::agent_message::Kind::LogData(_))
-            | None => registry.touch(node, session, now),
+            Some(pb::agent_message::Kind::LogData(data)) => {
+                registry.deliver_log(node, data);
+                registry.touch(node, session, now)
+            }
+            Some(pb::agent_message::Kind::Heartbeat(_)) | None => {
+                registry.touch(node, session, now)
+            }
             Some(pb::agent_message::Kind::Hello(_)) => {
                 return Err(Status::invalid_argument("Hello sent twice"));
             }

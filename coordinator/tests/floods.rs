@@ -103,6 +103,7 @@ where
             health: tonic_health::server::HealthReporter::new(),
             // Leading: sessions get as far as the token check.
             leading: tokio::sync::watch::channel(true).1,
+            containers: None,
         };
         server::serve_with(acceptor, Plain, limits, services, stopping)
             .await

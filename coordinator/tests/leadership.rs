@@ -84,6 +84,7 @@ async fn start() -> Coordinator {
         reviewer: NoCallers,
         health: reporter,
         leading: leading_rx,
+        containers: None,
     };
     // Plaintext: leadership, not TLS, is under test here (tls_server.rs).
     tokio::spawn(server::serve_with(

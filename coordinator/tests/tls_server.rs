@@ -107,6 +107,7 @@ async fn start() -> Running {
         reviewer: rbac,
         health: health.clone(),
         leading: tokio::sync::watch::channel(true).1,
+        containers: None,
     };
     tokio::spawn(server::serve_health(
         health_listener,

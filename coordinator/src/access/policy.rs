@@ -70,3 +70,57 @@ pub fn inventory(path: &str) -> Option<Rule> {
         _ => None,
     }
 }
+
+/// Core `pods` in a request's namespace.
+fn pods(verb: &'static str, namespace: String) -> Result<ResourceAccess, AccessError> {
+    if namespace.is_empty() {
+        return Err(AccessError::BadRequest("namespace is required".into()));
+    }
+    Ok(ResourceAccess {
+        verb,
+        group: "",
+        resource: "pods",
+        namespace: Some(namespace),
+        name: None,
+    })
+}
+
+/// A rule reading the namespace of a request of type `M`.
+macro_rules! in_namespace {
+    ($verb:literal, $message:ty, $method:literal) => {
+        Rule::FromMessage(|m| pods($verb, decode::<$message>(m, $method)?.namespace))
+    };
+}
+
+/// `berth.v1.Containers` and `berth.v1.Images`: the caller needs, on pods in
+/// the request's namespace, what the call does through Berth — `create` to
+/// create or start a container (Berth makes a pod), `delete` to stop, kill
+/// or remove one, `get` to inspect, wait on or read the logs of one, `list`
+/// to list them or read images. Berth acts with its own rights only after
+/// that check.
+pub fn containers(path: &str) -> Option<Rule> {
+    let rule = match path {
+        "/berth.v1.Containers/Create" => {
+            in_namespace!("create", pb::CreateContainerRequest, "Create")
+        }
+        "/berth.v1.Containers/Start" => in_namespace!("create", pb::ContainerRequest, "Start"),
+        "/berth.v1.Containers/Stop" => in_namespace!("delete", pb::StopContainerRequest, "Stop"),
+        "/berth.v1.Containers/Kill" => in_namespace!("delete", pb::ContainerRequest, "Kill"),
+        "/berth.v1.Containers/Remove" => {
+            in_namespace!("delete", pb::RemoveContainerRequest, "Remove")
+        }
+        "/berth.v1.Containers/Inspect" => in_namespace!("get", pb::ContainerRequest, "Inspect"),
+        "/berth.v1.Containers/List" => in_namespace!("list", pb::ListContainersRequest, "List"),
+        "/berth.v1.Containers/Wait" => in_namespace!("get", pb::WaitContainerRequest, "Wait"),
+        "/berth.v1.Containers/Logs" => in_namespace!("get", pb::ContainerLogsRequest, "Logs"),
+        "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
+        "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),
+        _ => return None,
+    };
+    Some(rule)
+}
+
+/// Every guarded service of the public API.
+pub fn public(path: &str) -> Option<Rule> {
+    inventory(path).or_else(|| containers(path))
+}

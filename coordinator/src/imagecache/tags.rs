@@ -106,6 +106,44 @@ fn registry_error(what: String, e: oci_client::errors::OciDistributionError) -> 
     }
 }
 
+/// An image's manifest and configuration as its registry serves them.
+#[derive(Debug, Clone)]
+pub struct ImageConfig {
+    /// `sha256:…` of the manifest.
+    pub manifest_digest: String,
+    /// `sha256:…` of the configuration blob: Docker's image ID.
+    pub config_digest: String,
+    /// The configuration, as JSON.
+    pub config: serde_json::Value,
+    /// Total of the layer sizes.
+    pub size: u64,
+}
+
+impl OciRegistry {
+    /// Reads the manifest (for this platform, from an index) and the
+    /// configuration of `reference`, anonymously.
+    pub async fn image_config(&self, reference: &str) -> Result<ImageConfig, RegistryError> {
+        let (client, r, auth) = self.call(reference, None)?;
+        let (manifest, manifest_digest, config) = client
+            .pull_manifest_and_config(&r, &auth)
+            .await
+            .map_err(|e| registry_error(format!("cannot read {reference}"), e))?;
+        let config: serde_json::Value = serde_json::from_str(&config).map_err(|e| {
+            RegistryError::Failed(format!("the configuration of {reference} is not JSON: {e}"))
+        })?;
+        Ok(ImageConfig {
+            manifest_digest,
+            config_digest: manifest.config.digest.clone(),
+            config,
+            size: manifest
+                .layers
+                .iter()
+                .map(|l| u64::try_from(l.size).unwrap_or_default())
+                .sum(),
+        })
+    }
+}
+
 impl Registry for OciRegistry {
     async fn resolve(
         &self,

@@ -1,0 +1,656 @@
+//! `berth.v1.Containers`: Docker's container calls, done with pods.
+//!
+//! Reads come from the namespace's mirror ([`super::store`]); writes go to
+//! the apiserver and then wait until the mirror has seen them, so a call
+//! that follows sees what the one before it did. Waits (`Start`, `Stop`,
+//! `Wait`, attach) re-check on each watch event, with deadlines.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::agent as agent_pb;
+use berth_proto::api as pb;
+use futures::Stream;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+use super::logs::LogRouter;
+use super::pod::{self, MAIN_CONTAINER};
+use super::record::{self, RUNS_ANNOTATION, Record};
+use super::store::{Space, Spaces};
+use crate::nodes::NodeRegistry;
+
+/// Longest wait for the mirror to show a write just made.
+pub const SEE_WRITE: Duration = Duration::from_secs(10);
+/// Longest wait for a started container to run (an image pull included).
+pub const START_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a finished auto-remove container waits for its log readers.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a single `Wait` call blocks (clients call again).
+pub const WAIT_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// The `Containers` service.
+#[derive(Clone)]
+pub struct ContainersApi {
+    spaces: Spaces,
+    registry: Arc<NodeRegistry>,
+}
+
+fn kube_status(what: &str, e: kube::Error) -> Status {
+    match e {
+        kube::Error::Api(ae) => {
+            let msg = format!("{what}: {}", ae.message);
+            match ae.code {
+                403 => Status::permission_denied(msg),
+                404 => Status::not_found(msg),
+                409 => Status::already_exists(msg),
+                422 | 400 => Status::invalid_argument(msg),
+                429 => Status::resource_exhausted(msg),
+                _ => Status::internal(msg),
+            }
+        }
+        e => Status::unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn now_rfc3339() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    k8s_openapi::jiff::Timestamp::new(d.as_secs() as i64, d.subsec_nanos() as i32)
+        .map(|t| t.to_string())
+        .unwrap_or_default()
+}
+
+/// The container as the API reports it.
+pub fn info(space: &Space, record: &Record) -> pb::ContainerInfo {
+    let pod = space.current_pod(record);
+    let mut state = pod::state_of(pod.as_deref());
+    if record.runs > 0 && pod.is_none() {
+        state.status = "exited".into();
+        state.exit_code = 137;
+        state.error = "the container's pod is gone".into();
+    }
+    let status = pod.as_ref().and_then(|p| p.status.as_ref());
+    let image_id = status
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == MAIN_CONTAINER))
+        .map(|c| c.image_id.clone())
+        .unwrap_or_default();
+    pb::ContainerInfo {
+        id: record.id.clone(),
+        name: record.name.clone(),
+        namespace: record.namespace.clone(),
+        spec: Some(record.spec.clone()),
+        created: record.created.clone(),
+        state: Some(state),
+        pod_name: pod
+            .as_ref()
+            .and_then(|p| p.metadata.name.clone())
+            .unwrap_or_default(),
+        node: pod
+            .as_ref()
+            .and_then(|p| p.spec.as_ref())
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default(),
+        pod_ip: status.and_then(|s| s.pod_ip.clone()).unwrap_or_default(),
+        image_id,
+        restart_count: record.runs.saturating_sub(1),
+    }
+}
+
+/// Whether a container matches a list request's filters.
+pub fn matches(req: &pb::ListContainersRequest, c: &pb::ContainerInfo) -> bool {
+    let state = c.state.as_ref().map(|s| s.status.as_str()).unwrap_or("");
+    let running = state == "running";
+    let labels = c.spec.as_ref().map(|s| &s.labels);
+    let label_ok = req.label_filters.iter().all(|f| {
+        let (k, v) = match f.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (f.as_str(), None),
+        };
+        labels
+            .and_then(|l| l.get(k))
+            .is_some_and(|have| v.is_none_or(|v| v == have))
+    });
+    let status_ok = if req.status_filters.is_empty() {
+        req.all || running
+    } else {
+        req.status_filters.iter().any(|s| s == state)
+    };
+    let name_ok = req.name_filters.is_empty()
+        || req
+            .name_filters
+            .iter()
+            .any(|n| c.name.contains(n.trim_start_matches('/')));
+    let id_ok = req.id_filters.is_empty() || req.id_filters.iter().any(|p| c.id.starts_with(p));
+    label_ok && status_ok && name_ok && id_ok
+}
+
+/// What a `Wait` call waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Condition {
+    NotRunning,
+    NextExit,
+    Removed,
+}
+
+impl ContainersApi {
+    /// Serves containers from `spaces`; logs come through the agents'
+    /// sessions in `registry`.
+    pub fn new(spaces: Spaces, registry: Arc<NodeRegistry>) -> Self {
+        ContainersApi { spaces, registry }
+    }
+
+    async fn space(&self, namespace: &str) -> Result<Space, Status> {
+        let (space, new) = self.spaces.get(namespace).await?;
+        if new {
+            tokio::spawn(self.clone().reap(space.clone()));
+        }
+        Ok(space)
+    }
+
+    fn records(&self, ns: &str) -> Api<ConfigMap> {
+        Api::namespaced(self.spaces.client().clone(), ns)
+    }
+
+    fn pods(&self, ns: &str) -> Api<Pod> {
+        Api::namespaced(self.spaces.client().clone(), ns)
+    }
+
+    async fn start_record(&self, space: &Space, record: Record) -> Result<Record, Status> {
+        let run = record.runs + 1;
+        let mut next = record.clone();
+        next.runs = run;
+        let pod = pod::pod_for(&next, run).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // Claim the run first: the resourceVersion makes two racing starts
+        // collide here instead of making two pods.
+        let rv = space
+            .records_object(&record.object_name)
+            .and_then(|cm| cm.metadata.resource_version.clone())
+            .ok_or_else(|| Status::not_found(format!("No such container: {}", record.id)))?;
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": rv, "annotations": {RUNS_ANNOTATION: run.to_string()}}
+        });
+        self.records(&space.namespace)
+            .patch(
+                &record.object_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(ae) if ae.code == 409 => Status::aborted(format!(
+                    "container {} was changed by another call; try again",
+                    record.name
+                )),
+                e => kube_status("recording the start", e),
+            })?;
+        if let Err(e) = self
+            .pods(&space.namespace)
+            .create(&PostParams::default(), &pod)
+            .await
+        {
+            let undo = serde_json::json!({"metadata": {"annotations": {RUNS_ANNOTATION: record.runs.to_string()}}});
+            let _ = self
+                .records(&space.namespace)
+                .patch(
+                    &record.object_name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&undo),
+                )
+                .await;
+            return Err(kube_status("creating the container's pod", e));
+        }
+        info!(namespace = %space.namespace, container = %record.name, run, "container started");
+        space
+            .wait_for(SEE_WRITE, |s| {
+                let r = s.find(&record.id).ok()?;
+                (r.runs == run && s.current_pod(&r).is_some()).then_some(())
+            })
+            .await
+            .ok_or_else(|| Status::unavailable("the new pod did not show in the watch"))?;
+        Ok(next)
+    }
+
+    async fn wait(
+        &self,
+        req: pb::WaitContainerRequest,
+    ) -> Result<pb::WaitContainerResponse, Status> {
+        let condition = match req.condition.as_str() {
+            "" | "not-running" => Condition::NotRunning,
+            "next-exit" => Condition::NextExit,
+            "removed" => Condition::Removed,
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "invalid condition {other:?}: not-running, next-exit or removed"
+                )));
+            }
+        };
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        let current = space.current_pod(&record);
+        let current_done = current.as_deref().is_some_and(pod::finished);
+        // The run whose exit ends the wait.
+        let target = match condition {
+            Condition::NotRunning if record.runs == 0 || current_done || current.is_none() => {
+                let state = info(&space, &record).state.unwrap_or_default();
+                return Ok(pb::WaitContainerResponse {
+                    exit_code: state.exit_code,
+                    error: state.error,
+                });
+            }
+            _ if record.runs > 0 && !current_done && current.is_some() => record.runs,
+            _ => record.runs + 1,
+        };
+        let mut last_exit = None;
+        let outcome = space
+            .wait_for(WAIT_LIMIT, |s| {
+                let Ok(r) = s.find(&record.id) else {
+                    // Removed: the last exit we saw is the answer.
+                    return Some(last_exit.clone().unwrap_or((0, String::new())));
+                };
+                let pod = s.pod_of_run(&r, target)?;
+                if !pod::finished(&pod) {
+                    return None;
+                }
+                let state = pod::state_of(Some(&pod));
+                last_exit = Some((state.exit_code, state.error.clone()));
+                (condition != Condition::Removed).then_some((state.exit_code, state.error))
+            })
+            .await
+            .ok_or_else(|| Status::deadline_exceeded("the container is still running"))?;
+        Ok(pb::WaitContainerResponse {
+            exit_code: outcome.0,
+            error: outcome.1,
+        })
+    }
+
+    /// Deletes a container's pods and record.
+    async fn delete(&self, space: &Space, record: &Record) -> Result<(), Status> {
+        let now = DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        for p in space.pods_of(record) {
+            if let Some(name) = &p.metadata.name {
+                match self.pods(&space.namespace).delete(name, &now).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+                    Err(e) => return Err(kube_status("removing the container's pod", e)),
+                }
+            }
+        }
+        match self
+            .records(&space.namespace)
+            .delete(&record.object_name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+            Err(e) => return Err(kube_status("removing the container", e)),
+        }
+        space
+            .wait_for(SEE_WRITE, |s| (!s.exists(&record.id)).then_some(()))
+            .await
+            .ok_or_else(|| Status::unavailable("the removal did not show in the watch"))
+    }
+
+    /// Removes containers started with `auto_remove` once they finished and
+    /// their log readers are done (or [`DRAIN_TIMEOUT`] passed). Runs while
+    /// the process lives, for every mirrored namespace.
+    pub async fn reap(self, space: Space) {
+        let mut finished_at: std::collections::HashMap<String, tokio::time::Instant> =
+            Default::default();
+        loop {
+            let due: Vec<Record> = space
+                .records()
+                .into_iter()
+                .filter(|r| r.spec.auto_remove)
+                .filter(|r| {
+                    let Some(pod) = space.current_pod(r) else {
+                        return false;
+                    };
+                    if !pod::finished(&pod) {
+                        return false;
+                    }
+                    let since = *finished_at
+                        .entry(r.id.clone())
+                        .or_insert_with(tokio::time::Instant::now);
+                    let uid = pod.metadata.uid.clone().unwrap_or_default();
+                    self.registry.logs().open_for(&uid) == 0 || since.elapsed() > DRAIN_TIMEOUT
+                })
+                .collect();
+            for r in due {
+                if let Err(e) = self.delete(&space, &r).await {
+                    warn!(container = %r.name, error = %e, "auto-remove failed; will retry");
+                } else {
+                    finished_at.remove(&r.id);
+                }
+            }
+            // Wake on the next change, or soon while readers drain.
+            let pending = !finished_at.is_empty();
+            let limit = if pending {
+                Duration::from_millis(200)
+            } else {
+                WAIT_LIMIT
+            };
+            space.wait_for(limit, |_| None::<()>).await;
+        }
+    }
+}
+
+type LogChunks = Pin<Box<dyn Stream<Item = Result<pb::LogChunk, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::containers_server::Containers for ContainersApi {
+    async fn create(
+        &self,
+        request: Request<pb::CreateContainerRequest>,
+    ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let req = request.into_inner();
+        let mut spec = req
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec is required"))?;
+        if spec.name.is_empty() {
+            spec.name = record::generated_name();
+        }
+        let name = spec.name.trim_start_matches('/').to_string();
+        if !record::valid_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "Invalid container name ({name}), only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed, at most 63"
+            )));
+        }
+        spec.name = name.clone();
+        if spec.image.is_empty() {
+            return Err(Status::invalid_argument("image is required"));
+        }
+        let id = record::new_id();
+        let probe = Record {
+            namespace: req.namespace.clone(),
+            id: id.clone(),
+            name: name.clone(),
+            spec: spec.clone(),
+            runs: 0,
+            created: String::new(),
+            uid: String::new(),
+            object_name: String::new(),
+        };
+        pod::pod_for(&probe, 1).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let space = self.space(&req.namespace).await?;
+        let cm = record::to_config_map(&req.namespace, &id, &spec, &now_rfc3339());
+        self.records(&req.namespace)
+            .create(&PostParams::default(), &cm)
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(ae) if ae.code == 409 => Status::already_exists(format!(
+                    "Conflict. The container name \"/{name}\" is already in use"
+                )),
+                e => kube_status("creating the container", e),
+            })?;
+        let record = space
+            .wait_for(SEE_WRITE, |s| s.find(&id).ok())
+            .await
+            .ok_or_else(|| Status::unavailable("the new container did not show in the watch"))?;
+        Ok(Response::new(info(&space, &record)))
+    }
+
+    async fn start(
+        &self,
+        request: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        if let Some(pod) = space.current_pod(&record)
+            && !pod::finished(&pod)
+            && pod::start_failure(&pod).is_none()
+        {
+            // Already started (or starting): Docker answers "not modified".
+            return Ok(Response::new(info(&space, &record)));
+        }
+        let record = self.start_record(&space, record).await?;
+        let outcome = space
+            .wait_for(START_TIMEOUT, |s| {
+                let r = s.find(&record.id).ok()?;
+                let pod = s.current_pod(&r)?;
+                if let Some(failure) = pod::start_failure(&pod) {
+                    return Some(Err(failure));
+                }
+                pod::started(&pod).then_some(Ok(()))
+            })
+            .await;
+        match outcome {
+            Some(Ok(())) => Ok(Response::new(info(&space, &space.find(&record.id)?))),
+            Some(Err(failure)) => Err(Status::internal(format!(
+                "starting container {}: {failure}",
+                record.name
+            ))),
+            None => Err(Status::deadline_exceeded(format!(
+                "container {} did not start within {START_TIMEOUT:?}",
+                record.name
+            ))),
+        }
+    }
+
+    async fn stop(
+        &self,
+        request: Request<pb::StopContainerRequest>,
+    ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        self.end_run(&space, &record, true).await?;
+        Ok(Response::new(info(&space, &space.find(&record.id)?)))
+    }
+
+    async fn kill(
+        &self,
+        request: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        self.end_run(&space, &record, false).await?;
+        Ok(Response::new(info(&space, &space.find(&record.id)?)))
+    }
+
+    async fn remove(
+        &self,
+        request: Request<pb::RemoveContainerRequest>,
+    ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        let running = space
+            .current_pod(&record)
+            .is_some_and(|p| pod::state_of(Some(&p)).running);
+        if running && !req.force {
+            return Err(Status::failed_precondition(format!(
+                "You cannot remove a running container {}. Stop the container before attempting removal or force remove",
+                record.id
+            )));
+        }
+        self.delete(&space, &record).await?;
+        Ok(Response::new(pb::RemoveContainerResponse {}))
+    }
+
+    async fn inspect(
+        &self,
+        request: Request<pb::ContainerRequest>,
+    ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        Ok(Response::new(info(&space, &record)))
+    }
+
+    async fn list(
+        &self,
+        request: Request<pb::ListContainersRequest>,
+    ) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let mut containers: Vec<pb::ContainerInfo> = space
+            .records()
+            .iter()
+            .map(|r| info(&space, r))
+            .filter(|c| matches(&req, c))
+            .collect();
+        containers.sort_by(|a, b| b.created.cmp(&a.created));
+        Ok(Response::new(pb::ListContainersResponse { containers }))
+    }
+
+    async fn wait(
+        &self,
+        request: Request<pb::WaitContainerRequest>,
+    ) -> Result<Response<pb::WaitContainerResponse>, Status> {
+        Ok(Response::new(
+            ContainersApi::wait(self, request.into_inner()).await?,
+        ))
+    }
+
+    type LogsStream = LogChunks;
+
+    async fn logs(
+        &self,
+        request: Request<pb::ContainerLogsRequest>,
+    ) -> Result<Response<Self::LogsStream>, Status> {
+        let req = request.into_inner();
+        let space = self.space(&req.namespace).await?;
+        let record = space.find(&req.id)?;
+        let limit = if req.wait_for_start {
+            START_TIMEOUT
+        } else {
+            Duration::ZERO
+        };
+        // The pod to read: the current one once it has started; for an
+        // attach before start, the next one.
+        let pod = space
+            .wait_for(limit, |s| {
+                let r = s.find(&record.id).ok()?;
+                let pod = s.current_pod(&r)?;
+                (pod::started(&pod) || pod::start_failure(&pod).is_some()).then_some(pod)
+            })
+            .await;
+        let Some(pod) = pod.filter(|p| pod::started(p)) else {
+            return Ok(Response::new(Box::pin(futures::stream::empty())));
+        };
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default();
+        let request = agent_pb::LogRequest {
+            stream_id: 0,
+            pod_uid: pod.metadata.uid.clone().unwrap_or_default(),
+            container_name: MAIN_CONTAINER.into(),
+            follow: req.follow,
+            since_unix_nanos: req.since_unix_nanos,
+            until_unix_nanos: req.until_unix_nanos,
+            tail: req.tail,
+            stdout: req.stdout,
+            stderr: req.stderr,
+        };
+        let mut stream = LogRouter::open(&self.registry, &node, request).ok_or_else(|| {
+            Status::unavailable(format!("no Berth agent is connected on node {node}"))
+        })?;
+        let chunks = async_stream(move |tx| async move {
+            while let Some(data) = stream.next().await {
+                for e in data.entries {
+                    let chunk = pb::LogChunk {
+                        stream: e.stream,
+                        data: e.data,
+                        time_unix_nanos: e.time_unix_nanos,
+                    };
+                    if tx.send(Ok(chunk)).await.is_err() {
+                        return;
+                    }
+                }
+                if data.end {
+                    if !data.error.is_empty() {
+                        let _ = tx.send(Err(Status::unavailable(data.error))).await;
+                    }
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(chunks))
+    }
+}
+
+impl ContainersApi {
+    /// Ends the current run: lets the kubelet stop the pod by giving it an
+    /// active deadline already passed (the pod's grace period applies, its
+    /// exit code and logs stay). With `wait`, returns once it has exited.
+    async fn end_run(&self, space: &Space, record: &Record, wait: bool) -> Result<(), Status> {
+        let Some(pod) = space.current_pod(record) else {
+            return Ok(());
+        };
+        if pod::finished(&pod) {
+            return Ok(());
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        if !pod::started(&pod) {
+            // Not running yet: nothing to stop gracefully.
+            let now = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..Default::default()
+            };
+            self.pods(&space.namespace)
+                .delete(&name, &now)
+                .await
+                .map_err(|e| kube_status("stopping the container", e))?;
+            return Ok(());
+        }
+        let started = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map(|t| t.0.as_second())
+            .unwrap_or(0);
+        let elapsed = (now_secs() - started).max(1);
+        let patch = serde_json::json!({"spec": {"activeDeadlineSeconds": elapsed}});
+        self.pods(&space.namespace)
+            .patch(&name, &PatchParams::default(), &Patch::Strategic(&patch))
+            .await
+            .map_err(|e| kube_status("stopping the container", e))?;
+        if !wait {
+            return Ok(());
+        }
+        let grace = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(10) as u64;
+        space
+            .wait_for(Duration::from_secs(grace + 30), |s| {
+                s.pod_of_run(record, record.runs)
+                    .is_none_or(|p| pod::finished(&p))
+                    .then_some(())
+            })
+            .await
+            .ok_or_else(|| Status::deadline_exceeded("the container did not stop"))
+    }
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<F, Fut>(body: F) -> LogChunks
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<pb::LogChunk, Status>>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(body(tx));
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

@@ -1,0 +1,20 @@
+//! Docker containers as pods: the coordinator's side of the Docker API
+//! (`berth.v1.Containers` and `berth.v1.Images`, which docker-shim calls).
+//!
+//! - [`record`]: a container's durable record, a ConfigMap per container.
+//! - [`pod`]: record → pod, and pod → Docker state; plain functions.
+//! - [`store`]: per-namespace mirrors of records and pods, from watches.
+//! - [`api`]: the `Containers` service over those.
+//! - [`logs`]: log lines from the node agent that reads the CRI log file
+//!   (stdout and stderr kept apart) to the API caller.
+//! - [`images`]: the `Images` service, reading registries.
+//!
+//! Callers are checked by the access layer as themselves: the verb on pods
+//! in the request's namespace ([`crate::access::policy`]).
+
+pub mod api;
+pub mod images;
+pub mod logs;
+pub mod pod;
+pub mod record;
+pub mod store;

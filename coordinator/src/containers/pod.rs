@@ -1,0 +1,293 @@
+//! From a container's record to its pod, and from the pod back to the
+//! container's state in Docker's words. Plain functions over plain data.
+
+use std::collections::BTreeMap;
+
+use berth_proto::api as pb;
+use berth_proto::reference::Reference;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, ContainerStatus, EnvVar, Pod, PodSecurityContext, PodSpec,
+    ResourceRequirements,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::ObjectMeta;
+
+use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, pod_name};
+
+/// Name of the one container in every pod.
+pub const MAIN_CONTAINER: &str = "main";
+/// Grace between the stop signal and the kill when the spec names none.
+pub const DEFAULT_STOP_TIMEOUT: u32 = 10;
+/// Docker's word for a time that never happened.
+pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
+
+/// A spec Berth cannot turn into a pod.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    /// The image reference does not parse.
+    #[error("invalid reference format: {0}")]
+    Image(String),
+    /// `user` is not numeric.
+    #[error("user {0:?}: Berth runs containers as pods, which need a numeric uid[:gid]")]
+    User(String),
+    /// An env entry without a name.
+    #[error("environment entry {0:?} has no name")]
+    Env(String),
+}
+
+/// Normalises the spec's image reference.
+pub fn image_of(spec: &pb::ContainerSpec) -> Result<String, SpecError> {
+    Reference::parse(&spec.image)
+        .map(|r| r.to_string())
+        .map_err(|e| SpecError::Image(format!("{:?}: {e}", spec.image)))
+}
+
+fn user_of(user: &str) -> Result<(Option<i64>, Option<i64>), SpecError> {
+    if user.is_empty() {
+        return Ok((None, None));
+    }
+    let bad = || SpecError::User(user.to_string());
+    let (uid, gid) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let uid = uid.parse::<i64>().map_err(|_| bad())?;
+    let gid = gid
+        .map(|g| g.parse::<i64>().map_err(|_| bad()))
+        .transpose()?;
+    Ok((Some(uid), gid))
+}
+
+fn env_of(env: &[String]) -> Result<Vec<EnvVar>, SpecError> {
+    env.iter()
+        .map(|e| {
+            let (name, value) = e.split_once('=').unwrap_or((e.as_str(), ""));
+            if name.is_empty() {
+                return Err(SpecError::Env(e.clone()));
+            }
+            Ok(EnvVar {
+                name: name.to_string(),
+                value: Some(value.to_string()),
+                value_from: None,
+            })
+        })
+        .collect()
+}
+
+fn resources_of(spec: &pb::ContainerSpec) -> Option<ResourceRequirements> {
+    let mut limits = BTreeMap::new();
+    if spec.memory_bytes > 0 {
+        limits.insert(
+            "memory".to_string(),
+            Quantity(spec.memory_bytes.to_string()),
+        );
+    }
+    if spec.nano_cpus > 0 {
+        // Millicores, rounded up so a small limit is not zero.
+        let milli = (spec.nano_cpus + 999_999) / 1_000_000;
+        limits.insert("cpu".to_string(), Quantity(format!("{milli}m")));
+    }
+    (!limits.is_empty()).then(|| ResourceRequirements {
+        limits: Some(limits),
+        ..Default::default()
+    })
+}
+
+/// A hostname the pod can carry (a DNS label), if the spec's is one.
+fn hostname_of(name: &str) -> Option<String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    ok.then(|| name.to_string())
+}
+
+/// The pod of the record's `run`-th start: one container, never restarted,
+/// owned by the record, without the namespace's service account token or
+/// service links (a Docker container has neither).
+pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
+    let spec = &record.spec;
+    let image = image_of(spec)?;
+    let (uid, gid) = user_of(&spec.user)?;
+    let ports: Vec<ContainerPort> = spec
+        .ports
+        .iter()
+        .map(|p| ContainerPort {
+            container_port: p.container_port as i32,
+            protocol: Some(
+                if p.protocol.eq_ignore_ascii_case("udp") {
+                    "UDP"
+                } else {
+                    "TCP"
+                }
+                .into(),
+            ),
+            ..Default::default()
+        })
+        .collect();
+    let stop = if spec.stop_timeout_seconds == 0 {
+        DEFAULT_STOP_TIMEOUT
+    } else {
+        spec.stop_timeout_seconds
+    };
+    let container = Container {
+        name: MAIN_CONTAINER.into(),
+        image: Some(image),
+        command: (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone()),
+        args: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
+        env: Some(env_of(&spec.env)?).filter(|e| !e.is_empty()),
+        working_dir: Some(spec.working_dir.clone()).filter(|w| !w.is_empty()),
+        tty: spec.tty.then_some(true),
+        stdin: spec.open_stdin.then_some(true),
+        ports: (!ports.is_empty()).then_some(ports),
+        resources: resources_of(spec),
+        ..Default::default()
+    };
+    let labels = BTreeMap::from([
+        (CONTAINER_LABEL.to_string(), record.short_id().to_string()),
+        (RUN_LABEL.to_string(), run.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "berth".to_string(),
+        ),
+    ]);
+    Ok(Pod {
+        metadata: ObjectMeta {
+            name: Some(pod_name(&record.id, run)),
+            namespace: Some(record.namespace.clone()),
+            labels: Some(labels),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                name: record.object_name.clone(),
+                uid: record.uid.clone(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        },
+        spec: Some(PodSpec {
+            containers: vec![container],
+            restart_policy: Some("Never".into()),
+            termination_grace_period_seconds: Some(stop.into()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
+            hostname: hostname_of(&spec.hostname),
+            security_context: (uid.is_some() || gid.is_some()).then(|| PodSecurityContext {
+                run_as_user: uid,
+                run_as_group: gid,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Why a pod's container cannot start, if it is waiting for a reason that
+/// will not clear by itself.
+pub fn start_failure(pod: &Pod) -> Option<String> {
+    let status = main_status(pod)?;
+    let waiting = status.state.as_ref()?.waiting.as_ref()?;
+    let reason = waiting.reason.as_deref()?;
+    const FATAL: [&str; 6] = [
+        "ErrImagePull",
+        "ImagePullBackOff",
+        "InvalidImageName",
+        "CreateContainerConfigError",
+        "CreateContainerError",
+        "RunContainerError",
+    ];
+    FATAL.contains(&reason).then(|| match &waiting.message {
+        Some(m) if !m.is_empty() => format!("{reason}: {m}"),
+        _ => reason.to_string(),
+    })
+}
+
+fn main_status(pod: &Pod) -> Option<&ContainerStatus> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|s| s.name == MAIN_CONTAINER)
+}
+
+fn rfc3339(t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time) -> String {
+    t.0.to_string()
+}
+
+/// The container's state as Docker reports it, from its current pod
+/// (`None`: never started, or the pod is gone).
+pub fn state_of(pod: Option<&Pod>) -> pb::ContainerState {
+    let created = pb::ContainerState {
+        status: "created".into(),
+        started_at: ZERO_TIME.into(),
+        finished_at: ZERO_TIME.into(),
+        ..Default::default()
+    };
+    let Some(pod) = pod else { return created };
+    if pod.metadata.deletion_timestamp.is_some() {
+        return pb::ContainerState {
+            status: "removing".into(),
+            ..created
+        };
+    }
+    let state = main_status(pod).and_then(|s| s.state.as_ref());
+    if let Some(t) = state.and_then(|s| s.terminated.as_ref()) {
+        return pb::ContainerState {
+            status: "exited".into(),
+            running: false,
+            exit_code: t.exit_code,
+            started_at: t.started_at.as_ref().map_or(ZERO_TIME.into(), rfc3339),
+            finished_at: t.finished_at.as_ref().map_or(ZERO_TIME.into(), rfc3339),
+            error: String::new(),
+            oom_killed: t.reason.as_deref() == Some("OOMKilled"),
+        };
+    }
+    if let Some(r) = state.and_then(|s| s.running.as_ref()) {
+        return pb::ContainerState {
+            status: "running".into(),
+            running: true,
+            started_at: r.started_at.as_ref().map_or(ZERO_TIME.into(), rfc3339),
+            ..created
+        };
+    }
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    if matches!(phase, Some("Failed")) {
+        // Failed without a terminated container: evicted, deadline, lost node.
+        let message = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.message.clone().or(s.reason.clone()))
+            .unwrap_or_else(|| "the pod failed".into());
+        return pb::ContainerState {
+            status: "exited".into(),
+            exit_code: 137,
+            error: message,
+            ..created
+        };
+    }
+    pb::ContainerState {
+        error: start_failure(pod).unwrap_or_default(),
+        ..created
+    }
+}
+
+/// Whether the pod's container has finished (or can never run).
+pub fn finished(pod: &Pod) -> bool {
+    let state = state_of(Some(pod));
+    state.status == "exited"
+}
+
+/// Whether the pod's container has started (running or finished).
+pub fn started(pod: &Pod) -> bool {
+    let state = state_of(Some(pod));
+    state.running || state.status == "exited"
+}
+
+#[cfg(test)]
+mod tests;

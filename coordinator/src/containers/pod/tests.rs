@@ -1,0 +1,218 @@
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    PodStatus,
+};
+
+use super::*;
+use crate::containers::record;
+
+fn record(spec: pb::ContainerSpec) -> Record {
+    Record {
+        namespace: "ci".into(),
+        id: "ab".repeat(32),
+        name: spec.name.clone(),
+        spec,
+        runs: 0,
+        created: String::new(),
+        uid: "uid-1".into(),
+        object_name: record::record_name("web"),
+    }
+}
+
+fn with_state(state: ContainerState, phase: &str) -> Pod {
+    Pod {
+        status: Some(PodStatus {
+            phase: Some(phase.into()),
+            container_statuses: Some(vec![ContainerStatus {
+                name: MAIN_CONTAINER.into(),
+                state: Some(state),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn the_pod_runs_the_spec_once_owned_by_its_record() {
+    let spec = pb::ContainerSpec {
+        name: "web".into(),
+        image: "busybox".into(),
+        entrypoint: vec!["sh".into()],
+        cmd: vec!["-c".into(), "exit 3".into()],
+        env: vec!["A=1".into(), "B=x=y".into(), "C".into()],
+        user: "1000:2000".into(),
+        memory_bytes: 64 << 20,
+        nano_cpus: 500_000_000,
+        ports: vec![pb::PortBinding {
+            container_port: 80,
+            protocol: "tcp".into(),
+            host_port: 0,
+        }],
+        hostname: "Not_A_Label".into(),
+        ..Default::default()
+    };
+    let pod = pod_for(&record(spec), 2).unwrap();
+    assert_eq!(
+        pod.metadata.name.as_deref(),
+        Some(&*format!("berth-{}-2", "ab".repeat(6)))
+    );
+    let owner = &pod.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.uid.as_str()),
+        ("ConfigMap", "uid-1")
+    );
+    let ps = pod.spec.unwrap();
+    assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(ps.termination_grace_period_seconds, Some(10));
+    assert_eq!(ps.automount_service_account_token, Some(false));
+    assert_eq!(ps.hostname, None, "not a DNS label: left to Kubernetes");
+    let sc = ps.security_context.unwrap();
+    assert_eq!((sc.run_as_user, sc.run_as_group), (Some(1000), Some(2000)));
+    let c = &ps.containers[0];
+    assert_eq!(c.image.as_deref(), Some("docker.io/library/busybox:latest"));
+    assert_eq!(c.command.as_deref(), Some(&["sh".to_string()][..]));
+    assert_eq!(c.args.as_ref().unwrap()[1], "exit 3");
+    let env: Vec<_> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| (e.name.as_str(), e.value.as_deref().unwrap()))
+        .collect();
+    assert_eq!(env, [("A", "1"), ("B", "x=y"), ("C", "")]);
+    let limits = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+    assert_eq!(limits["memory"].0, (64u64 << 20).to_string());
+    assert_eq!(limits["cpu"].0, "500m");
+    assert_eq!(c.ports.as_ref().unwrap()[0].container_port, 80);
+}
+
+#[test]
+fn an_image_keeps_its_own_entrypoint_and_command_unless_replaced() {
+    let pod = pod_for(
+        &record(pb::ContainerSpec {
+            image: "busybox".into(),
+            ..Default::default()
+        }),
+        1,
+    )
+    .unwrap();
+    let c = &pod.spec.unwrap().containers[0];
+    assert_eq!((c.command.clone(), c.args.clone()), (None, None));
+}
+
+#[test]
+fn specs_a_pod_cannot_express_are_refused_with_the_reason() {
+    let bad_image = pb::ContainerSpec {
+        image: "UPPER/Case::x".into(),
+        ..Default::default()
+    };
+    assert!(matches!(
+        pod_for(&record(bad_image), 1),
+        Err(SpecError::Image(_))
+    ));
+    let named_user = pb::ContainerSpec {
+        image: "busybox".into(),
+        user: "nobody".into(),
+        ..Default::default()
+    };
+    let e = pod_for(&record(named_user), 1).unwrap_err();
+    assert!(e.to_string().contains("numeric"), "{e}");
+    let nameless_env = pb::ContainerSpec {
+        image: "busybox".into(),
+        env: vec!["=1".into()],
+        ..Default::default()
+    };
+    assert!(matches!(
+        pod_for(&record(nameless_env), 1),
+        Err(SpecError::Env(_))
+    ));
+}
+
+#[test]
+fn states_read_from_the_pod_in_dockers_words() {
+    assert_eq!(state_of(None).status, "created");
+    let running = with_state(
+        ContainerState {
+            running: Some(ContainerStateRunning::default()),
+            ..Default::default()
+        },
+        "Running",
+    );
+    let s = state_of(Some(&running));
+    assert_eq!((s.status.as_str(), s.running), ("running", true));
+    assert!(started(&running) && !finished(&running));
+
+    let exited = with_state(
+        ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: 3,
+                reason: Some("Error".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        "Failed",
+    );
+    let s = state_of(Some(&exited));
+    assert_eq!(
+        (s.status.as_str(), s.exit_code, s.running),
+        ("exited", 3, false)
+    );
+    assert!(finished(&exited));
+
+    let oom = with_state(
+        ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: 137,
+                reason: Some("OOMKilled".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        "Failed",
+    );
+    assert!(state_of(Some(&oom)).oom_killed);
+}
+
+#[test]
+fn a_pull_that_cannot_succeed_is_a_start_failure_and_a_slow_one_is_not() {
+    let waiting = |reason: &str| {
+        with_state(
+            ContainerState {
+                waiting: Some(ContainerStateWaiting {
+                    reason: Some(reason.into()),
+                    message: Some("no such host".into()),
+                }),
+                ..Default::default()
+            },
+            "Pending",
+        )
+    };
+    assert_eq!(
+        start_failure(&waiting("ErrImagePull")).as_deref(),
+        Some("ErrImagePull: no such host")
+    );
+    assert_eq!(start_failure(&waiting("ContainerCreating")), None);
+    let s = state_of(Some(&waiting("ImagePullBackOff")));
+    assert_eq!(s.status, "created");
+    assert!(s.error.contains("ImagePullBackOff"));
+}
+
+#[test]
+fn a_pod_that_failed_without_its_container_reports_exited_with_the_reason() {
+    let pod = Pod {
+        status: Some(PodStatus {
+            phase: Some("Failed".into()),
+            reason: Some("Evicted".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let s = state_of(Some(&pod));
+    assert_eq!(
+        (s.status.as_str(), s.exit_code, s.error.as_str()),
+        ("exited", 137, "Evicted")
+    );
+}
