@@ -114,6 +114,24 @@ build() {
   go_build coredns coredns
   go_build pause pause
   go_build grpcurl grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl
+  docker_cli
+}
+
+# The docker CLI from Debian's docker.io package, unpacked without installing
+# (the package would also install and start a Docker engine; Berth is the
+# engine here).
+docker_cli() {
+  local version
+  version=$(apt-cache policy docker.io | awk '/Candidate:/ {print $2}')
+  [ -n "$version" ] && [ "$version" != "(none)" ] || die "apt has no docker.io package (run apt-get update?)"
+  if [ -x "$BIN/docker" ] && [ "$(cat "$BIN/.docker.stamp" 2>/dev/null)" = "$version" ]; then return 0; fi
+  log "unpacking the docker CLI $version from Debian's docker.io"
+  local tmp
+  tmp=$(mktemp -d) && chmod 755 "$tmp"
+  (cd "$tmp" && apt-get download -qq "docker.io=$version" && dpkg-deb -x docker.io_*.deb x) || die "could not download docker.io"
+  install -m 0755 "$tmp/x/usr/bin/docker" "$BIN/docker"
+  rm -rf "$tmp"
+  echo "$version" >"$BIN/.docker.stamp"
 }
 
 # ---------------------------------------------------------------- PKI

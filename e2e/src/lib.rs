@@ -18,6 +18,7 @@
 //! calls with any token, or none.
 
 pub mod bench;
+pub mod docker;
 pub mod registry;
 mod scope;
 

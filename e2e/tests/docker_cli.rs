@@ -1,0 +1,179 @@
+//! The real docker CLI (Debian's) against docker-shim and the cluster's
+//! coordinator: every container runs as a pod on a node of the cluster.
+
+use berth_e2e::Cluster;
+use berth_e2e::docker::DockerNamespace;
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[tokio::test]
+async fn docker_run_rm_keeps_stdout_and_stderr_apart_and_exits_with_the_code() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_image("docker-run").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-run").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let out = shim
+        .docker(&[
+            "run",
+            "--rm",
+            &image,
+            "sh",
+            "-c",
+            "echo out; echo err >&2; exit 3",
+        ])
+        .unwrap();
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr), out.status.code()),
+        ("out\n".into(), "err\n".into(), Some(3)),
+        "shim log:\n{}",
+        shim.log()
+    );
+    // --rm: gone from the list and from the cluster once run returned.
+    assert_eq!(shim.docker_ok(&["ps", "-a", "-q"]).unwrap(), "");
+    assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_detached_container_is_listed_logged_stopped_and_removed() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_image("docker-detach").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-detach").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let id = shim
+        .docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            "web",
+            "--label",
+            "suite=e2e",
+            &image,
+            "sh",
+            "-c",
+            "echo hello; echo oops >&2; trap 'exit 7' TERM; while true; do sleep 1; done",
+        ])
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(id.len(), 64, "a full container ID: {id}");
+    let listed = shim
+        .docker_ok(&[
+            "ps",
+            "--filter",
+            "label=suite=e2e",
+            "--format",
+            "{{.ID}} {{.Names}} {{.Status}}",
+        ])
+        .unwrap();
+    assert!(
+        listed.starts_with(&format!("{} web Up", &id[..12])),
+        "{listed}"
+    );
+
+    // The log so far, streams apart; `logs -f` ends when the container does.
+    let logs = shim.docker(&["logs", "web"]).unwrap();
+    assert_eq!(
+        (text(&logs.stdout), text(&logs.stderr)),
+        ("hello\n".into(), "oops\n".into())
+    );
+    let inspect = shim
+        .docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.Running}} {{.Name}}",
+            "web",
+        ])
+        .unwrap();
+    assert_eq!(inspect.trim(), "running true /web");
+
+    shim.docker_ok(&["stop", "web"]).unwrap();
+    let state = shim
+        .docker_ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Status}} {{.State.ExitCode}}",
+            &id[..12],
+        ])
+        .unwrap();
+    assert_eq!(state.trim(), "exited 7", "the TERM trap's exit code");
+    let all = shim
+        .docker_ok(&["ps", "-a", "--format", "{{.Names}} {{.Status}}"])
+        .unwrap();
+    assert!(all.starts_with("web Exited (7)"), "{all}");
+    // Logs outlive the run.
+    let logs = shim.docker_ok(&["logs", "web"]).unwrap();
+    assert_eq!(logs, "hello\n");
+
+    shim.docker_ok(&["rm", "web"]).unwrap();
+    assert_eq!(shim.docker_ok(&["ps", "-a", "-q"]).unwrap(), "");
+    assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
+    let gone = shim.docker(&["inspect", "web"]).unwrap();
+    assert!(!gone.status.success());
+    assert!(
+        text(&gone.stderr).contains("No such"),
+        "{}",
+        text(&gone.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_caller_without_pod_rights_is_refused_and_nothing_is_created() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_image("docker-outsider").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-outsider").unwrap();
+    let shim = ns.shim("outsider").await.unwrap();
+
+    let out = shim.docker(&["run", "--rm", &image, "true"]).unwrap();
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("create pods") || err.contains("forbidden") || err.contains("not allowed"),
+        "{err}"
+    );
+    assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
+    let out = shim.docker(&["ps", "-a"]).unwrap();
+    assert!(!out.status.success(), "listing is refused too");
+}
+
+#[tokio::test]
+async fn a_container_berth_cannot_run_is_refused_before_anything_is_made() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_image("docker-bad").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-bad").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let out = shim
+        .docker(&["create", "--user", "nobody", &image])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("numeric"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = shim
+        .docker(&["create", "--name", "bad/name", &image])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("Invalid container name"),
+        "{}",
+        text(&out.stderr)
+    );
+    // An image that does not exist: the start fails with the pull's reason.
+    let missing = format!("{}/e2e/no-such-image:1", c.registry());
+    let out = shim.docker(&["run", "--rm", &missing, "true"]).unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).to_lowercase().contains("no such image")
+            || text(&out.stderr).contains("ErrImagePull")
+            || text(&out.stderr).contains("ImagePullBackOff"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(shim.docker_ok(&["ps", "-q"]).unwrap(), "");
+}
