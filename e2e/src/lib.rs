@@ -293,6 +293,20 @@ impl Cluster {
         Ok(format!("{}/{repo}:1", self.registry()))
     }
 
+    /// Like [`Cluster::fresh_image`], configured as Docker Hub's busybox is
+    /// (no entrypoint, command `sh`), so `docker run IMG sh -c …` means what
+    /// it means with the real one.
+    pub async fn fresh_docker_image(&self, name: &str) -> anyhow::Result<String> {
+        let repo = format!("e2e/{name}-{}", registry::unique_suffix());
+        let mark = registry::tar_layer(&[("etc/berth-test-image", repo.as_bytes())])?;
+        let run = serde_json::json!({"Env": ["PATH=/usr/local/bin:/usr/bin:/bin"], "Cmd": ["sh"]});
+        self.plain_registry()
+            .push_image_as(&repo, "1", Some(("busybox", "1.36")), vec![mark], Some(run))
+            .await
+            .with_context(|| format!("making test image {repo}"))?;
+        Ok(format!("{}/{repo}:1", self.registry()))
+    }
+
     /// Like [`Cluster::fresh_image`], in the htpasswd registry only.
     pub async fn fresh_private_image(&self, name: &str) -> anyhow::Result<String> {
         let repo = format!("private/{name}-{}", registry::unique_suffix());

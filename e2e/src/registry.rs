@@ -256,6 +256,19 @@ impl Registry {
         base: Option<(&str, &str)>,
         extra: Vec<Vec<u8>>,
     ) -> anyhow::Result<String> {
+        self.push_image_as(repo, tag, base, extra, None).await
+    }
+
+    /// [`Registry::push_image`] with the image's run configuration (the
+    /// config's `config` object: Entrypoint, Cmd, Env, …) replaced by `run`.
+    pub async fn push_image_as(
+        &self,
+        repo: &str,
+        tag: &str,
+        base: Option<(&str, &str)>,
+        extra: Vec<Vec<u8>>,
+        run: Option<serde_json::Value>,
+    ) -> anyhow::Result<String> {
         let mut layers = Vec::new();
         let mut config = serde_json::json!({
             "architecture": "amd64",
@@ -290,6 +303,9 @@ impl Registry {
                 digest,
                 size,
             });
+        }
+        if let Some(run) = run {
+            config["config"] = run;
         }
         let config = serde_json::to_vec(&config)?;
         let config_size = config.len();

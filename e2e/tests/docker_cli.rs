@@ -11,7 +11,7 @@ fn text(b: &[u8]) -> String {
 #[tokio::test]
 async fn docker_run_rm_keeps_stdout_and_stderr_apart_and_exits_with_the_code() {
     let c = Cluster::from_env().await.unwrap();
-    let image = c.fresh_image("docker-run").await.unwrap();
+    let image = c.fresh_docker_image("docker-run").await.unwrap();
     let ns = DockerNamespace::new(&c, "docker-run").unwrap();
     let shim = ns.shim("ci").await.unwrap();
 
@@ -39,7 +39,7 @@ async fn docker_run_rm_keeps_stdout_and_stderr_apart_and_exits_with_the_code() {
 #[tokio::test]
 async fn a_detached_container_is_listed_logged_stopped_and_removed() {
     let c = Cluster::from_env().await.unwrap();
-    let image = c.fresh_image("docker-detach").await.unwrap();
+    let image = c.fresh_docker_image("docker-detach").await.unwrap();
     let ns = DockerNamespace::new(&c, "docker-detach").unwrap();
     let shim = ns.shim("ci").await.unwrap();
 
@@ -123,7 +123,7 @@ async fn a_detached_container_is_listed_logged_stopped_and_removed() {
 #[tokio::test]
 async fn a_caller_without_pod_rights_is_refused_and_nothing_is_created() {
     let c = Cluster::from_env().await.unwrap();
-    let image = c.fresh_image("docker-outsider").await.unwrap();
+    let image = c.fresh_docker_image("docker-outsider").await.unwrap();
     let ns = DockerNamespace::new(&c, "docker-outsider").unwrap();
     let shim = ns.shim("outsider").await.unwrap();
 
@@ -142,7 +142,7 @@ async fn a_caller_without_pod_rights_is_refused_and_nothing_is_created() {
 #[tokio::test]
 async fn a_container_berth_cannot_run_is_refused_before_anything_is_made() {
     let c = Cluster::from_env().await.unwrap();
-    let image = c.fresh_image("docker-bad").await.unwrap();
+    let image = c.fresh_docker_image("docker-bad").await.unwrap();
     let ns = DockerNamespace::new(&c, "docker-bad").unwrap();
     let shim = ns.shim("ci").await.unwrap();
 
