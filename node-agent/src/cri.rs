@@ -22,7 +22,10 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use crate::runtime::{FsInfo, ImageInfo, ImageRuntime, RegistryAuth, RuntimeVersion};
+use crate::runtime::{
+    ContainerLog, ContainerLookup, ContainerState, FsInfo, ImageInfo, ImageRuntime, RegistryAuth,
+    RuntimeVersion,
+};
 
 /// Where runtimes put their CRI socket by default, in the order we try them.
 pub const DEFAULT_SOCKETS: &[&str] = &[
@@ -502,7 +505,88 @@ impl ImageRuntime for CriRuntime {
     }
 }
 
+/// The kubelet's labels on every container it creates, which
+/// [`ContainerLookup::find_container`] filters by.
+pub const POD_UID_LABEL: &str = "io.kubernetes.pod.uid";
+/// See [`POD_UID_LABEL`].
+pub const CONTAINER_NAME_LABEL: &str = "io.kubernetes.container.name";
+
+fn container_state(state: i32) -> ContainerState {
+    match cri::ContainerState::try_from(state) {
+        Ok(cri::ContainerState::ContainerCreated) => ContainerState::Created,
+        Ok(cri::ContainerState::ContainerRunning) => ContainerState::Running,
+        Ok(cri::ContainerState::ContainerExited) => ContainerState::Exited,
+        _ => ContainerState::Unknown,
+    }
+}
+
+impl ContainerLookup for CriRuntime {
+    async fn find_container(
+        &self,
+        pod_uid: &str,
+        container_name: &str,
+    ) -> Result<Option<ContainerLog>, CriError> {
+        let filter = cri::ContainerFilter {
+            label_selector: [
+                (POD_UID_LABEL.to_string(), pod_uid.to_string()),
+                (CONTAINER_NAME_LABEL.to_string(), container_name.to_string()),
+            ]
+            .into(),
+            ..Default::default()
+        };
+        let r = self
+            .runtime
+            .clone()
+            .list_containers(request(cri::ListContainersRequest {
+                filter: Some(filter),
+            }))
+            .await
+            .map_err(|s| CriError::call(&self.socket, "ListContainers", s))?;
+        let Some(newest) = r
+            .into_inner()
+            .containers
+            .into_iter()
+            .max_by_key(|c| c.created_at)
+        else {
+            return Ok(None);
+        };
+        // Removed between the two calls: as if it had never been there.
+        let Some(status) = self.container_status(&newest.id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(ContainerLog {
+            id: newest.id,
+            log_path: status.log_path.into(),
+            state: container_state(status.state),
+        }))
+    }
+
+    async fn container_state(&self, id: &str) -> Result<ContainerState, CriError> {
+        Ok(self
+            .container_status(id)
+            .await?
+            .map_or(ContainerState::Gone, |s| container_state(s.state)))
+    }
+}
+
 impl CriRuntime {
+    /// ContainerStatus of `id`; `None` when the runtime has no such container.
+    async fn container_status(&self, id: &str) -> Result<Option<cri::ContainerStatus>, CriError> {
+        let r = self
+            .runtime
+            .clone()
+            .container_status(request(cri::ContainerStatusRequest {
+                container_id: id.to_string(),
+                verbose: false,
+            }))
+            .await;
+        match r {
+            Ok(r) => Ok(r.into_inner().status),
+            Err(s) if s.code() == tonic::Code::NotFound && !runtime_went_away(&s) => Ok(None),
+            Err(s) => Err(CriError::call(&self.socket, "ContainerStatus", s)),
+        }
+    }
+
     /// ImageStatus by ID or reference string.
     pub async fn status_of(&self, image: &str) -> Result<Option<ImageInfo>, CriError> {
         let r = self

@@ -8,6 +8,8 @@
 //! - [`session`] keeps the agent's stream to the coordinator alive and fed with
 //!   the node's [`inventory`], and [`tasks`] carries out the coordinator's work,
 //!   pulls only as far as the [`disk`] guard allows.
+//! - [`logs`] answers the coordinator's log requests from the containers'
+//!   CRI log files, found through the runtime.
 //! - [`health`] watches whether the runtime answers, for the kubelet's
 //!   probes (`/readyz`, `/healthz`) and for the session's reconnects.
 //! - [`testing`] lets tests that need something of the machine fail in CI
@@ -18,6 +20,7 @@ pub mod cri;
 pub mod disk;
 pub mod health;
 pub mod inventory;
+pub mod logs;
 pub mod runtime;
 pub mod session;
 pub mod tasks;

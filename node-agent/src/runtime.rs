@@ -1,9 +1,16 @@
 //! The `ImageRuntime` trait: what Berth needs from a node's container runtime,
 //! in Berth's own types. [`crate::cri::CriRuntime`] implements it over CRI gRPC;
 //! [`MemRuntime`] is an in-memory fake for fast tests of the logic above it.
+//!
+//! [`ContainerLookup`] is the little the log reader ([`crate::logs`]) needs of
+//! the runtime's containers: which container a pod's container name is now,
+//! where its log file is, and whether it still runs. Both runtimes implement
+//! it too; [`MemRuntime::add_container`] and [`MemRuntime::set_container_state`]
+//! drive it in tests.
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -75,6 +82,55 @@ pub trait ImageRuntime: Send + Sync + 'static {
     fn images_in_use(&self) -> impl Future<Output = Result<Vec<String>, CriError>> + Send;
 }
 
+/// The lifecycle state of a container, as CRI reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContainerState {
+    /// Created, not started yet: its log file may not exist yet.
+    Created,
+    /// Running.
+    Running,
+    /// Exited: it writes no more log lines.
+    Exited,
+    /// The runtime does not know (e.g. it lost track after a restart).
+    Unknown,
+    /// The runtime no longer has the container (it was removed).
+    Gone,
+}
+
+impl ContainerState {
+    /// Whether the container can write no more log lines.
+    pub fn is_finished(self) -> bool {
+        matches!(self, ContainerState::Exited | ContainerState::Gone)
+    }
+}
+
+/// A container found by [`ContainerLookup::find_container`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerLog {
+    /// The runtime's container ID.
+    pub id: String,
+    /// Its CRI log file, a host path (`/var/log/pods/<ns>_<pod>_<uid>/<name>/<attempt>.log`).
+    pub log_path: PathBuf,
+    /// Its state when it was looked up.
+    pub state: ContainerState,
+}
+
+/// What the log reader needs of the runtime's containers.
+pub trait ContainerLookup: Send + Sync + 'static {
+    /// The newest attempt (by creation time) of the container `container_name`
+    /// of the pod with UID `pod_uid`, or `None` when the node has none.
+    fn find_container(
+        &self,
+        pod_uid: &str,
+        container_name: &str,
+    ) -> impl Future<Output = Result<Option<ContainerLog>, CriError>> + Send;
+    /// The state of the container `id` now ([`ContainerState::Gone`] once removed).
+    fn container_state(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<ContainerState, CriError>> + Send;
+}
+
 /// An in-memory [`ImageRuntime`]: images live in a map, pulls succeed for
 /// references registered with [`MemRuntime::publish`].
 ///
@@ -97,6 +153,8 @@ struct MemState {
     /// What the runtime holds, by image id.
     images: BTreeMap<String, ImageInfo>,
     in_use: Vec<String>,
+    /// Containers for [`ContainerLookup`]: (pod uid, name, created at, container).
+    containers: Vec<(String, String, i64, ContainerLog)>,
     pulls: u64,
     /// How long each pull takes.
     pull_delay: Duration,
@@ -168,6 +226,26 @@ impl MemRuntime {
             });
         }
         Ok(self.state.lock().unwrap())
+    }
+
+    /// Adds a container (one attempt) of pod `pod_uid` named `name`, created
+    /// at `created_at` (any increasing number), for [`ContainerLookup`].
+    pub fn add_container(&self, pod_uid: &str, name: &str, created_at: i64, log: ContainerLog) {
+        self.state.lock().unwrap().containers.push((
+            pod_uid.to_string(),
+            name.to_string(),
+            created_at,
+            log,
+        ));
+    }
+
+    /// Changes the state of the container `id`, e.g. to
+    /// [`ContainerState::Exited`] to end a followed log.
+    pub fn set_container_state(&self, id: &str, state: ContainerState) {
+        let mut st = self.state.lock().unwrap();
+        for (_, _, _, c) in st.containers.iter_mut().filter(|c| c.3.id == id) {
+            c.state = state;
+        }
     }
 
     /// How many pulls reached the runtime.
@@ -293,6 +371,31 @@ impl ImageRuntime for MemRuntime {
     async fn images_in_use(&self) -> Result<Vec<String>, CriError> {
         let st = self.up("ListContainers")?;
         Ok(st.in_use.clone())
+    }
+}
+
+impl ContainerLookup for MemRuntime {
+    async fn find_container(
+        &self,
+        pod_uid: &str,
+        container_name: &str,
+    ) -> Result<Option<ContainerLog>, CriError> {
+        let st = self.up("ListContainers")?;
+        Ok(st
+            .containers
+            .iter()
+            .filter(|(uid, name, _, _)| uid == pod_uid && name == container_name)
+            .max_by_key(|(_, _, created, _)| *created)
+            .map(|(_, _, _, c)| c.clone()))
+    }
+
+    async fn container_state(&self, id: &str) -> Result<ContainerState, CriError> {
+        let st = self.up("ContainerStatus")?;
+        Ok(st
+            .containers
+            .iter()
+            .find(|c| c.3.id == id)
+            .map_or(ContainerState::Gone, |c| c.3.state))
     }
 }
 

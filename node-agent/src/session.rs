@@ -3,7 +3,9 @@
 //! [`run`] dials the coordinator, authenticates with the pod's projected
 //! ServiceAccount token (re-read on every attempt: the kubelet rotates it),
 //! sends `Hello` and the full inventory, then heartbeats and sends a fresh
-//! inventory whenever the runtime's images change. When the stream breaks it
+//! inventory whenever the runtime's images change. Log requests are answered
+//! by [`crate::logs::LogStreams`], one task per stream, on the same outbound
+//! channel; they end with the session. When the stream breaks it
 //! reconnects with exponential backoff and jitter, forever.
 //!
 //! A session needs the runtime: its `Hello` carries the runtime's version, and
@@ -30,11 +32,12 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, warn};
 
 use crate::inventory;
-use crate::runtime::ImageRuntime;
+use crate::logs::LogStreams;
+use crate::runtime::{ContainerLookup, ImageRuntime};
 use crate::tasks::TaskRunner;
 
 /// Capabilities this agent offers the coordinator.
-pub const CAPABILITIES: &[&str] = &["inventory", "pull", "remove"];
+pub const CAPABILITIES: &[&str] = &["inventory", "pull", "remove", "logs"];
 
 /// How the agent reaches and talks to the coordinator.
 #[derive(Debug, Clone)]
@@ -145,7 +148,7 @@ impl Backoff {
 
 /// Runs sessions until the process ends; tasks run on `runner`, whose
 /// updates arrive on `updates`.
-pub async fn run<R: ImageRuntime>(
+pub async fn run<R: ImageRuntime + ContainerLookup>(
     runner: TaskRunner<R>,
     updates: mpsc::UnboundedReceiver<pb::TaskUpdate>,
     cfg: SessionConfig,
@@ -157,7 +160,7 @@ pub async fn run<R: ImageRuntime>(
 /// runtime answers (see [`crate::health::Health::reachable`]): while the
 /// runtime is away the agent does not knock at the coordinator's door with a
 /// session it would have to close at once.
-pub async fn run_while_reachable<R: ImageRuntime>(
+pub async fn run_while_reachable<R: ImageRuntime + ContainerLookup>(
     runner: TaskRunner<R>,
     mut updates: mpsc::UnboundedReceiver<pb::TaskUpdate>,
     cfg: SessionConfig,
@@ -185,7 +188,7 @@ pub async fn run_while_reachable<R: ImageRuntime>(
     }
 }
 
-async fn session_once<R: ImageRuntime>(
+async fn session_once<R: ImageRuntime + ContainerLookup>(
     runner: &TaskRunner<R>,
     updates: &mut mpsc::UnboundedReceiver<pb::TaskUpdate>,
     cfg: &SessionConfig,
@@ -226,6 +229,8 @@ async fn session_once<R: ImageRuntime>(
         .await?
         .into_inner();
 
+    // Dropped when this session ends, which stops its log streams.
+    let mut logs = LogStreams::new(runner.shared_runtime(), &cfg.node_name, tx.clone());
     let mut heartbeat = Duration::from_secs(10);
     let mut beat = tokio::time::interval(heartbeat);
     let mut poll = tokio::time::interval(cfg.inventory_poll);
@@ -250,19 +255,9 @@ async fn session_once<R: ImageRuntime>(
                         }
                     }
                     Some(pb::coordinator_message::Kind::Task(task)) => runner.submit(task),
-                    Some(pb::coordinator_message::Kind::LogRequest(r)) => {
-                        let refusal = pb::LogData {
-                            stream_id: r.stream_id,
-                            end: true,
-                            error: "this agent does not read logs yet".into(),
-                            ..Default::default()
-                        };
-                        if tx.send(send(pb::agent_message::Kind::LogData(refusal))).await.is_err() {
-                            return Ok(());
-                        }
-                    }
-                    Some(pb::coordinator_message::Kind::LogCancel(_))
-                    | Some(pb::coordinator_message::Kind::Heartbeat(_))
+                    Some(pb::coordinator_message::Kind::LogRequest(r)) => logs.start(r),
+                    Some(pb::coordinator_message::Kind::LogCancel(c)) => logs.cancel(c.stream_id),
+                    Some(pb::coordinator_message::Kind::Heartbeat(_))
                     | None => {}
                 }
             }

@@ -3,6 +3,8 @@
 //! (as containerd words them) turned into the right `CriError`, and a runtime
 //! that exits and comes back on a new socket file at the same path — seen by
 //! the client and by the `node-agent run` health endpoint the kubelet probes.
+//! The log reader's container lookup (`ContainerLookup`) is checked against
+//! the fake's containers, filtered by the kubelet's labels as containerd does.
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
@@ -13,7 +15,9 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use berth_node_agent::cri::{CriError, CriRuntime};
-use berth_node_agent::runtime::{ImageRuntime, RegistryAuth};
+use berth_node_agent::runtime::{
+    ContainerLog, ContainerLookup, ContainerState, ImageRuntime, RegistryAuth,
+};
 use berth_node_agent::testing::missing_prerequisite;
 use berth_proto::reference::Reference;
 use k8s_cri::v1 as cri;
@@ -136,10 +140,80 @@ impl ImageService for FakeImages {
     }
 }
 
-/// The two RuntimeService methods the agent calls (Version, ListContainers),
-/// routed by hand: the generated server trait has 29 methods.
-#[derive(Clone)]
-struct FakeRuntime;
+/// The RuntimeService methods the agent calls (Version, ListContainers,
+/// ContainerStatus), routed by hand: the generated server trait has 29
+/// methods. It holds the containers' statuses.
+#[derive(Clone, Default)]
+struct FakeRuntime(Arc<Mutex<Vec<cri::ContainerStatus>>>);
+
+impl FakeRuntime {
+    /// Adds a container as the kubelet creates it: with its pod's UID and its
+    /// name in labels.
+    fn add(
+        &self,
+        id: &str,
+        pod_uid: &str,
+        name: &str,
+        created_at: i64,
+        state: cri::ContainerState,
+    ) {
+        self.0.lock().unwrap().push(cri::ContainerStatus {
+            id: id.into(),
+            created_at,
+            state: state as i32,
+            labels: [
+                ("io.kubernetes.pod.uid".to_string(), pod_uid.to_string()),
+                ("io.kubernetes.container.name".to_string(), name.to_string()),
+            ]
+            .into(),
+            log_path: format!("/var/log/pods/default_web_{pod_uid}/{name}/{created_at}.log"),
+            ..Default::default()
+        });
+    }
+
+    /// ListContainers: the containers whose labels carry every pair of the
+    /// filter's selector.
+    fn list(&self, req: cri::ListContainersRequest) -> cri::ListContainersResponse {
+        let selector = req.filter.map(|f| f.label_selector).unwrap_or_default();
+        let containers = self
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| selector.iter().all(|(k, v)| c.labels.get(k) == Some(v)))
+            .map(|c| cri::Container {
+                id: c.id.clone(),
+                state: c.state,
+                created_at: c.created_at,
+                labels: c.labels.clone(),
+                ..Default::default()
+            })
+            .collect();
+        cri::ListContainersResponse { containers }
+    }
+
+    /// ContainerStatus, NotFound for an unknown ID as containerd answers.
+    fn status(
+        &self,
+        req: cri::ContainerStatusRequest,
+    ) -> Result<cri::ContainerStatusResponse, Status> {
+        let st = self.0.lock().unwrap();
+        let status = st
+            .iter()
+            .find(|c| c.id == req.container_id)
+            .cloned()
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "an error occurred when try to find container {:?}: not found",
+                    req.container_id
+                ))
+            })?;
+        Ok(cri::ContainerStatusResponse {
+            status: Some(status),
+            ..Default::default()
+        })
+    }
+}
 
 impl tonic::server::NamedService for FakeRuntime {
     const NAME: &'static str = "runtime.v1.RuntimeService";
@@ -151,7 +225,7 @@ struct Unary<F>(F);
 
 impl<Req, Resp, F> tonic::server::UnaryService<Req> for Unary<F>
 where
-    F: Fn(Req) -> Resp + Clone + Send + 'static,
+    F: Fn(Req) -> Result<Resp, Status> + Clone + Send + 'static,
     Req: Send + 'static,
     Resp: Send + 'static,
 {
@@ -159,7 +233,7 @@ where
     type Future = BoxFut<Result<Response<Resp>, Status>>;
     fn call(&mut self, request: Request<Req>) -> Self::Future {
         let f = self.0.clone();
-        Box::pin(async move { Ok(Response::new(f(request.into_inner()))) })
+        Box::pin(async move { f(request.into_inner()).map(Response::new) })
     }
 }
 
@@ -182,23 +256,26 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let this = self.clone();
         Box::pin(async move {
             Ok(match req.uri().path() {
                 "/runtime.v1.RuntimeService/Version" => {
-                    let svc = Unary(|_: cri::VersionRequest| cri::VersionResponse {
-                        version: "0.1.0".into(),
-                        runtime_name: "fake-cri".into(),
-                        runtime_version: "9.9.9".into(),
-                        runtime_api_version: "v1".into(),
+                    let svc = Unary(|_: cri::VersionRequest| {
+                        Ok(cri::VersionResponse {
+                            version: "0.1.0".into(),
+                            runtime_name: "fake-cri".into(),
+                            runtime_version: "9.9.9".into(),
+                            runtime_api_version: "v1".into(),
+                        })
                     });
                     grpc().unary(svc, req).await
                 }
                 "/runtime.v1.RuntimeService/ListContainers" => {
-                    let svc = Unary(
-                        |_: cri::ListContainersRequest| cri::ListContainersResponse {
-                            containers: vec![],
-                        },
-                    );
+                    let svc = Unary(move |r| Ok(this.list(r)));
+                    grpc().unary(svc, req).await
+                }
+                "/runtime.v1.RuntimeService/ContainerStatus" => {
+                    let svc = Unary(move |r| this.status(r));
                     grpc().unary(svc, req).await
                 }
                 _ => Status::unimplemented("not faked").into_http(),
@@ -213,6 +290,7 @@ struct Fake {
     _dir: tempfile::TempDir,
     socket: PathBuf,
     state: FakeImages,
+    containers: FakeRuntime,
     server: Option<Server>,
 }
 
@@ -231,6 +309,7 @@ impl Fake {
         let listener = std::os::unix::net::UnixListener::bind(&self.socket).unwrap();
         listener.set_nonblocking(true).unwrap();
         let images = ImageServiceServer::new(self.state.clone());
+        let containers = self.containers.clone();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -241,7 +320,7 @@ impl Fake {
                 let incoming = UnixListenerStream::new(UnixListener::from_std(listener).unwrap());
                 let serve = tonic::transport::Server::builder()
                     .add_service(images)
-                    .add_service(FakeRuntime)
+                    .add_service(containers)
                     .serve_with_incoming(incoming);
                 tokio::select! {
                     r = serve => r.unwrap(),
@@ -279,6 +358,7 @@ async fn fake_cri() -> Fake {
         _dir: dir,
         socket,
         state: FakeImages::default(),
+        containers: FakeRuntime::default(),
         server: None,
     };
     fake.start();
@@ -326,6 +406,48 @@ async fn pull_list_inspect_and_remove_round_trip() {
     assert_eq!(cri.fs_info().await.unwrap().used_bytes, 1234);
     cri.remove("sha256:aaa").await.unwrap();
     assert!(cri.image_status(&r("r.io/app:1")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn the_newest_attempt_of_a_pods_container_is_found_by_the_kubelets_labels() {
+    use cri::ContainerState as S;
+    let fake = fake_cri().await;
+    fake.containers
+        .add("c-old", "uid-1", "app", 10, S::ContainerExited);
+    fake.containers
+        .add("c-new", "uid-1", "app", 20, S::ContainerRunning);
+    fake.containers
+        .add("c-side", "uid-1", "sidecar", 30, S::ContainerRunning);
+    fake.containers
+        .add("c-else", "uid-2", "app", 40, S::ContainerCreated);
+    let cri = CriRuntime::connect(&fake.socket).await.unwrap();
+
+    let found = cri.find_container("uid-1", "app").await.unwrap();
+    assert_eq!(
+        found,
+        Some(ContainerLog {
+            id: "c-new".into(),
+            log_path: "/var/log/pods/default_web_uid-1/app/20.log".into(),
+            state: ContainerState::Running,
+        })
+    );
+    assert_eq!(
+        cri.find_container("uid-2", "app")
+            .await
+            .unwrap()
+            .map(|c| c.state),
+        Some(ContainerState::Created)
+    );
+    assert_eq!(cri.find_container("uid-3", "app").await.unwrap(), None);
+    assert_eq!(
+        cri.container_state("c-old").await.unwrap(),
+        ContainerState::Exited
+    );
+    assert_eq!(
+        cri.container_state("c-removed").await.unwrap(),
+        ContainerState::Gone,
+        "a removed container has exited for good, not failed the lookup"
+    );
 }
 
 #[tokio::test]

@@ -177,6 +177,11 @@ impl<R: ImageRuntime> TaskRunner<R> {
         &self.rt
     }
 
+    /// The runtime, shared, for work that outlives a borrow (log streams).
+    pub fn shared_runtime(&self) -> Arc<R> {
+        self.rt.clone()
+    }
+
     /// The managed set, for the inventory.
     pub fn managed(&self) -> &Managed {
         &self.managed
