@@ -63,6 +63,10 @@ impl Reviewer for KubeReviewer {
         caller: &Caller,
         access: &ResourceAccess,
     ) -> Result<bool, AccessError> {
+        let (resource, subresource) = match access.resource.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (access.resource, None),
+        };
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(caller.username.clone()),
@@ -72,7 +76,9 @@ impl Reviewer for KubeReviewer {
                 resource_attributes: Some(ResourceAttributes {
                     verb: Some(access.verb.into()),
                     group: Some(access.group.into()),
-                    resource: Some(access.resource.into()),
+                    // `pods/exec`: resource `pods`, subresource `exec`.
+                    resource: Some(resource.into()),
+                    subresource: subresource.map(String::from),
                     namespace: access.namespace.clone(),
                     name: access.name.clone(),
                     ..Default::default()

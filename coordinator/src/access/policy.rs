@@ -71,32 +71,50 @@ pub fn inventory(path: &str) -> Option<Rule> {
     }
 }
 
-/// Core `pods` in a request's namespace.
-fn pods(verb: &'static str, namespace: String) -> Result<ResourceAccess, AccessError> {
+/// Core `pods` (or a subresource, `pods/log`) in a request's namespace.
+fn pods(
+    verb: &'static str,
+    resource: &'static str,
+    namespace: String,
+) -> Result<ResourceAccess, AccessError> {
     if namespace.is_empty() {
         return Err(AccessError::BadRequest("namespace is required".into()));
     }
     Ok(ResourceAccess {
         verb,
         group: "",
-        resource: "pods",
+        resource,
         namespace: Some(namespace),
         name: None,
     })
 }
 
+fn exec(message: &[u8]) -> Result<ResourceAccess, AccessError> {
+    let input: pb::ExecInput = decode(message, "Exec")?;
+    match input.kind {
+        Some(pb::exec_input::Kind::Start(s)) => pods("create", "pods/exec", s.namespace),
+        _ => Err(AccessError::BadRequest(
+            "Exec: the first message must be an ExecStart".into(),
+        )),
+    }
+}
+
 /// A rule reading the namespace of a request of type `M`.
 macro_rules! in_namespace {
     ($verb:literal, $message:ty, $method:literal) => {
-        Rule::FromMessage(|m| pods($verb, decode::<$message>(m, $method)?.namespace))
+        in_namespace!($verb, "pods", $message, $method)
+    };
+    ($verb:literal, $resource:literal, $message:ty, $method:literal) => {
+        Rule::FromMessage(|m| pods($verb, $resource, decode::<$message>(m, $method)?.namespace))
     };
 }
 
 /// `berth.v1.Containers` and `berth.v1.Images`: the caller needs, on pods in
 /// the request's namespace, what the call does through Berth — `create` to
 /// create or start a container (Berth makes a pod), `delete` to stop, kill
-/// or remove one, `get` to inspect, wait on or read the logs of one, `list`
-/// to list them or read images. Berth acts with its own rights only after
+/// or remove one, `get` to inspect or wait on one, `get pods/log` to read
+/// its logs, `create pods/exec` to run a command in it, `list` to list them
+/// or read images. Berth acts with its own rights only after
 /// that check.
 pub fn containers(path: &str) -> Option<Rule> {
     let rule = match path {
@@ -112,7 +130,10 @@ pub fn containers(path: &str) -> Option<Rule> {
         "/berth.v1.Containers/Inspect" => in_namespace!("get", pb::ContainerRequest, "Inspect"),
         "/berth.v1.Containers/List" => in_namespace!("list", pb::ListContainersRequest, "List"),
         "/berth.v1.Containers/Wait" => in_namespace!("get", pb::WaitContainerRequest, "Wait"),
-        "/berth.v1.Containers/Logs" => in_namespace!("get", pb::ContainerLogsRequest, "Logs"),
+        "/berth.v1.Containers/Logs" => {
+            in_namespace!("get", "pods/log", pb::ContainerLogsRequest, "Logs")
+        }
+        "/berth.v1.Containers/Exec" => Rule::FromMessage(exec),
         "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
         "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),
         _ => return None,

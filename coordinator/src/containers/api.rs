@@ -39,7 +39,7 @@ pub struct ContainersApi {
     registry: Arc<NodeRegistry>,
 }
 
-fn kube_status(what: &str, e: kube::Error) -> Status {
+pub(super) fn kube_status(what: &str, e: kube::Error) -> Status {
     match e {
         kube::Error::Api(ae) => {
             let msg = format!("{what}: {}", ae.message);
@@ -145,7 +145,7 @@ impl ContainersApi {
         ContainersApi { spaces, registry }
     }
 
-    async fn space(&self, namespace: &str) -> Result<Space, Status> {
+    pub(super) async fn space(&self, namespace: &str) -> Result<Space, Status> {
         let (space, new) = self.spaces.get(namespace).await?;
         if new {
             tokio::spawn(self.clone().reap(space.clone()));
@@ -157,7 +157,7 @@ impl ContainersApi {
         Api::namespaced(self.spaces.client().clone(), ns)
     }
 
-    fn pods(&self, ns: &str) -> Api<Pod> {
+    pub(super) fn pods(&self, ns: &str) -> Api<Pod> {
         Api::namespaced(self.spaces.client().clone(), ns)
     }
 
@@ -514,6 +514,17 @@ impl pb::containers_server::Containers for ContainersApi {
     }
 
     type LogsStream = LogChunks;
+
+    type ExecStream = super::exec::ExecOutputs;
+
+    async fn exec(
+        &self,
+        request: Request<tonic::Streaming<pb::ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        Ok(Response::new(
+            ContainersApi::exec(self, request.into_inner()).await?,
+        ))
+    }
 
     async fn logs(
         &self,

@@ -5,6 +5,7 @@
 //! - [`pod`]: record → pod, and pod → Docker state; plain functions.
 //! - [`store`]: per-namespace mirrors of records and pods, from watches.
 //! - [`api`]: the `Containers` service over those.
+//! - [`exec`]: `Containers/Exec`, through the pod exec API.
 //! - [`logs`]: log lines from the node agent that reads the CRI log file
 //!   (stdout and stderr kept apart) to the API caller.
 //! - [`images`]: the `Images` service, reading registries.
@@ -13,6 +14,7 @@
 //! in the request's namespace ([`crate::access::policy`]).
 
 pub mod api;
+pub mod exec;
 pub mod images;
 pub mod logs;
 pub mod pod;
