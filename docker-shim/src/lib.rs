@@ -90,12 +90,15 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
         tracing::info!(socket = %path.display(), "serving the Docker API (DOCKER_HOST=unix://{})", path.display());
         tasks.spawn(http::serve_unix(shim.clone(), unix));
     }
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot wait for SIGTERM")?;
     tokio::select! {
         _ = tasks.join_next() => anyhow::bail!("a listener stopped"),
         r = tokio::signal::ctrl_c() => {
             r.context("cannot wait for ctrl-c")?;
-            tracing::info!("stopping");
+            tracing::info!("stopping (interrupt)");
         }
+        _ = term.recv() => tracing::info!("stopping (SIGTERM)"),
     }
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
