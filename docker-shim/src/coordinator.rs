@@ -1,0 +1,92 @@
+//! The coordinator's `berth.v1.Containers` and `berth.v1.Images` clients,
+//! with the bearer token on every call and the namespace the shim serves.
+//! [`endpoint`] builds the TLS channel; tests hand [`Coordinator::new`] a
+//! plaintext channel to an in-process fake.
+
+use std::path::Path;
+
+use berth_proto::api::containers_client::ContainersClient;
+use berth_proto::api::images_client::ImagesClient;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+use crate::token::TokenSource;
+
+/// Why the coordinator's channel could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The URL is not `https://…`.
+    #[error("the coordinator URL {0:?} must start with https:// (the coordinator speaks TLS only)")]
+    NotTls(String),
+    /// The CA file could not be read.
+    #[error(
+        "cannot read the CA file {path}: {source} (it is ca.crt of the ConfigMap berth-ca in berth-system)"
+    )]
+    CaFile {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The URL or TLS settings are malformed.
+    #[error("invalid coordinator endpoint {url}: {source}")]
+    Endpoint {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: tonic::transport::Error,
+    },
+}
+
+/// A lazily connected TLS channel to `url`, verifying the certificate
+/// against `ca_file` for the name `server_name`.
+pub fn endpoint(url: &str, ca_file: &Path, server_name: &str) -> Result<Channel, ConnectError> {
+    if !url.starts_with("https://") {
+        return Err(ConnectError::NotTls(url.to_string()));
+    }
+    let pem = std::fs::read(ca_file).map_err(|source| ConnectError::CaFile {
+        path: ca_file.display().to_string(),
+        source,
+    })?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(pem))
+        .domain_name(server_name.to_string());
+    let err = |source| ConnectError::Endpoint {
+        url: url.to_string(),
+        source,
+    };
+    Ok(Endpoint::from_shared(url.to_string())
+        .map_err(err)?
+        .tls_config(tls)
+        .map_err(err)?
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+/// A client of the Containers API with the token attached.
+pub type Containers = ContainersClient<InterceptedService<Channel, TokenSource>>;
+/// A client of the Images API with the token attached.
+pub type Images = ImagesClient<InterceptedService<Channel, TokenSource>>;
+
+/// The coordinator as the HTTP handlers see it; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Coordinator {
+    /// `berth.v1.Containers`.
+    pub containers: Containers,
+    /// `berth.v1.Images`.
+    pub images: Images,
+    /// The namespace every request names.
+    pub namespace: String,
+}
+
+impl Coordinator {
+    /// Clients over `channel`, sending `token` and naming `namespace`.
+    pub fn new(channel: Channel, token: TokenSource, namespace: &str) -> Self {
+        Coordinator {
+            containers: ContainersClient::with_interceptor(channel.clone(), token.clone()),
+            images: ImagesClient::with_interceptor(channel, token),
+            namespace: namespace.to_string(),
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The `filters` query of `GET /containers/json`: JSON of the form
+//! `{"label": {"a=b": true}}` (or the older `{"label": ["a=b"]}`), turned
+//! into the fields of a `ListContainersRequest`. `exited=N` is applied by the
+//! shim to the answer; other Docker filters are refused with a 400 that says
+//! so, since ignoring a filter would list containers the client excluded.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+/// The status words Docker accepts in a `status` filter.
+pub const STATUSES: &[&str] = &[
+    "created",
+    "restarting",
+    "running",
+    "removing",
+    "paused",
+    "exited",
+    "dead",
+];
+
+/// The filters of one list call.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ListFilters {
+    /// `key` or `key=value`; all must match.
+    pub labels: Vec<String>,
+    /// Status words; any may match.
+    pub statuses: Vec<String>,
+    /// Name substrings (without a leading `/`); any may match.
+    pub names: Vec<String>,
+    /// ID prefixes; any may match.
+    pub ids: Vec<String>,
+    /// Exit codes; any may match (only exited containers then).
+    pub exited: Vec<i32>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Values {
+    Map(BTreeMap<String, bool>),
+    List(Vec<String>),
+}
+
+/// Parses the `filters` query value (empty: no filters).
+pub fn parse(raw: &str) -> Result<ListFilters, String> {
+    let mut out = ListFilters::default();
+    if raw.trim().is_empty() {
+        return Ok(out);
+    }
+    let map: BTreeMap<String, Values> =
+        serde_json::from_str(raw).map_err(|e| format!("invalid filters {raw:?}: {e}"))?;
+    for (key, values) in map {
+        let values: Vec<String> = match values {
+            Values::Map(m) => m
+                .into_iter()
+                .filter(|(_, on)| *on)
+                .map(|(v, _)| v)
+                .collect(),
+            Values::List(l) => l,
+        };
+        match key.as_str() {
+            "label" => out.labels.extend(values),
+            "status" => {
+                for v in values {
+                    if !STATUSES.contains(&v.as_str()) {
+                        return Err(format!(
+                            "invalid filter 'status={v}': want one of {}",
+                            STATUSES.join(", ")
+                        ));
+                    }
+                    out.statuses.push(v);
+                }
+            }
+            "name" => out.names.extend(
+                values
+                    .into_iter()
+                    .map(|v| v.strip_prefix('/').map(str::to_string).unwrap_or(v)),
+            ),
+            "id" => out.ids.extend(values),
+            "exited" => {
+                for v in values {
+                    let code = v
+                        .parse::<i32>()
+                        .map_err(|_| format!("invalid filter 'exited={v}': want an exit code"))?;
+                    out.exited.push(code);
+                }
+            }
+            "ancestor" | "before" | "since" | "volume" | "network" | "publish" | "expose"
+            | "health" | "isolation" | "is-task" => {
+                return Err(format!(
+                    "Berth does not support the '{key}' filter of the container list yet"
+                ));
+            }
+            _ => return Err(format!("invalid filter '{key}'")),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn testcontainers_label_filters_become_label_selectors() {
+        let f = parse(
+            r#"{"label":{"org.testcontainers.sessionId=abc":true,"org.testcontainers":true}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            f.labels,
+            ["org.testcontainers", "org.testcontainers.sessionId=abc"]
+        );
+    }
+
+    #[test]
+    fn the_older_list_form_is_read_too() {
+        let f = parse(r#"{"status":["exited","created"],"name":["/web"],"id":["abc"]}"#).unwrap();
+        assert_eq!(f.statuses, ["exited", "created"]);
+        assert_eq!(f.names, ["web"]);
+        assert_eq!(f.ids, ["abc"]);
+    }
+
+    #[test]
+    fn exited_codes_are_kept_for_the_shim_to_apply() {
+        assert_eq!(parse(r#"{"exited":{"3":true}}"#).unwrap().exited, [3]);
+        assert!(parse(r#"{"exited":{"x":true}}"#).is_err());
+    }
+
+    #[test]
+    fn bad_or_unsupported_filters_are_refused() {
+        assert!(
+            parse(r#"{"status":{"sleeping":true}}"#)
+                .unwrap_err()
+                .contains("status=sleeping")
+        );
+        assert!(
+            parse(r#"{"ancestor":{"busybox":true}}"#)
+                .unwrap_err()
+                .contains("does not support")
+        );
+        assert_eq!(
+            parse(r#"{"colour":["red"]}"#).unwrap_err(),
+            "invalid filter 'colour'"
+        );
+        assert!(parse("{").unwrap_err().starts_with("invalid filters"));
+        assert_eq!(parse("").unwrap(), ListFilters::default());
+    }
+}
