@@ -306,6 +306,15 @@ impl Containers for Fake {
         }))
     }
 
+    type ExecStream = BoxStream<ExecOutput>;
+
+    async fn exec(
+        &self,
+        _: Request<tonic::Streaming<ExecInput>>,
+    ) -> Result<Response<Self::ExecStream>, Status> {
+        Err(Status::unimplemented("the fake coordinator has no exec"))
+    }
+
     type LogsStream = BoxStream<LogChunk>;
 
     async fn logs(
