@@ -12,7 +12,8 @@ use anyhow::{Context, bail};
 use crate::{COORDINATOR_NAME, Cluster, PortForward, TestNamespace, free_port};
 
 /// The Role a Docker API user gets in a test namespace: what Berth checks
-/// before it acts (pods: create, get, list, delete).
+/// before it acts (pods: create, get, list, delete; pods/log: get;
+/// pods/exec: create).
 const USER_ROLE: &str = "berth-docker-user";
 
 /// A namespace where Berth may run containers, with a ServiceAccount `ci`
@@ -52,6 +53,12 @@ rules:
 - apiGroups: [\"\"]
   resources: [pods]
   verbs: [create, get, list, delete]
+- apiGroups: [\"\"]
+  resources: [pods/log]
+  verbs: [get]
+- apiGroups: [\"\"]
+  resources: [pods/exec]
+  verbs: [create]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: RoleBinding

@@ -48,6 +48,20 @@ pub const CACHE_CAPACITY: usize = 4096;
 /// The ClusterRole that grants every read of the public API.
 pub const VIEWER_ROLE: &str = "berth-viewer";
 
+/// What an administrator can do about a refusal: reads of the inventory
+/// come with the viewer role; container calls need the caller's own rights
+/// on pods in the namespace.
+fn denial_hint(access: &ResourceAccess) -> String {
+    if access.resource.starts_with("pods") {
+        format!(
+            "grant them {} on {} in that namespace (a Role and RoleBinding)",
+            access.verb, access.resource
+        )
+    } else {
+        format!("bind the ClusterRole {VIEWER_ROLE} to them (or grant that verb on that resource)")
+    }
+}
+
 /// Who called, as the apiserver's TokenReview named them.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
 pub struct Caller {
@@ -116,9 +130,7 @@ pub enum AccessError {
     #[error("token rejected by the apiserver: {0}")]
     InvalidToken(String),
     /// RBAC does not allow the read.
-    #[error(
-        "{user} may not {access}: bind the ClusterRole {VIEWER_ROLE} to them (or grant that verb on that resource)"
-    )]
+    #[error("{user} may not {access}: {}", denial_hint(access))]
     Denied {
         /// The caller's user name.
         user: String,

@@ -305,7 +305,9 @@ impl ContainersApi {
     pub async fn reap(self, space: Space) {
         let mut finished_at: std::collections::HashMap<String, tokio::time::Instant> =
             Default::default();
+        let mut changes = space.subscribe();
         loop {
+            changes.borrow_and_update();
             let due: Vec<Record> = space
                 .records()
                 .into_iter()
@@ -328,6 +330,7 @@ impl ContainersApi {
                 if let Err(e) = self.delete(&space, &r).await {
                     warn!(container = %r.name, error = %e, "auto-remove failed; will retry");
                 } else {
+                    info!(namespace = %space.namespace, container = %r.name, "auto-removed");
                     finished_at.remove(&r.id);
                 }
             }
@@ -338,7 +341,7 @@ impl ContainersApi {
             } else {
                 WAIT_LIMIT
             };
-            space.wait_for(limit, |_| None::<()>).await;
+            let _ = tokio::time::timeout(limit, changes.changed()).await;
         }
     }
 }

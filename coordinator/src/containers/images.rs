@@ -42,7 +42,11 @@ impl ImagesApi {
                 {
                     Status::not_found(format!("No such image: {image}"))
                 }
-                RegistryError::Failed(m) => Status::unavailable(m),
+                // Docker answers from its local store; Berth's store is the
+                // registry, so an unreachable one holds no such image.
+                RegistryError::Failed(m) => Status::not_found(format!(
+                    "No such image: {image} (its registry could not be read: {m})"
+                )),
             })?;
         Ok((reference, config))
     }

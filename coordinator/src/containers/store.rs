@@ -113,6 +113,11 @@ impl Space {
             .collect()
     }
 
+    /// A receiver that sees every later change of this mirror.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.clone()
+    }
+
     /// Waits until `done` holds over this mirror, re-checking on every
     /// change, for at most `limit`. `done` answers `Some` to finish.
     pub async fn wait_for<T>(
