@@ -34,6 +34,10 @@ fn rfc3339(t: SystemTime) -> String {
 
 fn node(v: NodeView, include_images: bool) -> pb::Node {
     let inv = v.inventory.unwrap_or_default();
+    let images = match include_images {
+        true => inv.images.clone(),
+        false => vec![],
+    };
     pb::Node {
         name: v.name,
         connected: v.connected,
@@ -42,8 +46,8 @@ fn node(v: NodeView, include_images: bool) -> pb::Node {
         connected_since: rfc3339(v.connected_since),
         last_seen: rfc3339(v.last_seen),
         image_count: inv.images.len() as u32,
-        image_fs: inv.image_fs,
-        images: if include_images { inv.images } else { vec![] },
+        image_fs: inv.image_fs.clone(),
+        images,
     }
 }
 
@@ -75,7 +79,7 @@ impl Inventory for InventoryApi {
             .registry
             .get(&name)
             .ok_or_else(|| Status::not_found(format!("no agent has reported node {name:?}")))?;
-        let inv = v.inventory.unwrap_or_default();
+        let inv = v.inventory.map(Arc::unwrap_or_clone).unwrap_or_default();
         Ok(Response::new(pb::ListNodeImagesResponse {
             node: name,
             images: inv.images,
@@ -92,14 +96,15 @@ impl Inventory for InventoryApi {
             return Err(Status::invalid_argument("namespace and name are required"));
         }
         let key = format!("{}/{}", r.namespace, r.name);
-        let nodes = self
+        let source = self
             .details
             .read()
             .unwrap()
             .get(&key)
             .cloned()
             .ok_or_else(|| Status::not_found(format!("no ImageCache {key}")))?;
-        let nodes = nodes
+        let nodes = source
+            .node_details()
             .into_iter()
             .map(|n| pb::ImageCacheNode {
                 node: n.node,

@@ -27,6 +27,8 @@
 //! The decision is pure ([`decide`]: lease, when it changed, now, me →
 //! create / acquire / renew / wait); the Lease is read and written through
 //! [`LeaseStore`] ([`KubeLeases`] in production, an in-memory fake in tests).
+//! `main` runs the [`Elector`] on a thread of its own ([`thread::Election`]),
+//! so renewals keep their deadline however busy the main runtime is.
 
 use std::time::Duration;
 
@@ -38,6 +40,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
+
+pub mod thread;
 
 /// Name of the Lease the coordinators compete for.
 pub const LEASE_NAME: &str = "berth-coordinator";

@@ -9,7 +9,8 @@
 //! [`health`] keeps.
 //!
 //! Every replica serves gRPC (health, reflection, the public API) and stands
-//! by for the Lease; the one that holds it ([`leader`]) labels its pod so the
+//! by for the Lease (kept on a thread of its own, [`leader::thread`]); the one
+//! that holds it ([`leader`]) labels its pod so the
 //! Service sends it the agents, accepts their sessions and runs the
 //! ImageCache controller. It stops acting the moment it stops being the
 //! leader: it aborts the controller and exits non-zero, and the kubelet
@@ -32,7 +33,8 @@ use berth_coordinator::domain::CacheDetails;
 use berth_coordinator::health::{self, Pulse, Role};
 use berth_coordinator::imagecache;
 use berth_coordinator::imagecache::tags::OciRegistry;
-use berth_coordinator::leader::{self, Elector, KubeLeases};
+use berth_coordinator::leader::thread::Election;
+use berth_coordinator::leader::{self, KubeLeases};
 use berth_coordinator::{auth::KubeVerifier, limits, nodes::NodeRegistry, server, tls};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -101,7 +103,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     let limits = connection_limits(&args);
-    let client = kube::Client::try_default().await?;
+    let config = kube::Config::infer().await?;
+    let client = kube::Client::try_from(config.clone())?;
     let (stop, stopping) = watch::channel(false);
 
     // One health reporter for both gRPC ports. Probes get answers at once;
@@ -175,14 +178,19 @@ async fn main() -> anyhow::Result<()> {
     ));
     tokio::spawn(health::report(health, role));
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut elector = Elector::new(
-        KubeLeases::new(client.clone(), &args.namespace),
+    // The Lease is kept on a thread of its own, with an apiserver client of
+    // its own, so a connect storm on this runtime cannot delay a renewal.
+    let mut election = Election::spawn(
+        {
+            let (config, namespace) = (config, args.namespace.clone());
+            move || Ok(KubeLeases::new(kube::Client::try_from(config)?, &namespace))
+        },
         &args.pod_name,
-    );
+    )?;
 
     // A standby until the Lease is ours.
     tokio::select! {
-        () = elector.acquire() => {}
+        acquired = election.acquired() => acquired?,
         _ = term.recv() => {
             tracing::info!("shutting down as a standby");
             return stop_server(&stop, server).await;
@@ -201,7 +209,7 @@ async fn main() -> anyhow::Result<()> {
     )));
     let mut server_ended = false;
     let outcome = tokio::select! {
-        lost = elector.keep() => Err(anyhow!("stepping down: {lost}")),
+        lost = election.lost() => Err(anyhow!("stepping down: {lost}")),
         ended = &mut controller => Err(match ended {
             Ok(()) => anyhow!("the ImageCache controller ended; stepping down"),
             Err(e) => anyhow!("the ImageCache controller failed ({e}); stepping down"),
@@ -227,7 +235,7 @@ async fn main() -> anyhow::Result<()> {
     }
     // Safe even after losing the Lease: the write is based on the version
     // this replica last wrote, so it fails if anyone wrote since.
-    match tokio::time::timeout(STOP_GRACE, elector.release()).await {
+    match tokio::time::timeout(STOP_GRACE, election.release()).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "could not release the Lease"),
         Err(_) => tracing::warn!("releasing the Lease timed out"),

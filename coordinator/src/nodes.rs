@@ -21,7 +21,7 @@ use crate::containers::logs::LogRouter;
 use crate::metrics::METRICS;
 
 pub use crate::domain::TaskRecord;
-use crate::domain::{AgentView, Failure};
+use crate::domain::{AgentView, Failure, HeldImages};
 
 /// Where a session's messages to its agent go.
 pub type Outbox = mpsc::Sender<Result<pb::CoordinatorMessage, tonic::Status>>;
@@ -87,8 +87,9 @@ pub struct NodeView {
     pub connected_since: SystemTime,
     /// When the agent was last heard from.
     pub last_seen: SystemTime,
-    /// The last inventory the agent sent, if any yet.
-    pub inventory: Option<pb::Inventory>,
+    /// The last inventory the agent sent, if any yet (shared with the
+    /// planner's views, never copied per pass).
+    pub inventory: Option<Arc<pb::Inventory>>,
     /// The current session has sent an inventory (until then `inventory`
     /// may be an older session's).
     pub reported: bool,
@@ -185,7 +186,7 @@ impl NodeRegistry {
         now: SystemTime,
     ) -> bool {
         self.with_current(node, session, |n| {
-            n.inventory = Some(inv);
+            n.inventory = Some(Arc::new(inv));
             n.reported = true;
             n.pulled.clear();
             n.last_seen = now;
@@ -312,12 +313,7 @@ impl NodeRegistry {
                 .filter(|(_, t)| **t > now)
                 .map(|(i, _)| i.clone()),
         );
-        let mut images = n
-            .inventory
-            .as_ref()
-            .map(|i| i.images.clone())
-            .unwrap_or_default();
-        images.extend(n.pulled.values().cloned());
+        let images = HeldImages::new(n.inventory.clone(), n.pulled.values().cloned().collect());
         Some(AgentView {
             connected: n.connected,
             reported: n.reported,
@@ -454,7 +450,10 @@ mod tests {
         reg.update_inventory("a", s1, inv(&["x"]), t);
         reg.disconnect("a", s1);
         let s2 = reg.connect_t(hello("a"), t);
-        assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["x"])));
+        assert_eq!(
+            reg.get("a").unwrap().inventory.as_deref(),
+            Some(&inv(&["x"]))
+        );
         let now = Instant::now();
         assert!(
             !reg.agent_view("a", now).unwrap().reported,
@@ -462,7 +461,10 @@ mod tests {
         );
         reg.update_inventory("a", s2, inv(&["y"]), t);
         assert!(reg.agent_view("a", now).unwrap().reported);
-        assert_eq!(reg.get("a").unwrap().inventory, Some(inv(&["y"])));
+        assert_eq!(
+            reg.get("a").unwrap().inventory.as_deref(),
+            Some(&inv(&["y"]))
+        );
     }
 
     #[test]

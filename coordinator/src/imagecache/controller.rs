@@ -33,7 +33,7 @@ use tracing::{debug, info, warn};
 
 use super::access::{AccessChecker, Verdict, fingerprint, needing_check, pick_credentials};
 use super::crd::{DeletionPolicy, FINALIZER, ImageCache, ImageCacheStatus, UpdateType};
-use super::detail::node_details;
+use super::detail::PassDetail;
 use super::plan::{self, Access, Action, CacheView, NodeView};
 use super::problems::ProblemLog;
 use super::pull_secrets::{forbidden_message, is_forbidden, mark_forbidden};
@@ -41,7 +41,7 @@ use super::sizes::Sizes;
 use super::status::{Write, build_status, write_decision};
 use super::tags::{OciRegistry, TagTracker};
 use super::watch::{any_change, mirror, node_labels};
-use crate::domain::{CacheDetails, TaskRecord};
+use crate::domain::{CacheDetails, DetailSource, TaskRecord};
 use crate::metrics::METRICS;
 use crate::nodes::NodeRegistry;
 
@@ -156,6 +156,8 @@ impl Controller {
             .collect();
         // Stable order: per-node detail is listed by name.
         node_views.sort_by(|a, b| a.name.cmp(&b.name));
+        // Shared with the published detail until the next pass.
+        let node_views = Arc::new(node_views);
         let mut secrets: HashMap<String, Option<DockerCredentials>> = HashMap::new();
         let mut views: Vec<CacheView> = Vec::with_capacity(caches.len());
         for c in &caches {
@@ -205,7 +207,11 @@ impl Controller {
             if let Some(message) = self.forbidden_for(&v.key) {
                 mark_forbidden(&mut status, &message, &Time(Timestamp::now()));
             }
-            details.insert(v.key.clone(), node_details(v, &node_views));
+            let detail = PassDetail {
+                view: v.clone(),
+                nodes: node_views.clone(),
+            };
+            details.insert(v.key.clone(), Arc::new(detail) as Arc<dyn DetailSource>);
             self.write_status(c, status).await;
             if v.deleting && c.finalizers().iter().any(|f| f == FINALIZER) {
                 let waits = match v.deletion {

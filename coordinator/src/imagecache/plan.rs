@@ -3,7 +3,7 @@
 //! out. The controller builds these views from the apiserver and the agent
 //! sessions and carries the actions out.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use berth_proto::agent as pb;
@@ -374,6 +374,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
         }
     }
     // Every other cache wanting the image on the node lends its credentials.
+    let by_name: HashMap<&str, &NodeView> = nodes.iter().map(|n| (n.name.as_str(), n)).collect();
     for action in &mut out {
         let Action::Pull {
             node,
@@ -384,7 +385,7 @@ pub fn actions(caches: &[CacheView], nodes: &[NodeView]) -> Vec<Action> {
         else {
             continue;
         };
-        let Some(n) = nodes.iter().find(|n| &n.name == node) else {
+        let Some(n) = by_name.get(node.as_str()) else {
             continue;
         };
         for c in caches.iter().filter(|c| !c.deleting && c.targets(n)) {

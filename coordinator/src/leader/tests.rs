@@ -327,3 +327,66 @@ async fn of_candidates_racing_for_an_expired_lease_exactly_one_wins() {
     assert_eq!(store.holder().as_deref(), Some("a"));
     assert_eq!(store.0.lock().unwrap().writes, [Some("a".to_string())]);
 }
+
+/// Runs `f` on a current-thread runtime of its own (real time: the election
+/// thread's runtime does not share a paused clock).
+fn on_one_thread<F: Future<Output = ()>>(f: F) {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+#[test]
+fn the_lease_is_renewed_while_the_callers_runtime_is_blocked() {
+    let store = FakeLeases::default();
+    on_one_thread(async {
+        let s = store.clone();
+        let mut election = thread::Election::spawn(move || Ok(s), "a").unwrap();
+        election.acquired().await.unwrap();
+        let before = store.lease().version;
+        // The caller's only worker is busy for longer than a renewal period,
+        // as the main runtime's are during a connect storm.
+        std::thread::sleep(RETRY_PERIOD + Duration::from_secs(1));
+        assert_ne!(store.lease().version, before, "not renewed meanwhile");
+        assert_eq!(store.holder().as_deref(), Some("a"));
+        election.release().await.unwrap();
+        assert_eq!(store.holder(), None, "released");
+    });
+}
+
+#[test]
+fn a_lease_taken_from_the_election_thread_is_reported_lost() {
+    let store = FakeLeases::default();
+    on_one_thread(async {
+        let s = store.clone();
+        let mut election = thread::Election::spawn(move || Ok(s), "a").unwrap();
+        election.acquired().await.unwrap();
+        store.overwrite("b");
+        let lost = tokio::time::timeout(RENEW_DEADLINE, election.lost())
+            .await
+            .expect("the loss is reported by the next renewal");
+        assert!(
+            matches!(lost, Lost::Taken(Some(ref b)) if b == "b"),
+            "{lost}"
+        );
+        election.release().await.unwrap();
+        assert_eq!(
+            store.holder().as_deref(),
+            Some("b"),
+            "b's Lease is left alone"
+        );
+    });
+}
+
+#[test]
+fn an_election_whose_store_cannot_be_built_says_why() {
+    let e = thread::Election::spawn(|| Err::<FakeLeases, _>(unreachable()), "a")
+        .err()
+        .expect("no election without a store");
+    assert!(
+        e.to_string().contains("cannot start leader election"),
+        "{e}"
+    );
+}

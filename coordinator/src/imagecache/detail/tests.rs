@@ -106,7 +106,7 @@ fn a_node_holding_a_tracked_tag_at_its_old_digest_is_not_ready_in_detail_or_stat
         ..Default::default()
     };
     let mut a = agent(&["r/a:1"]);
-    a.images[0].repo_digests = vec!["r/a@sha256:old".into()];
+    a.images.make_mut()[0].repo_digests = vec!["r/a@sha256:old".into()];
     let nodes = [NodeView {
         name: "n1".into(),
         agent: Some(a),

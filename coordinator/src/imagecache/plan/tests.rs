@@ -213,7 +213,8 @@ fn removal_spares_images_in_use_not_pulled_by_berth_or_wanted_by_another_cache()
         image("r/theirs:1", false, false),
         image("r/shared:1", true, false),
         image("r/mine:1", true, false),
-    ];
+    ]
+    .into();
     let mut deleting = cache(
         "ns/old",
         &["r/used:1", "r/theirs:1", "r/shared:1", "r/mine:1"],
@@ -231,6 +232,7 @@ fn removal_spares_images_in_use_not_pulled_by_berth_or_wanted_by_another_cache()
         .as_mut()
         .unwrap()
         .images
+        .make_mut()
         .retain(|i| i.repo_tags[0] != "r/mine:1");
     assert!(deletion_done(&deleting, &caches, &[n]));
 }
@@ -321,7 +323,7 @@ fn the_failed_node_sample_is_bounded() {
 #[test]
 fn a_pull_carries_the_size_another_node_reports_for_the_disk_guard() {
     let mut just_pulled = node("n0", &[], &["r/a:1"]);
-    just_pulled.agent.as_mut().unwrap().images[0].size_bytes = 0;
+    just_pulled.agent.as_mut().unwrap().images.make_mut()[0].size_bytes = 0;
     let nodes = [
         node("n1", &[], &["r/a:1"]),
         node("n2", &[], &[]),
@@ -345,7 +347,7 @@ fn a_tracked_tag_is_pulled_again_when_it_points_to_a_new_digest() {
     let mut n = node("n1", &[], &[]);
     let mut img = image("r/a:1", true, false);
     img.repo_digests = vec!["r/a@sha256:old".into()];
-    n.agent.as_mut().unwrap().images = vec![img];
+    n.agent.as_mut().unwrap().images = vec![img].into();
     c.images[0].pin = Some("r/a@sha256:old".into());
     assert!(actions(std::slice::from_ref(&c), std::slice::from_ref(&n)).is_empty());
     assert_eq!(status(&c, std::slice::from_ref(&n)).nodes.ready, 1);
@@ -389,7 +391,8 @@ fn a_tag_beside_a_digest_is_pulled_by_digest_and_held_once_the_runtime_reports_t
         size_bytes: 7,
         managed: true,
         ..Default::default()
-    }];
+    }]
+    .into();
     assert!(actions(std::slice::from_ref(&c), std::slice::from_ref(&n)).is_empty());
     let s = status(&c, &[n]);
     assert_eq!((s.nodes.ready, s.images[0].ready_nodes), (1, 1));
