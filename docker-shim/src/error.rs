@@ -56,6 +56,25 @@ pub enum ShimError {
         /// The coordinator's answer.
         status: tonic::Status,
     },
+    /// The request clashes with the state of its object (Docker's 409),
+    /// e.g. an exec in a container that is not running.
+    #[error("{0}")]
+    Conflict(String),
+    /// No exec instance with this ID (never created, or forgotten).
+    #[error("No such exec instance: {0}")]
+    NoSuchExec(String),
+    /// No network of this name (Berth has no Docker networks yet).
+    #[error("network {0} not found")]
+    NoSuchNetwork(String),
+    /// No volume of this name (Berth has no Docker volumes yet).
+    #[error("get {0}: no such volume")]
+    NoSuchVolume(String),
+    /// The shim holds as many running exec instances as it keeps.
+    #[error("the shim already runs {limit} exec instances; wait for some to end and try again")]
+    TooManyExecs {
+        /// The bound.
+        limit: usize,
+    },
     /// A bug or an unexpected condition in the shim itself.
     #[error("{0}")]
     Internal(String),
@@ -76,6 +95,11 @@ impl ShimError {
             ShimError::RouteNotFound => StatusCode::NOT_FOUND,
             ShimError::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
             ShimError::Grpc { status, .. } => http_status(status.code()),
+            ShimError::Conflict(_) => StatusCode::CONFLICT,
+            ShimError::NoSuchExec(_) | ShimError::NoSuchNetwork(_) | ShimError::NoSuchVolume(_) => {
+                StatusCode::NOT_FOUND
+            }
+            ShimError::TooManyExecs { .. } => StatusCode::TOO_MANY_REQUESTS,
             ShimError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -164,6 +188,34 @@ mod tests {
         );
         assert_eq!(e.status(), StatusCode::FORBIDDEN);
         assert_eq!(e.message(), "alice may not create pods in team-a");
+    }
+
+    #[test]
+    fn missing_execs_networks_and_volumes_read_as_dockers_404s() {
+        let cases = [
+            (
+                ShimError::NoSuchExec("e1".into()),
+                "No such exec instance: e1",
+            ),
+            (
+                ShimError::NoSuchNetwork("n1".into()),
+                "network n1 not found",
+            ),
+            (
+                ShimError::NoSuchVolume("v1".into()),
+                "get v1: no such volume",
+            ),
+        ];
+        for (e, want) in cases {
+            assert_eq!(
+                (e.status(), e.message().as_str()),
+                (StatusCode::NOT_FOUND, want)
+            );
+        }
+        assert_eq!(
+            ShimError::Conflict("Container c is not running".into()).status(),
+            StatusCode::CONFLICT
+        );
     }
 
     #[test]

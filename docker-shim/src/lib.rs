@@ -10,12 +10,14 @@
 //! a handler translates Docker's JSON with the pure functions of [`docker`]
 //! and calls the [`coordinator`] (with the bearer token of [`token`]) →
 //! the answer is rendered by [`docker`] (or framed by [`stream`] for
-//! output) → any failure becomes Docker's error JSON in [`error`].
+//! output) → any failure becomes Docker's error JSON in [`error`]. Exec
+//! instances live between their create, start and inspect in [`exec`].
 
 pub mod config;
 pub mod coordinator;
 pub mod docker;
 pub mod error;
+pub mod exec;
 pub mod http;
 pub mod route;
 pub mod stream;
@@ -71,6 +73,7 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
             namespace: args.namespace.clone(),
             coordinator: args.coordinator.clone(),
         },
+        execs: exec::ExecStore::default(),
     });
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await

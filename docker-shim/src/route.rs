@@ -68,6 +68,20 @@ pub enum Route {
     ContainerLogs(String),
     /// `POST /containers/{id}/attach`
     ContainerAttach(String),
+    /// `POST /containers/{id}/exec`
+    ExecCreate(String),
+    /// `POST /exec/{id}/start`
+    ExecStart(String),
+    /// `GET /exec/{id}/json`
+    ExecInspect(String),
+    /// `GET /networks`
+    NetworkList,
+    /// `GET /networks/{id}`
+    NetworkInspect(String),
+    /// `GET /volumes`
+    VolumeList,
+    /// `GET /volumes/{name}`
+    VolumeInspect(String),
 }
 
 /// A request that is not one of the [`Route`]s.
@@ -145,8 +159,17 @@ pub fn route(method: &Method, path: &str) -> Result<(ApiVersion, Route), RouteEr
                 ("restart", _, true) => Some(Route::ContainerRestart(id)),
                 ("wait", _, true) => Some(Route::ContainerWait(id)),
                 ("attach", _, true) => Some(Route::ContainerAttach(id)),
+                ("exec", _, true) => Some(Route::ExecCreate(id)),
                 _ => None,
             }
+        }
+        ["exec", id, "start"] if post && !id.is_empty() => Some(Route::ExecStart(id.to_string())),
+        ["exec", id, "json"] if get && !id.is_empty() => Some(Route::ExecInspect(id.to_string())),
+        ["networks"] if get => Some(Route::NetworkList),
+        ["networks", id] if get && !id.is_empty() => Some(Route::NetworkInspect(id.to_string())),
+        ["volumes"] if get => Some(Route::VolumeList),
+        ["volumes", name] if get && !name.is_empty() => {
+            Some(Route::VolumeInspect(name.to_string()))
         }
         _ => None,
     };
@@ -210,17 +233,14 @@ fn is_engine_endpoint(method: &Method, segs: &[&str]) -> bool {
             [
                 "containers",
                 _,
-                "resize" | "pause" | "unpause" | "update" | "rename" | "exec",
+                "resize" | "pause" | "unpause" | "update" | "rename",
             ],
         ) => true,
         ("GET" | "HEAD" | "PUT", ["containers", _, "archive"]) => true,
-        ("POST", ["exec", _, "start" | "resize"]) => true,
-        ("GET", ["exec", _, "json"]) => true,
-        ("GET", ["networks"] | ["networks", _]) => true,
+        ("POST", ["exec", _, "resize"]) => true,
         ("DELETE", ["networks", _]) => true,
         ("POST", ["networks", "create" | "prune"]) => true,
         ("POST", ["networks", _, "connect" | "disconnect"]) => true,
-        ("GET", ["volumes"] | ["volumes", _]) => true,
         ("PUT" | "DELETE", ["volumes", _]) => true,
         ("POST", ["volumes", "create" | "prune"]) => true,
         _ => false,
@@ -331,6 +351,11 @@ mod tests {
                 "/containers/abc/attach",
                 Route::ContainerAttach("abc".into()),
             ),
+            (
+                Method::POST,
+                "/containers/abc/exec",
+                Route::ExecCreate("abc".into()),
+            ),
             (Method::POST, "/containers/create", Route::ContainerCreate),
             (Method::GET, "/containers/json", Route::ContainerList),
             (Method::POST, "/images/create", Route::ImageCreate),
@@ -351,19 +376,53 @@ mod tests {
     }
 
     #[test]
-    fn known_engine_endpoints_berth_lacks_are_unsupported_not_missing() {
+    fn exec_network_and_volume_reads_carry_their_ids() {
         let cases = [
             (
                 Method::POST,
-                "/v1.47/containers/abc/exec",
-                "/containers/abc/exec",
+                "/exec/e1/start",
+                Route::ExecStart("e1".into()),
             ),
+            (
+                Method::GET,
+                "/exec/e1/json",
+                Route::ExecInspect("e1".into()),
+            ),
+            (Method::GET, "/networks", Route::NetworkList),
+            (
+                Method::GET,
+                "/networks/bridge",
+                Route::NetworkInspect("bridge".into()),
+            ),
+            (Method::GET, "/volumes", Route::VolumeList),
+            (
+                Method::GET,
+                "/volumes/data",
+                Route::VolumeInspect("data".into()),
+            ),
+        ];
+        for (m, p, want) in cases {
+            assert_eq!(ok(m.clone(), p).1, want, "{m} {p}");
+            assert_eq!(
+                ok(m.clone(), &format!("/v1.24{p}")).1,
+                want,
+                "{m} /v1.24{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn known_engine_endpoints_berth_lacks_are_unsupported_not_missing() {
+        let cases = [
+            (Method::POST, "/v1.47/exec/abc/resize", "/exec/abc/resize"),
+            (Method::POST, "/networks/n1/connect", "/networks/n1/connect"),
+            (Method::DELETE, "/networks/n1", "/networks/n1"),
+            (Method::POST, "/volumes/create", "/volumes/create"),
             (
                 Method::PUT,
                 "/containers/abc/archive",
                 "/containers/abc/archive",
             ),
-            (Method::GET, "/networks", "/networks"),
             (Method::POST, "/networks/create", "/networks/create"),
             (Method::GET, "/events", "/events"),
             (
@@ -373,7 +432,6 @@ mod tests {
             ),
             (Method::GET, "/images/json", "/images/json"),
             (Method::POST, "/build", "/build"),
-            (Method::GET, "/volumes", "/volumes"),
             (Method::GET, "/swarm", "/swarm"),
         ];
         for (m, p, rest) in cases {
@@ -393,6 +451,8 @@ mod tests {
             (Method::DELETE, "/_ping"),
             (Method::GET, "/v1.x/info"),
             (Method::GET, "/containers//json"),
+            (Method::GET, "/exec/e1/start"),
+            (Method::POST, "/exec/e1/json"),
         ] {
             assert_eq!(route(&m, p), Err(RouteError::NotFound), "{m} {p}");
         }

@@ -1,108 +1,19 @@
 //! The shim's HTTP layer, driven by a real HTTP/1.1 client against an
 //! in-process fake coordinator (see `fake`): what Docker clients send, what
-//! they get back.
+//! they get back. `docker exec` has its own file, `exec.rs`.
 
+mod client;
 mod fake;
 
 use std::time::Duration;
 
 use bytes::Bytes;
+use client::{call, create, frames, request, send};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
-
-struct Answer {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
-    }
-    fn message(&self) -> String {
-        self.json()["message"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
-    }
-}
-
-async fn send(
-    addr: std::net::SocketAddr,
-    req: Request<Full<Bytes>>,
-) -> http::Response<hyper::body::Incoming> {
-    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn.with_upgrades());
-    sender.send_request(req).await.unwrap()
-}
-
-fn request(method: &str, path: &str, body: impl Into<Bytes>) -> Request<Full<Bytes>> {
-    Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", "docker")
-        .header("content-type", "application/json")
-        .body(Full::new(body.into()))
-        .unwrap()
-}
-
-async fn call(h: &fake::Harness, method: &str, path: &str, body: impl Into<Bytes>) -> Answer {
-    let resp = send(h.addr, request(method, path, body)).await;
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let body = tokio::time::timeout(Duration::from_secs(10), resp.into_body().collect())
-        .await
-        .expect("body within 10 s")
-        .unwrap()
-        .to_bytes();
-    Answer {
-        status,
-        headers,
-        body,
-    }
-}
-
-async fn create(h: &fake::Harness, name: &str, body: Value) -> String {
-    let a = call(
-        h,
-        "POST",
-        &format!("/v1.47/containers/create?name={name}"),
-        body.to_string(),
-    )
-    .await;
-    assert_eq!(
-        a.status,
-        StatusCode::CREATED,
-        "{}",
-        String::from_utf8_lossy(&a.body)
-    );
-    assert_eq!(a.json()["Warnings"], json!([]));
-    a.json()["Id"].as_str().unwrap().to_string()
-}
-
-/// Splits a multiplexed stream into (stream byte, payload) frames.
-fn frames(mut bytes: &[u8]) -> Vec<(u8, String)> {
-    let mut out = Vec::new();
-    while bytes.len() >= 8 {
-        let len = u32::from_be_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
-        assert_eq!(&bytes[1..4], &[0, 0, 0]);
-        out.push((
-            bytes[0],
-            String::from_utf8_lossy(&bytes[8..8 + len]).into_owned(),
-        ));
-        bytes = &bytes[8 + len..];
-    }
-    assert!(bytes.is_empty(), "trailing bytes");
-    out
-}
 
 #[tokio::test]
 async fn ping_answers_ok_with_dockers_headers_on_every_version() {
@@ -151,11 +62,11 @@ async fn unknown_paths_are_404_and_unimplemented_endpoints_501() {
     let missing = call(&h, "GET", "/frobnicate", "").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.message(), "page not found");
-    let exec = call(&h, "POST", "/v1.44/containers/abc/exec", "{}").await;
-    assert_eq!(exec.status, StatusCode::NOT_IMPLEMENTED);
+    let net = call(&h, "POST", "/v1.44/networks/create", "{}").await;
+    assert_eq!(net.status, StatusCode::NOT_IMPLEMENTED);
     assert_eq!(
-        exec.message(),
-        "Berth does not support POST /containers/abc/exec yet"
+        net.message(),
+        "Berth does not support POST /networks/create yet"
     );
 }
 
@@ -589,5 +500,27 @@ async fn the_api_is_served_on_a_unix_socket_too_replacing_a_stale_one() {
     assert_eq!(
         &resp.into_body().collect().await.unwrap().to_bytes()[..],
         b"OK"
+    );
+}
+
+#[tokio::test]
+async fn networks_and_volumes_are_empty_and_lookups_404_as_docker_words_them() {
+    let h = fake::start().await;
+    let nets = call(&h, "GET", "/v1.47/networks", "").await;
+    assert_eq!((nets.status, nets.json()), (StatusCode::OK, json!([])));
+    let net = call(&h, "GET", "/networks/bridge", "").await;
+    assert_eq!(
+        (net.status, net.message().as_str()),
+        (StatusCode::NOT_FOUND, "network bridge not found")
+    );
+    let vols = call(&h, "GET", "/volumes", "").await;
+    assert_eq!(
+        (vols.status, vols.json()),
+        (StatusCode::OK, json!({"Volumes": [], "Warnings": []}))
+    );
+    let vol = call(&h, "GET", "/v1.24/volumes/data", "").await;
+    assert_eq!(
+        (vol.status, vol.message().as_str()),
+        (StatusCode::NOT_FOUND, "get data: no such volume")
     );
 }

@@ -5,6 +5,7 @@
 //!   refusing what Berth cannot honour.
 //! - [`container`]: `ContainerInfo` → Docker's inspect and list answers,
 //!   status words ("Up 5 seconds").
+//! - [`exec`]: `docker exec` bodies → an exec spec; exec inspect answers.
 //! - [`filters`]: the `filters` query of `GET /containers/json` → the List request.
 //! - [`image`]: `ImageInfo` → Docker's image inspect answer; pull references.
 //! - [`system`]: `/version` and `/info`.
@@ -12,6 +13,7 @@
 
 pub mod container;
 pub mod create;
+pub mod exec;
 pub mod filters;
 pub mod image;
 pub mod system;

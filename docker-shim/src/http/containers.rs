@@ -29,7 +29,8 @@ fn req(shim: &Shim, id: &str) -> ContainerRequest {
     }
 }
 
-async fn fetch(shim: &Shim, id: &str) -> Result<ContainerInfo, ShimError> {
+/// The container `id` as the coordinator sees it.
+pub(super) async fn fetch(shim: &Shim, id: &str) -> Result<ContainerInfo, ShimError> {
     Ok(shim
         .coordinator
         .containers

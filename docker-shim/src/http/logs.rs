@@ -8,7 +8,8 @@
 //! byte. The 101 goes out before the Logs call, so a coordinator that holds
 //! the call until the start cannot deadlock the client. Stdin sent on an
 //! attach is read and dropped (the Containers API has no way to deliver it
-//! yet); the shim logs that once per attach.
+//! yet); the shim logs that once per attach. The hijack answers
+//! (`upgraded`, `streamed`) serve `exec` too.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -133,7 +134,9 @@ async fn tty_of(shim: &Shim, id: &str) -> Result<bool, ShimError> {
     Ok(info.spec.is_some_and(|s| s.tty))
 }
 
-fn wants_upgrade(req: &Request<Incoming>) -> bool {
+/// Whether the client asked to hijack the connection (`Connection: Upgrade`
+/// with an `Upgrade` header), as the docker CLI does for attach and exec.
+pub(super) fn wants_upgrade(req: &Request<Incoming>) -> bool {
     let has = |name: header::HeaderName, word: &str| {
         req.headers().get_all(name).iter().any(|v| {
             v.to_str()
@@ -212,22 +215,34 @@ pub async fn attach(
                 Err(e) => tracing::warn!(%id, error = %e, "attach upgrade failed"),
             }
         });
-        let mut resp = Response::new(super::full(Bytes::new()));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        resp.extensions_mut()
-            .insert(hyper::ext::ReasonPhrase::from_static(b"UPGRADED"));
-        let h = resp.headers_mut();
-        h.insert(header::CONTENT_TYPE, kind);
-        h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
-        return Ok(resp);
+        return Ok(upgraded(kind));
     }
     let (tx, rx) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move { pump(&shim, request, tty, tx, stdout || stderr).await });
+    Ok(streamed(rx, kind))
+}
+
+/// Docker's answer to a hijack: `101 UPGRADED` with `Upgrade: tcp`; the
+/// bytes follow on the upgraded connection.
+pub(super) fn upgraded(kind: HeaderValue) -> Response<Body> {
+    let mut resp = Response::new(super::full(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    resp.extensions_mut()
+        .insert(hyper::ext::ReasonPhrase::from_static(b"UPGRADED"));
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, kind);
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("tcp"));
+    resp
+}
+
+/// A `200` whose body is whatever is written to the other end of `rx`
+/// (for clients that do not ask to hijack).
+pub(super) fn streamed(rx: tokio::io::DuplexStream, kind: HeaderValue) -> Response<Body> {
     let body = read_stream::reader_stream(rx).map(|r| r.map(Frame::data));
     let mut resp = Response::new(StreamBody::new(body).boxed_unsync());
     resp.headers_mut().insert(header::CONTENT_TYPE, kind);
-    Ok(resp)
+    resp
 }
 
 /// Copies the container's output to `out` until Logs ends (or the client

@@ -2,14 +2,17 @@
 //! socket), one [`handle`] per request, and the response helpers.
 //!
 //! A request is routed ([`crate::route`]), handed to the handler of its
-//! endpoint (`system`, `images`, `containers`, `logs`), and whatever fails
-//! becomes Docker's error JSON in exactly one place, [`error_response`].
+//! endpoint (`system`, `images`, `containers`, `logs`, `exec`, `networks`),
+//! and whatever fails becomes Docker's error JSON in exactly one place,
+//! [`error_response`].
 //! Every answer carries `Api-Version`, `Docker-Experimental`, `Ostype` and
 //! `Server` as Docker's do.
 
 mod containers;
+mod exec;
 mod images;
 mod logs;
+mod networks;
 mod system;
 
 use std::collections::HashMap;
@@ -46,6 +49,8 @@ pub struct Shim {
     pub coordinator: Coordinator,
     /// What `/info` says about this shim.
     pub identity: Identity,
+    /// Exec instances between their create, start and inspect.
+    pub execs: crate::exec::ExecStore,
 }
 
 /// A whole body.
@@ -194,6 +199,16 @@ async fn dispatch(
         R::ContainerRemove(id) => containers::remove(shim, &id, &query).await,
         R::ContainerLogs(id) => logs::logs(shim, version, &id, &query).await,
         R::ContainerAttach(id) => logs::attach(shim, version, &id, &query, req).await,
+        R::ExecCreate(id) => {
+            let body = read_body(req.into_body()).await?;
+            exec::create(shim, &id, &body).await
+        }
+        R::ExecStart(id) => exec::start(shim, version, &id, req).await,
+        R::ExecInspect(id) => exec::inspect(shim, &id),
+        R::NetworkList => Ok(networks::list()),
+        R::NetworkInspect(id) => networks::inspect(&id),
+        R::VolumeList => Ok(networks::volumes()),
+        R::VolumeInspect(name) => networks::volume(&name),
     }
 }
 

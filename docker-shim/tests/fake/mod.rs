@@ -5,9 +5,12 @@
 //! The fake "runs" a container from its labels: `test.out` is written to
 //! stdout and `test.err` to stderr at start, the container exits with
 //! `test.exit` shortly after, or keeps running with `test.run=forever`.
+//! Exec "runs" commands by a tiny interpreter (`exec.rs`).
 //! Every call must carry `Bearer t0k` and namespace `ns`.
 
 #![allow(dead_code)]
+
+mod exec;
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -310,9 +313,34 @@ impl Containers for Fake {
 
     async fn exec(
         &self,
-        _: Request<tonic::Streaming<ExecInput>>,
+        req: Request<tonic::Streaming<ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
-        Err(Status::unimplemented("the fake coordinator has no exec"))
+        check(&req, NAMESPACE)?;
+        let mut input = req.into_inner();
+        let Some(ExecInput {
+            kind: Some(exec_input::Kind::Start(start)),
+        }) = input.message().await?
+        else {
+            return Err(Status::invalid_argument(
+                "the first message must be an ExecStart",
+            ));
+        };
+        if start.namespace != NAMESPACE {
+            return Err(Status::invalid_argument(format!(
+                "wrong namespace {}",
+                start.namespace
+            )));
+        }
+        let c = self.find(&start.id)?;
+        if !c.state.clone().unwrap_or_default().running {
+            return Err(Status::failed_precondition(format!(
+                "container {} is not running",
+                c.name
+            )));
+        }
+        Ok(Response::new(async_stream(move |tx| async move {
+            exec::interpret(start, input, tx).await
+        })))
     }
 
     type LogsStream = BoxStream<LogChunk>;
@@ -457,6 +485,7 @@ pub async fn start_with_token(token: &str) -> Harness {
             namespace: NAMESPACE.into(),
             coordinator: format!("http://{grpc_addr}"),
         },
+        execs: Default::default(),
     });
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = http.local_addr().unwrap();
