@@ -10,6 +10,7 @@ use berth_proto::api::images_client::ImagesClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+use crate::session::CallMetadata;
 use crate::token::TokenSource;
 
 /// Why the coordinator's channel could not be set up.
@@ -65,9 +66,9 @@ pub fn endpoint(url: &str, ca_file: &Path, server_name: &str) -> Result<Channel,
 }
 
 /// A client of the Containers API with the token attached.
-pub type Containers = ContainersClient<InterceptedService<Channel, TokenSource>>;
+pub type Containers = ContainersClient<InterceptedService<Channel, CallMetadata>>;
 /// A client of the Images API with the token attached.
-pub type Images = ImagesClient<InterceptedService<Channel, TokenSource>>;
+pub type Images = ImagesClient<InterceptedService<Channel, CallMetadata>>;
 
 /// The coordinator as the HTTP handlers see it; cheap to clone.
 #[derive(Debug, Clone)]
@@ -81,11 +82,24 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Clients over `channel`, sending `token` and naming `namespace`.
+    /// Clients over `channel`, sending `token` and naming `namespace`,
+    /// outside any session.
     pub fn new(channel: Channel, token: TokenSource, namespace: &str) -> Self {
+        Coordinator::in_session(channel, token, namespace, None)
+    }
+
+    /// Like [`Coordinator::new`], every call naming `session` (see
+    /// [`crate::session`]).
+    pub fn in_session(
+        channel: Channel,
+        token: TokenSource,
+        namespace: &str,
+        session: Option<String>,
+    ) -> Self {
+        let meta = CallMetadata { token, session };
         Coordinator {
-            containers: ContainersClient::with_interceptor(channel.clone(), token.clone()),
-            images: ImagesClient::with_interceptor(channel, token),
+            containers: ContainersClient::with_interceptor(channel.clone(), meta.clone()),
+            images: ImagesClient::with_interceptor(channel, meta),
             namespace: namespace.to_string(),
         }
     }

@@ -12,6 +12,8 @@
 //! the answer is rendered by [`docker`] (or framed by [`stream`] for
 //! output) → any failure becomes Docker's error JSON in [`error`]. Exec
 //! instances live between their create, start and inspect in [`exec`].
+//! Each shim is one client [`session`]: it sees only its own containers,
+//! and they are removed once it is gone.
 
 pub mod config;
 pub mod coordinator;
@@ -20,6 +22,7 @@ pub mod error;
 pub mod exec;
 pub mod http;
 pub mod route;
+pub mod session;
 pub mod stream;
 pub mod token;
 
@@ -65,8 +68,17 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
         }
     };
     let channel = coordinator::endpoint(&args.coordinator, &args.ca_file, &args.tls_server_name)?;
+    let session = session::new_id();
+    let coordinator =
+        Coordinator::in_session(channel, token, &args.namespace, Some(session.clone()));
+    tokio::spawn(session::hold(
+        coordinator.containers.clone(),
+        args.namespace.clone(),
+        session.clone(),
+    ));
+    tracing::info!(%session, "containers of this shim are removed about 20 s after it stops");
     let shim = Arc::new(http::Shim {
-        coordinator: Coordinator::new(channel, token, &args.namespace),
+        coordinator,
         identity: Identity {
             id: random_id(),
             name: host_name(),

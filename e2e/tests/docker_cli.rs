@@ -177,3 +177,114 @@ async fn a_container_berth_cannot_run_is_refused_before_anything_is_made() {
     );
     assert_eq!(shim.docker_ok(&["ps", "-q"]).unwrap(), "");
 }
+
+#[tokio::test]
+async fn docker_exec_returns_the_commands_streams_apart_and_its_exit_code() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-exec").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-exec").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    shim.docker_ok(&["run", "-d", "--name", "box", &image, "sleep", "600"])
+        .unwrap();
+    let out = shim
+        .docker(&["exec", "box", "sh", "-c", "echo in; echo oops >&2; exit 4"])
+        .unwrap();
+    assert_eq!(
+        (text(&out.stdout), text(&out.stderr), out.status.code()),
+        ("in\n".into(), "oops\n".into(), Some(4)),
+        "shim log:\n{}",
+        shim.log()
+    );
+    let out = shim
+        .docker_ok(&[
+            "exec",
+            "-e",
+            "GREETING=hi",
+            "-w",
+            "/etc",
+            "box",
+            "sh",
+            "-c",
+            "echo $GREETING $(pwd)",
+        ])
+        .unwrap();
+    assert_eq!(out, "hi /etc\n");
+    // stdin reaches the command (docker exec -i).
+    let mut child = std::process::Command::new(c.tool("docker"))
+        .args(["exec", "-i", "box", "cat"])
+        .env("DOCKER_HOST", &shim.host)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"through stdin\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(text(&out.stdout), "through stdin\n");
+    shim.docker_ok(&["rm", "-f", "box"]).unwrap();
+    // A stopped container takes no exec.
+    let out = shim.docker(&["exec", "box", "true"]).unwrap();
+    assert!(!out.status.success());
+}
+
+#[tokio::test]
+async fn two_shims_do_not_see_each_others_containers_and_a_killed_shims_are_reaped() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-sessions").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-sessions").unwrap();
+    let mut first = ns.shim("ci").await.unwrap();
+    let second = ns.shim("ci").await.unwrap();
+
+    // The same name in both sessions: no clash, each sees its own.
+    let a = first
+        .docker_ok(&["run", "-d", "--name", "db", &image, "sleep", "600"])
+        .unwrap();
+    let b = second
+        .docker_ok(&["run", "-d", "--name", "db", &image, "sleep", "600"])
+        .unwrap();
+    assert_ne!(a, b);
+    assert_eq!(first.docker_ok(&["ps", "-q", "--no-trunc"]).unwrap(), a);
+    assert_eq!(second.docker_ok(&["ps", "-q", "--no-trunc"]).unwrap(), b);
+    let out = second.docker(&["rm", "-f", &a[..12]]).unwrap();
+    assert!(
+        !out.status.success(),
+        "the second shim cannot remove the first's container"
+    );
+
+    // The first shim dies without cleaning up: its Lease runs out (20 s)
+    // and the coordinator removes its container; the second's stays.
+    first.kill();
+    let started = std::time::Instant::now();
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(c.client.clone(), &ns.ns.name);
+    let a_pod_label = format!("berth.dev/container={}", &a[..12]);
+    berth_e2e::eventually(
+        std::time::Duration::from_secs(90),
+        "the dead shim's container removed",
+        || {
+            let pods = pods.clone();
+            let label = a_pod_label.clone();
+            async move {
+                let left = pods
+                    .list(&kube::api::ListParams::default().labels(&label))
+                    .await?;
+                Ok(left.items.is_empty().then_some(()))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took >= std::time::Duration::from_secs(10),
+        "removed after {took:?}: before the Lease ran out"
+    );
+    assert_eq!(second.docker_ok(&["ps", "-q", "--no-trunc"]).unwrap(), b);
+    second.docker_ok(&["rm", "-f", "db"]).unwrap();
+}

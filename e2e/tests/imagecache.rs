@@ -394,38 +394,50 @@ async fn a_missing_image_is_retried_with_backoff_and_cached_once_it_is_pushed() 
         ),
     );
     // Retries happen, and back off: the delay after the third failure is
-    // 2–4 s (1 s doubling, ±50 % jitter), so attempt 4 comes well after 3.
+    // 2–4 s (1 s doubling, ±50 % jitter), and longer after later ones, so
+    // once two consecutive attempts k and k+1 (k ≥ 3) have both been seen,
+    // the second came well after the first. (A poll can miss an attempt on
+    // a loaded machine; then the next pair decides.)
     let pf = c.port_forward("berth-coordinator", 7070).unwrap();
     let seen: std::sync::Mutex<Vec<(u64, std::time::Instant)>> = Default::default();
-    eventually(Duration::from_secs(90), "a fourth pull attempt", || async {
-        let detail = c
-            .api_grpcurl(&[
-                "-d",
-                &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns.name),
-                &pf.addr(),
-                "berth.v1.Inventory/GetImageCache",
-            ])
-            .await?;
-        let v: serde_json::Value = serde_json::from_str(&detail)?;
-        let img = &v["nodes"][0]["images"][0];
-        anyhow::ensure!(img["state"] == "Failed", "{detail}");
-        anyhow::ensure!(img["reason"] == "ImageNotFound", "{detail}");
-        let attempts = img["attempts"].as_u64().unwrap_or_default();
-        let mut seen = seen.lock().unwrap();
-        if seen.last().is_none_or(|(a, _)| *a < attempts) {
-            seen.push((attempts, std::time::Instant::now()));
-        }
-        Ok((attempts >= 4).then_some(()))
-    })
+    let consecutive = |seen: &[(u64, std::time::Instant)]| {
+        seen.windows(2)
+            .find(|w| w[0].0 >= 3 && w[1].0 == w[0].0 + 1)
+            .map(|w| (w[0], w[1]))
+    };
+    eventually(
+        Duration::from_secs(90),
+        "two consecutive late attempts seen",
+        || async {
+            let detail = c
+                .api_grpcurl(&[
+                    "-d",
+                    &format!(r#"{{"namespace": "{}", "name": "late"}}"#, s.ns.name),
+                    &pf.addr(),
+                    "berth.v1.Inventory/GetImageCache",
+                ])
+                .await?;
+            let v: serde_json::Value = serde_json::from_str(&detail)?;
+            let img = &v["nodes"][0]["images"][0];
+            anyhow::ensure!(img["state"] == "Failed", "{detail}");
+            anyhow::ensure!(img["reason"] == "ImageNotFound", "{detail}");
+            let attempts = img["attempts"].as_u64().unwrap_or_default();
+            let mut seen = seen.lock().unwrap();
+            if seen.last().is_none_or(|(a, _)| *a < attempts) {
+                seen.push((attempts, std::time::Instant::now()));
+            }
+            Ok(consecutive(&seen).map(|_| ()))
+        },
+    )
     .await
     .unwrap();
     let seen = seen.into_inner().unwrap();
-    let at = |n: u64| seen.iter().find(|(a, _)| *a >= n).map(|(_, t)| *t);
-    let (third, fourth) = (at(3).expect("attempt 3 seen"), at(4).unwrap());
+    let ((k, first), (_, second)) = consecutive(&seen).unwrap();
     assert!(
-        fourth.duration_since(third) >= Duration::from_millis(1500),
-        "attempt 4 came {:?} after attempt 3: no backoff ({seen:?})",
-        fourth.duration_since(third)
+        second.duration_since(first) >= Duration::from_millis(1500),
+        "attempt {} came {:?} after attempt {k}: no backoff ({seen:?})",
+        k + 1,
+        second.duration_since(first)
     );
     // Once the image exists, a later retry caches it without anyone's help.
     c.push_variant(&late, "1").await.unwrap();

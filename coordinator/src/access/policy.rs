@@ -114,7 +114,7 @@ macro_rules! in_namespace {
 /// create or start a container (Berth makes a pod), `delete` to stop, kill
 /// or remove one, `get` to inspect or wait on one, `get pods/log` to read
 /// its logs, `create pods/exec` to run a command in it, `list` to list them
-/// or read images. Berth acts with its own rights only after
+/// or read images; holding a session needs `create`. Berth acts with its own rights only after
 /// that check.
 pub fn containers(path: &str) -> Option<Rule> {
     let rule = match path {
@@ -134,6 +134,7 @@ pub fn containers(path: &str) -> Option<Rule> {
             in_namespace!("get", "pods/log", pb::ContainerLogsRequest, "Logs")
         }
         "/berth.v1.Containers/Exec" => Rule::FromMessage(exec),
+        "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
         "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
         "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),
         _ => return None,

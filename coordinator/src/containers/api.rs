@@ -20,6 +20,7 @@ use tracing::{info, warn};
 use super::logs::LogRouter;
 use super::pod::{self, MAIN_CONTAINER};
 use super::record::{self, RUNS_ANNOTATION, Record};
+use super::sessions::{self, session_of};
 use super::store::{Space, Spaces};
 use crate::nodes::NodeRegistry;
 
@@ -218,6 +219,7 @@ impl ContainersApi {
 
     async fn wait(
         &self,
+        session: Option<String>,
         req: pb::WaitContainerRequest,
     ) -> Result<pb::WaitContainerResponse, Status> {
         let condition = match req.condition.as_str() {
@@ -230,7 +232,7 @@ impl ContainersApi {
                 )));
             }
         };
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         let current = space.current_pod(&record);
         let current_done = current.as_deref().is_some_and(pod::finished);
@@ -300,8 +302,10 @@ impl ContainersApi {
     }
 
     /// Removes containers started with `auto_remove` once they finished and
-    /// their log readers are done (or [`DRAIN_TIMEOUT`] passed). Runs while
-    /// the process lives, for every mirrored namespace.
+    /// their log readers are done (or [`DRAIN_TIMEOUT`] passed), and every
+    /// container of a client session whose Lease has expired
+    /// ([`sessions::session_over`]). Runs while the process lives, for
+    /// every mirrored namespace.
     pub async fn reap(self, space: Space) {
         let mut finished_at: std::collections::HashMap<String, tokio::time::Instant> =
             Default::default();
@@ -326,18 +330,35 @@ impl ContainersApi {
                     self.registry.logs().open_for(&uid) == 0 || since.elapsed() > DRAIN_TIMEOUT
                 })
                 .collect();
-            for r in due {
+            let now = now_secs();
+            let grace = sessions::DEFAULT_TTL.as_secs() as i64 * 3;
+            let orphans: Vec<Record> = space
+                .records()
+                .into_iter()
+                .filter(|r| {
+                    let lease = space.session_lease(&r.session);
+                    sessions::session_over(r, lease.as_deref(), now, grace)
+                })
+                .collect();
+            for (r, why) in due
+                .into_iter()
+                .map(|r| (r, "auto-removed"))
+                .chain(orphans.into_iter().map(|r| (r, "its client session ended")))
+            {
                 if let Err(e) = self.delete(&space, &r).await {
-                    warn!(container = %r.name, error = %e, "auto-remove failed; will retry");
+                    warn!(container = %r.name, error = %e, "removal failed; will retry");
                 } else {
-                    info!(namespace = %space.namespace, container = %r.name, "auto-removed");
+                    info!(namespace = %space.namespace, container = %r.name, session = %r.session, "removed: {why}");
                     finished_at.remove(&r.id);
                 }
             }
-            // Wake on the next change, or soon while readers drain.
-            let pending = !finished_at.is_empty();
-            let limit = if pending {
+            // Wake on the next change; soon while readers drain; and now and
+            // then while session containers exist, since Leases run out
+            // without any event.
+            let limit = if !finished_at.is_empty() {
                 Duration::from_millis(200)
+            } else if space.records().iter().any(|r| !r.session.is_empty()) {
+                Duration::from_secs(2)
             } else {
                 WAIT_LIMIT
             };
@@ -354,6 +375,7 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::CreateContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
         let mut spec = req
             .spec
@@ -381,10 +403,20 @@ impl pb::containers_server::Containers for ContainersApi {
             created: String::new(),
             uid: String::new(),
             object_name: String::new(),
+            session: session.clone().unwrap_or_default(),
         };
         pod::pod_for(&probe, 1).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let space = self.space(&req.namespace).await?;
-        let cm = record::to_config_map(&req.namespace, &id, &spec, &now_rfc3339());
+        let space = self
+            .space(&req.namespace)
+            .await?
+            .for_session(session.clone());
+        let cm = record::to_config_map(
+            &req.namespace,
+            session.as_deref().unwrap_or(""),
+            &id,
+            &spec,
+            &now_rfc3339(),
+        );
         self.records(&req.namespace)
             .create(&PostParams::default(), &cm)
             .await
@@ -405,8 +437,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         if let Some(pod) = space.current_pod(&record)
             && !pod::finished(&pod)
@@ -443,8 +476,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::StopContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         self.end_run(&space, &record, true).await?;
         Ok(Response::new(info(&space, &space.find(&record.id)?)))
@@ -454,8 +488,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         self.end_run(&space, &record, false).await?;
         Ok(Response::new(info(&space, &space.find(&record.id)?)))
@@ -465,8 +500,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::RemoveContainerRequest>,
     ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         let running = space
             .current_pod(&record)
@@ -485,8 +521,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         Ok(Response::new(info(&space, &record)))
     }
@@ -495,8 +532,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ListContainersRequest>,
     ) -> Result<Response<pb::ListContainersResponse>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let mut containers: Vec<pb::ContainerInfo> = space
             .records()
             .iter()
@@ -512,7 +550,8 @@ impl pb::containers_server::Containers for ContainersApi {
         request: Request<pb::WaitContainerRequest>,
     ) -> Result<Response<pb::WaitContainerResponse>, Status> {
         Ok(Response::new(
-            ContainersApi::wait(self, request.into_inner()).await?,
+            ContainersApi::wait(self, session_of(request.metadata())?, request.into_inner())
+                .await?,
         ))
     }
 
@@ -520,12 +559,39 @@ impl pb::containers_server::Containers for ContainersApi {
 
     type ExecStream = super::exec::ExecOutputs;
 
+    type SessionStream = sessions::SessionStates;
+
+    async fn session(
+        &self,
+        request: Request<pb::SessionRequest>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let req = request.into_inner();
+        sessions::check_session(&req.session)?;
+        // Fails early if the coordinator may not work in the namespace.
+        self.space(&req.namespace).await?;
+        let ttl = match req.ttl_seconds {
+            0 => sessions::DEFAULT_TTL,
+            s => Duration::from_secs(s.clamp(3, 3600).into()),
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(sessions::hold(
+            Api::namespaced(self.spaces.client().clone(), &req.namespace),
+            req.session,
+            ttl,
+            tx,
+        ));
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
     async fn exec(
         &self,
         request: Request<tonic::Streaming<pb::ExecInput>>,
     ) -> Result<Response<Self::ExecStream>, Status> {
         Ok(Response::new(
-            ContainersApi::exec(self, request.into_inner()).await?,
+            ContainersApi::exec(self, session_of(request.metadata())?, request.into_inner())
+                .await?,
         ))
     }
 
@@ -533,8 +599,9 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
+        let session = session_of(request.metadata())?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?;
+        let space = self.space(&req.namespace).await?.for_session(session);
         let record = space.find(&req.id)?;
         let limit = if req.wait_for_start {
             START_TIMEOUT

@@ -72,6 +72,7 @@ impl ContainersApi {
     /// Runs an exec through the pod exec API and pumps its streams.
     pub(super) async fn exec(
         &self,
+        session: Option<String>,
         mut input: tonic::Streaming<pb::ExecInput>,
     ) -> Result<ExecOutputs, Status> {
         use kube::api::AttachParams;
@@ -90,7 +91,7 @@ impl ContainersApi {
         if start.cmd.is_empty() {
             return Err(Status::invalid_argument("Exec: cmd is required"));
         }
-        let space = self.space(&start.namespace).await?;
+        let space = self.space(&start.namespace).await?.for_session(session);
         let record = space.find(&start.id)?;
         let pod = space
             .current_pod(&record)

@@ -8,6 +8,8 @@
 //! - [`exec`]: `Containers/Exec`, through the pod exec API.
 //! - [`logs`]: log lines from the node agent that reads the CRI log file
 //!   (stdout and stderr kept apart) to the API caller.
+//! - [`sessions`]: client sessions (one per shim), their Leases, and the
+//!   removal of a vanished client's containers.
 //! - [`images`]: the `Images` service, reading registries.
 //!
 //! Callers are checked by the access layer as themselves: the verb on pods
@@ -19,4 +21,5 @@ pub mod images;
 pub mod logs;
 pub mod pod;
 pub mod record;
+pub mod sessions;
 pub mod store;

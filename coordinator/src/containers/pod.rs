@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 
-use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, pod_name};
+use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, SESSION_LABEL, pod_name};
 
 /// Name of the one container in every pod.
 pub const MAIN_CONTAINER: &str = "main";
@@ -147,7 +147,7 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
         resources: resources_of(spec),
         ..Default::default()
     };
-    let labels = BTreeMap::from([
+    let mut labels = BTreeMap::from([
         (CONTAINER_LABEL.to_string(), record.short_id().to_string()),
         (RUN_LABEL.to_string(), run.to_string()),
         (
@@ -155,6 +155,9 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
             "berth".to_string(),
         ),
     ]);
+    if !record.session.is_empty() {
+        labels.insert(SESSION_LABEL.to_string(), record.session.clone());
+    }
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&record.id, run)),

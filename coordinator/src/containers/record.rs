@@ -20,6 +20,10 @@ use sha2::{Digest, Sha256};
 pub const CONTAINER_LABEL: &str = "berth.dev/container";
 /// Label on every pod: which start of its container made it.
 pub const RUN_LABEL: &str = "berth.dev/run";
+/// Label on records and pods made in a client session (one docker-shim):
+/// the session's ID. Such containers are seen only by calls of that session
+/// and removed once its Lease has expired.
+pub const SESSION_LABEL: &str = "berth.dev/session";
 /// Annotation on the record: the container's full 64-digit ID.
 pub const ID_ANNOTATION: &str = "berth.dev/container-id";
 /// Annotation on the record: the container's name.
@@ -50,6 +54,8 @@ pub struct Record {
     pub uid: String,
     /// The ConfigMap's name.
     pub object_name: String,
+    /// The client session that made it (empty: none).
+    pub session: String,
 }
 
 impl Record {
@@ -59,9 +65,10 @@ impl Record {
     }
 }
 
-/// Name of the ConfigMap recording the container called `name`.
-pub fn record_name(name: &str) -> String {
-    let digest = Sha256::digest(name.as_bytes());
+/// Name of the ConfigMap recording the container called `name` in
+/// `session` (names are unique per session).
+pub fn record_name(session: &str, name: &str) -> String {
+    let digest = Sha256::digest(format!("{session}/{name}").as_bytes());
     let hex: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
     format!("berth-ctr-{hex}")
 }
@@ -92,10 +99,21 @@ pub fn valid_name(name: &str) -> bool {
 /// The ConfigMap that records a new container.
 pub fn to_config_map(
     namespace: &str,
+    session: &str,
     id: &str,
     spec: &pb::ContainerSpec,
     created: &str,
 ) -> ConfigMap {
+    let mut labels = BTreeMap::from([
+        (CONTAINER_LABEL.to_string(), id[..12].to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "berth".to_string(),
+        ),
+    ]);
+    if !session.is_empty() {
+        labels.insert(SESSION_LABEL.to_string(), session.to_string());
+    }
     let annotations = BTreeMap::from([
         (ID_ANNOTATION.to_string(), id.to_string()),
         (NAME_ANNOTATION.to_string(), spec.name.clone()),
@@ -104,15 +122,9 @@ pub fn to_config_map(
     ]);
     ConfigMap {
         metadata: ObjectMeta {
-            name: Some(record_name(&spec.name)),
+            name: Some(record_name(session, &spec.name)),
             namespace: Some(namespace.to_string()),
-            labels: Some(BTreeMap::from([
-                (CONTAINER_LABEL.to_string(), id[..12].to_string()),
-                (
-                    "app.kubernetes.io/managed-by".to_string(),
-                    "berth".to_string(),
-                ),
-            ])),
+            labels: Some(labels),
             annotations: Some(annotations),
             ..Default::default()
         },
@@ -145,6 +157,12 @@ pub fn from_config_map(cm: &ConfigMap) -> Option<Record> {
             .unwrap_or_default(),
         uid: meta.uid.clone()?,
         object_name: meta.name.clone()?,
+        session: meta
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SESSION_LABEL))
+            .cloned()
+            .unwrap_or_default(),
         id,
         spec,
     })
@@ -169,7 +187,7 @@ mod tests {
             cmd: vec!["sh".into(), "-c".into(), "exit 3".into()],
             ..Default::default()
         };
-        let mut cm = to_config_map("ci", &id, &spec, "2026-11-25T00:00:00.000000001Z");
+        let mut cm = to_config_map("ci", "", &id, &spec, "2026-11-25T00:00:00.000000001Z");
         cm.metadata.uid = Some("u-1".into());
         let r = from_config_map(&cm).unwrap();
         assert_eq!(r.id, id);
@@ -177,13 +195,14 @@ mod tests {
         assert_eq!(r.spec, spec);
         assert_eq!(r.runs, 0);
         assert_eq!(r.namespace, "ci");
-        assert_eq!(r.object_name, record_name("web"));
+        assert_eq!(r.object_name, record_name("", "web"));
+        assert_eq!(r.session, "");
         assert_eq!(cm.metadata.labels.unwrap()[CONTAINER_LABEL], id[..12]);
     }
 
     #[test]
     fn a_foreign_config_map_with_the_label_is_not_a_record() {
-        let mut cm = to_config_map("ci", &new_id(), &pb::ContainerSpec::default(), "");
+        let mut cm = to_config_map("ci", "", &new_id(), &pb::ContainerSpec::default(), "");
         cm.metadata.uid = Some("u".into());
         cm.metadata
             .annotations
@@ -201,8 +220,9 @@ mod tests {
         assert!(!valid_name("-web"));
         assert!(!valid_name("web/1"));
         assert!(!valid_name(&"a".repeat(64)));
-        assert_eq!(record_name("web"), record_name("web"));
-        assert_ne!(record_name("web"), record_name("Web"));
+        assert_eq!(record_name("", "web"), record_name("", "web"));
+        assert_ne!(record_name("", "web"), record_name("", "Web"));
+        assert_ne!(record_name("a1", "web"), record_name("b2", "web"));
         assert!(valid_name(&generated_name()));
     }
 

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use kube::api::{Api, ListParams};
 use kube::runtime::reflector::{self, Store};
@@ -19,7 +20,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use tracing::warn;
 
-use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, from_config_map};
+use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, SESSION_LABEL, from_config_map};
 
 /// How long the first call in a namespace waits for its mirror to fill.
 pub const SYNC_TIMEOUT: Duration = Duration::from_secs(20);
@@ -31,17 +32,48 @@ pub struct Space {
     pub namespace: String,
     records: Store<ConfigMap>,
     pods: Store<Pod>,
+    leases: Store<Lease>,
     changed: watch::Receiver<u64>,
+    /// Only this client session's containers, if set.
+    session: Option<String>,
 }
 
 impl Space {
-    /// Every well-formed record in the namespace.
+    /// This mirror as one client session sees it: only the containers that
+    /// session made (`None`: every container, as a caller without a
+    /// session sees them).
+    pub fn for_session(&self, session: Option<String>) -> Space {
+        Space {
+            session,
+            ..self.clone()
+        }
+    }
+
+    /// The session this view is limited to, if any.
+    pub fn session(&self) -> Option<&str> {
+        self.session.as_deref()
+    }
+
+    /// Every well-formed record in the namespace (of this view's session).
     pub fn records(&self) -> Vec<Record> {
         self.records
             .state()
             .iter()
             .filter_map(|cm| from_config_map(cm))
+            .filter(|r| self.session.as_ref().is_none_or(|s| &r.session == s))
             .collect()
+    }
+
+    /// The Lease of a client session, as last seen.
+    pub fn session_lease(&self, session: &str) -> Option<Arc<Lease>> {
+        self.leases.state().into_iter().find(|l| {
+            l.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(SESSION_LABEL))
+                .map(String::as_str)
+                == Some(session)
+        })
     }
 
     /// The record `key` names: a full ID, a name (with or without a leading
@@ -174,9 +206,11 @@ impl Spaces {
         let selector = ListParams::default().labels(CONTAINER_LABEL).limit(1);
         let records: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
         for check in [
             records.list_metadata(&selector).await.map(|_| ()),
             pods.list_metadata(&selector).await.map(|_| ()),
+            leases.list_metadata(&selector).await.map(|_| ()),
         ] {
             check.map_err(|e| refusal(namespace, e))?;
         }
@@ -184,13 +218,20 @@ impl Spaces {
         let tx = Arc::new(tx);
         let space = Space {
             namespace: namespace.to_string(),
-            records: mirror(records, tx.clone()),
-            pods: mirror(pods, tx),
+            records: mirror(records, CONTAINER_LABEL, tx.clone()),
+            pods: mirror(pods, CONTAINER_LABEL, tx.clone()),
+            leases: mirror(
+                Api::namespaced(self.client.clone(), namespace),
+                SESSION_LABEL,
+                tx,
+            ),
             changed,
+            session: None,
         };
         let ready = async {
             space.records.wait_until_ready().await.ok();
             space.pods.wait_until_ready().await.ok();
+            space.leases.wait_until_ready().await.ok();
         };
         if tokio::time::timeout(SYNC_TIMEOUT, ready).await.is_err() {
             return Err(Status::unavailable(format!(
@@ -221,7 +262,7 @@ fn refusal(namespace: &str, e: kube::Error) -> Status {
     }
 }
 
-fn mirror<K>(api: Api<K>, changed: Arc<watch::Sender<u64>>) -> Store<K>
+fn mirror<K>(api: Api<K>, label: &str, changed: Arc<watch::Sender<u64>>) -> Store<K>
 where
     K: kube::Resource<DynamicType = ()>
         + Clone
@@ -233,7 +274,7 @@ where
 {
     let (store, writer) = reflector::store();
     let kind = K::kind(&());
-    let config = watcher::Config::default().labels(CONTAINER_LABEL);
+    let config = watcher::Config::default().labels(label);
     tokio::spawn(
         watcher(api, config)
             .default_backoff()

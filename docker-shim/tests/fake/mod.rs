@@ -309,6 +309,17 @@ impl Containers for Fake {
         }))
     }
 
+    type SessionStream = BoxStream<SessionState>;
+
+    async fn session(
+        &self,
+        _: Request<SessionRequest>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        Err(Status::unimplemented(
+            "the fake coordinator holds no sessions",
+        ))
+    }
+
     type ExecStream = BoxStream<ExecOutput>;
 
     async fn exec(

@@ -15,7 +15,8 @@ fn record(spec: pb::ContainerSpec) -> Record {
         runs: 0,
         created: String::new(),
         uid: "uid-1".into(),
-        object_name: record::record_name("web"),
+        object_name: record::record_name("", "web"),
+        session: String::new(),
     }
 }
 
