@@ -66,6 +66,9 @@ pub enum ShimError {
     /// No network of this name (Berth has no Docker networks yet).
     #[error("network {0} not found")]
     NoSuchNetwork(String),
+    /// No plugin of this name (Berth has no engine plugins).
+    #[error("plugin {0:?} not found")]
+    NoSuchPlugin(String),
     /// No volume of this name (Berth has no Docker volumes yet).
     #[error("get {0}: no such volume")]
     NoSuchVolume(String),
@@ -96,9 +99,10 @@ impl ShimError {
             ShimError::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
             ShimError::Grpc { status, .. } => http_status(status.code()),
             ShimError::Conflict(_) => StatusCode::CONFLICT,
-            ShimError::NoSuchExec(_) | ShimError::NoSuchNetwork(_) | ShimError::NoSuchVolume(_) => {
-                StatusCode::NOT_FOUND
-            }
+            ShimError::NoSuchExec(_)
+            | ShimError::NoSuchNetwork(_)
+            | ShimError::NoSuchPlugin(_)
+            | ShimError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
             ShimError::TooManyExecs { .. } => StatusCode::TOO_MANY_REQUESTS,
             ShimError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -78,6 +78,8 @@ pub enum Route {
     NetworkList,
     /// `GET /networks/{id}`
     NetworkInspect(String),
+    /// `GET /plugins/{name}/json`
+    PluginInspect(String),
     /// `GET /volumes`
     VolumeList,
     /// `GET /volumes/{name}`
@@ -167,6 +169,9 @@ pub fn route(method: &Method, path: &str) -> Result<(ApiVersion, Route), RouteEr
         ["exec", id, "json"] if get && !id.is_empty() => Some(Route::ExecInspect(id.to_string())),
         ["networks"] if get => Some(Route::NetworkList),
         ["networks", id] if get && !id.is_empty() => Some(Route::NetworkInspect(id.to_string())),
+        ["plugins", name @ .., "json"] if get && !name.is_empty() => {
+            Some(Route::PluginInspect(name.join("/")))
+        }
         ["volumes"] if get => Some(Route::VolumeList),
         ["volumes", name] if get && !name.is_empty() => {
             Some(Route::VolumeInspect(name.to_string()))
@@ -389,6 +394,11 @@ mod tests {
                 Route::ExecInspect("e1".into()),
             ),
             (Method::GET, "/networks", Route::NetworkList),
+            (
+                Method::GET,
+                "/plugins/vieux/sshfs:latest/json",
+                Route::PluginInspect("vieux/sshfs:latest".into()),
+            ),
             (
                 Method::GET,
                 "/networks/bridge",

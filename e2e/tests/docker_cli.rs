@@ -251,10 +251,24 @@ async fn two_shims_do_not_see_each_others_containers_and_a_killed_shims_are_reap
     assert_ne!(a, b);
     assert_eq!(first.docker_ok(&["ps", "-q", "--no-trunc"]).unwrap(), a);
     assert_eq!(second.docker_ok(&["ps", "-q", "--no-trunc"]).unwrap(), b);
-    let out = second.docker(&["rm", "-f", &a[..12]]).unwrap();
-    assert!(
-        !out.status.success(),
-        "the second shim cannot remove the first's container"
+    for verb in ["inspect", "stop", "rm"] {
+        let out = second.docker(&[verb, &a[..12]]).unwrap();
+        assert!(
+            !out.status.success(),
+            "the second shim cannot {verb} the first's container"
+        );
+        assert!(
+            text(&out.stderr).contains("No such"),
+            "{}",
+            text(&out.stderr)
+        );
+    }
+    // (`docker rm -f` says nothing about a missing container, by design.)
+    assert_eq!(
+        first
+            .docker_ok(&["inspect", "-f", "{{.State.Status}}", "db"])
+            .unwrap(),
+        "running\n"
     );
 
     // The first shim dies without cleaning up: its Lease runs out (20 s)

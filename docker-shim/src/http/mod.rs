@@ -207,6 +207,7 @@ async fn dispatch(
         R::ExecInspect(id) => exec::inspect(shim, &id),
         R::NetworkList => Ok(networks::list()),
         R::NetworkInspect(id) => networks::inspect(&id),
+        R::PluginInspect(name) => Err(ShimError::NoSuchPlugin(name)),
         R::VolumeList => Ok(networks::volumes()),
         R::VolumeInspect(name) => networks::volume(&name),
     }

@@ -1,8 +1,8 @@
 //! Networks and volumes, read side. Berth has no Docker networks or
 //! volumes yet, so the lists are empty and every lookup is Docker's 404:
-//! `docker inspect NAME` tries a container, an image, a network and a
-//! volume in turn, and needs an honest "not found" from each to say
-//! "No such object". Creating, connecting and removing stay 501.
+//! `docker inspect NAME` tries a container, an image, a network, a volume
+//! and a plugin in turn, and needs an honest "not found" from each to say
+//! "No such object" (Berth has no plugins either). Creating, connecting and removing stay 501.
 
 use http::{Response, StatusCode};
 use serde_json::json;
