@@ -20,6 +20,7 @@ pub mod access;
 pub mod api;
 pub mod auth;
 pub mod containers;
+pub mod deadline;
 pub mod domain;
 pub mod health;
 pub mod imagecache;

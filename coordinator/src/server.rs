@@ -42,6 +42,7 @@ use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
 use crate::containers::api::ContainersApi;
 use crate::containers::images::ImagesApi;
+use crate::deadline::DeadlineLayer;
 use crate::domain::CacheDetails;
 pub use crate::listener::Plain;
 use crate::listener::{self, Accept, Handshake, Http2Preface};
@@ -131,8 +132,14 @@ async fn shutdown_signal(mut stopping: watch::Receiver<bool>) {
     let _ = stopping.wait_for(|s| *s).await;
 }
 
+/// Calls that wait by design and carry their own limits (see
+/// [`crate::deadline`]).
+pub const LONG_CALLS: &[&str] = &["/berth.v1.Containers/"];
+
 /// A tonic server builder with the coordinator's HTTP/2 bounds.
-fn bounded_builder() -> tonic::transport::Server {
+fn bounded_builder()
+-> tonic::transport::Server<tower::layer::util::Stack<DeadlineLayer, tower::layer::util::Identity>>
+{
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
@@ -141,7 +148,7 @@ fn bounded_builder() -> tonic::transport::Server {
         .initial_connection_window_size(CONNECTION_WINDOW)
         .http2_adaptive_window(Some(false))
         .http2_max_header_list_size(MAX_HEADER_LIST)
-        .timeout(RESPONSE_TIMEOUT)
+        .layer(DeadlineLayer::new(RESPONSE_TIMEOUT, LONG_CALLS))
 }
 
 /// Serves every coordinator service over TLS on `listener`, with default
