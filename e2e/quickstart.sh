@@ -3,7 +3,8 @@
 # cluster, installs Berth with `kubectl apply -f manifests`, pulls a sample
 # image on one node with the agent's command line, shows with grpcurl what
 # the coordinator knows of every node, and caches two images on every node
-# with an ImageCache. The cluster stays up;
+# with an ImageCache, then runs a container through the Docker API (the
+# docker CLI against docker-shim). The cluster stays up;
 # `e2e/cluster.sh down` removes it.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -65,4 +66,39 @@ kubectl get imagecaches
 say grpcurl -cacert "$CA" -servername berth-coordinator.berth-system.svc -H "$TOKEN" -d \''{"namespace": "default", "name": "sample"}'\' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache
 api -d '{"namespace": "default", "name": "sample"}' 127.0.0.1:17070 berth.v1.Inventory/GetImageCache |
   jq -r '.nodes[] | .node as $n | .images[] | "\($n)  \(.ref)  \(.state)"'
+# The Docker API: a namespace where the coordinator may run containers, an
+# account that may use them there, a shim on this machine reaching the
+# coordinator through the port-forward, and the docker CLI pointed at it.
+ns=docker-demo
+kubectl create namespace $ns --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n $ns create rolebinding berth-container-runner --clusterrole=berth-container-runner \
+  --serviceaccount=berth-system:berth-coordinator --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n $ns create serviceaccount docker --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n $ns create role docker --verb=create,get,list,delete --resource=pods \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+kubectl -n $ns create role docker-streams --verb=get,create --resource=pods/log,pods/exec \
+  --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+for r in docker docker-streams; do
+  kubectl -n $ns create rolebinding $r --role=$r --serviceaccount=$ns:docker \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+done
+shim_dir=$(mktemp -d)
+kubectl -n berth-system get cm berth-ca -o jsonpath='{.data.ca\.crt}' >"$shim_dir/ca.crt"
+kubectl -n $ns create token docker >"$shim_dir/token"
+say docker-shim --coordinator https://127.0.0.1:17070 --ca-file berth-ca.crt --token-file docker.token --namespace $ns --listen 127.0.0.1:12475 '&'
+"${CARGO_TARGET_DIR:-/var/cache/berth/target}/debug/docker-shim" --coordinator https://127.0.0.1:17070 \
+  --ca-file "$shim_dir/ca.crt" --token-file "$shim_dir/token" --namespace $ns \
+  --listen 127.0.0.1:12475 2>"$shim_dir/shim.log" &
+shim=$!
+trap 'kill $pf $shim 2>/dev/null; rm -rf "$shim_dir"' EXIT
+until curl -sf http://127.0.0.1:12475/_ping >/dev/null; do sleep 0.1; done
+export DOCKER_HOST=tcp://127.0.0.1:12475
+say docker run --rm --entrypoint sh "$BERTH_REGISTRY/busybox:1.36" -c "'echo out; echo err >&2; exit 3'"
+set +e
+docker run --rm --entrypoint sh "$BERTH_REGISTRY/busybox:1.36" -c 'echo out; echo err >&2; exit 3'
+code=$?
+set -e
+echo "(exit code $code)"
+[ "$code" = 3 ] || { cat "$shim_dir/shim.log" >&2; exit 1; }
+
 printf '\nBerth is running. export KUBECONFIG=%s; e2e/cluster.sh down removes the cluster.\n' "$KUBECONFIG"
