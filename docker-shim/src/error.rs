@@ -66,6 +66,9 @@ pub enum ShimError {
     /// No network of this name (Berth has no Docker networks yet).
     #[error("network {0} not found")]
     NoSuchNetwork(String),
+    /// No such file or directory in a container (`docker cp`).
+    #[error("{0}")]
+    NoSuchPath(String),
     /// No plugin of this name (Berth has no engine plugins).
     #[error("plugin {0:?} not found")]
     NoSuchPlugin(String),
@@ -102,6 +105,7 @@ impl ShimError {
             ShimError::NoSuchExec(_)
             | ShimError::NoSuchNetwork(_)
             | ShimError::NoSuchPlugin(_)
+            | ShimError::NoSuchPath(_)
             | ShimError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
             ShimError::TooManyExecs { .. } => StatusCode::TOO_MANY_REQUESTS,
             ShimError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,

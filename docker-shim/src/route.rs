@@ -78,6 +78,12 @@ pub enum Route {
     NetworkList,
     /// `GET /networks/{id}`
     NetworkInspect(String),
+    /// `HEAD /containers/{id}/archive`
+    ArchiveStat(String),
+    /// `GET /containers/{id}/archive`
+    ArchiveGet(String),
+    /// `PUT /containers/{id}/archive`
+    ArchivePut(String),
     /// `GET /plugins/{name}/json`
     PluginInspect(String),
     /// `GET /volumes`
@@ -161,6 +167,9 @@ pub fn route(method: &Method, path: &str) -> Result<(ApiVersion, Route), RouteEr
                 ("restart", _, true) => Some(Route::ContainerRestart(id)),
                 ("wait", _, true) => Some(Route::ContainerWait(id)),
                 ("attach", _, true) => Some(Route::ContainerAttach(id)),
+                ("archive", true, _) => Some(Route::ArchiveGet(id)),
+                ("archive", _, _) if method == Method::HEAD => Some(Route::ArchiveStat(id)),
+                ("archive", _, _) if method == Method::PUT => Some(Route::ArchivePut(id)),
                 ("exec", _, true) => Some(Route::ExecCreate(id)),
                 _ => None,
             }
@@ -241,7 +250,6 @@ fn is_engine_endpoint(method: &Method, segs: &[&str]) -> bool {
                 "resize" | "pause" | "unpause" | "update" | "rename",
             ],
         ) => true,
-        ("GET" | "HEAD" | "PUT", ["containers", _, "archive"]) => true,
         ("POST", ["exec", _, "resize"]) => true,
         ("DELETE", ["networks", _]) => true,
         ("POST", ["networks", "create" | "prune"]) => true,
@@ -395,6 +403,16 @@ mod tests {
             ),
             (Method::GET, "/networks", Route::NetworkList),
             (
+                Method::PUT,
+                "/containers/abc/archive",
+                Route::ArchivePut("abc".into()),
+            ),
+            (
+                Method::HEAD,
+                "/containers/abc/archive",
+                Route::ArchiveStat("abc".into()),
+            ),
+            (
                 Method::GET,
                 "/plugins/vieux/sshfs:latest/json",
                 Route::PluginInspect("vieux/sshfs:latest".into()),
@@ -428,11 +446,6 @@ mod tests {
             (Method::POST, "/networks/n1/connect", "/networks/n1/connect"),
             (Method::DELETE, "/networks/n1", "/networks/n1"),
             (Method::POST, "/volumes/create", "/volumes/create"),
-            (
-                Method::PUT,
-                "/containers/abc/archive",
-                "/containers/abc/archive",
-            ),
             (Method::POST, "/networks/create", "/networks/create"),
             (Method::GET, "/events", "/events"),
             (

@@ -302,3 +302,59 @@ async fn two_shims_do_not_see_each_others_containers_and_a_killed_shims_are_reap
     assert_eq!(second.docker_ok(&["ps", "-q", "--no-trunc"]).unwrap(), b);
     second.docker_ok(&["rm", "-f", "db"]).unwrap();
 }
+
+#[tokio::test]
+async fn docker_cp_copies_files_both_ways_with_a_running_container() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-cp").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-cp").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+    let dir = std::env::temp_dir().join(format!(
+        "berth-e2e-cp-{}",
+        berth_e2e::registry::unique_suffix()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let local = dir.join("greeting.txt");
+    std::fs::write(&local, "hello from the host\n").unwrap();
+
+    shim.docker_ok(&["run", "-d", "--name", "box", &image, "sleep", "600"])
+        .unwrap();
+    shim.docker_ok(&["cp", local.to_str().unwrap(), "box:/tmp/"])
+        .unwrap();
+    let inside = shim
+        .docker_ok(&["exec", "box", "cat", "/tmp/greeting.txt"])
+        .unwrap();
+    assert_eq!(inside, "hello from the host\n");
+
+    // And back: a file the container wrote, and a missing one (a 404,
+    // which the CLI words as below).
+    shim.docker_ok(&["exec", "box", "sh", "-c", "echo made inside > /tmp/out.txt"])
+        .unwrap();
+    let back = dir.join("out.txt");
+    shim.docker_ok(&["cp", "box:/tmp/out.txt", back.to_str().unwrap()])
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "made inside\n");
+    let out = shim
+        .docker(&["cp", "box:/no/such/file", dir.to_str().unwrap()])
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("No such container:path"),
+        "{}",
+        text(&out.stderr)
+    );
+    shim.docker_ok(&["rm", "-f", "box"]).unwrap();
+    // Before start Berth cannot copy in yet (the CLI's first call is a
+    // HEAD, whose 409 carries no message), and nothing changes.
+    shim.docker_ok(&["create", "--name", "later", &image])
+        .unwrap();
+    let out = shim
+        .docker(&["cp", local.to_str().unwrap(), "later:/tmp/"])
+        .unwrap();
+    assert!(!out.status.success());
+    let state = shim
+        .docker_ok(&["inspect", "-f", "{{.State.Status}}", "later"])
+        .unwrap();
+    assert_eq!(state, "created\n");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -8,6 +8,7 @@
 //! Every answer carries `Api-Version`, `Docker-Experimental`, `Ostype` and
 //! `Server` as Docker's do.
 
+mod archive;
 mod containers;
 mod exec;
 mod images;
@@ -208,6 +209,9 @@ async fn dispatch(
         R::NetworkList => Ok(networks::list()),
         R::NetworkInspect(id) => networks::inspect(&id),
         R::PluginInspect(name) => Err(ShimError::NoSuchPlugin(name)),
+        R::ArchiveStat(id) => archive::head(shim, &id, &query).await,
+        R::ArchiveGet(id) => archive::get(shim, &id, &query).await,
+        R::ArchivePut(id) => archive::put(shim, &id, &query, req.into_body()).await,
         R::VolumeList => Ok(networks::volumes()),
         R::VolumeInspect(name) => networks::volume(&name),
     }
