@@ -12,7 +12,8 @@
 //! the answer is rendered by [`docker`] (or framed by [`stream`] for
 //! output) → any failure becomes Docker's error JSON in [`error`]. Exec
 //! instances live between their create, start and inspect in [`exec`].
-//! Each shim is one client [`session`]: it sees only its own containers,
+//! Published ports are listened for on the shim's host and carried to the
+//! container by [`ports`]. Each shim is one client [`session`]: it sees only its own containers,
 //! and they are removed once it is gone.
 
 pub mod config;
@@ -21,6 +22,7 @@ pub mod docker;
 pub mod error;
 pub mod exec;
 pub mod http;
+pub mod ports;
 pub mod route;
 pub mod session;
 pub mod stream;
@@ -86,6 +88,7 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
             coordinator: args.coordinator.clone(),
         },
         execs: exec::ExecStore::default(),
+        forwards: ports::Forwards::default(),
     });
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await

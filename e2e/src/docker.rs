@@ -13,7 +13,7 @@ use crate::{COORDINATOR_NAME, Cluster, PortForward, TestNamespace, free_port};
 
 /// The Role a Docker API user gets in a test namespace: what Berth checks
 /// before it acts (pods: create, get, list, delete; pods/log: get;
-/// pods/exec: create).
+/// pods/exec, pods/portforward: create).
 const USER_ROLE: &str = "berth-docker-user";
 
 /// A namespace where Berth may run containers, with a ServiceAccount `ci`
@@ -57,7 +57,7 @@ rules:
   resources: [pods/log]
   verbs: [get]
 - apiGroups: [\"\"]
-  resources: [pods/exec]
+  resources: [pods/exec, pods/portforward]
   verbs: [create]
 ---
 apiVersion: rbac.authorization.k8s.io/v1

@@ -358,3 +358,45 @@ async fn docker_cp_copies_files_both_ways_with_a_running_container() {
     assert_eq!(state, "created\n");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test]
+async fn a_published_port_is_reachable_from_the_shims_host() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-port").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-port").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    shim.docker_ok(&[
+        "run", "-d", "--name", "web", "-p", "8080", &image, "sh", "-c",
+        "mkdir -p /www && echo hello-from-the-pod > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ])
+    .unwrap();
+    let mapped = shim.docker_ok(&["port", "web", "8080"]).unwrap();
+    let addr = mapped.lines().next().unwrap().trim().to_string();
+    assert!(addr.starts_with("127.0.0.1:"), "{mapped}");
+    // The server inside starts a moment after the container does.
+    let body = berth_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "an answer on the published port",
+        || {
+            let addr = addr.clone();
+            async move {
+                use std::io::{Read, Write};
+                let mut s = std::net::TcpStream::connect(&addr)?;
+                s.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+                s.write_all(b"GET /index.html HTTP/1.0\r\nHost: x\r\n\r\n")?;
+                let mut answer = String::new();
+                s.read_to_string(&mut answer)?;
+                Ok(answer.contains("200").then_some(answer))
+            }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(body.ends_with("hello-from-the-pod\n"), "{body}");
+    shim.docker_ok(&["rm", "-f", "web"]).unwrap();
+    assert!(
+        std::net::TcpStream::connect(&addr).is_err(),
+        "the listener closes with the container"
+    );
+}

@@ -99,6 +99,16 @@ fn exec(message: &[u8]) -> Result<ResourceAccess, AccessError> {
     }
 }
 
+fn tunnel(message: &[u8]) -> Result<ResourceAccess, AccessError> {
+    let input: pb::TunnelInput = decode(message, "Tunnel")?;
+    match input.kind {
+        Some(pb::tunnel_input::Kind::Open(o)) => pods("create", "pods/portforward", o.namespace),
+        _ => Err(AccessError::BadRequest(
+            "Tunnel: the first message must be a TunnelOpen".into(),
+        )),
+    }
+}
+
 /// A rule reading the namespace of a request of type `M`.
 macro_rules! in_namespace {
     ($verb:literal, $message:ty, $method:literal) => {
@@ -113,7 +123,8 @@ macro_rules! in_namespace {
 /// the request's namespace, what the call does through Berth — `create` to
 /// create or start a container (Berth makes a pod), `delete` to stop, kill
 /// or remove one, `get` to inspect or wait on one, `get pods/log` to read
-/// its logs, `create pods/exec` to run a command in it, `list` to list them
+/// its logs, `create pods/exec` to run a command in it, `create pods/portforward`
+/// to reach one of its ports, `list` to list them
 /// or read images; holding a session needs `create`. Berth acts with its own rights only after
 /// that check.
 pub fn containers(path: &str) -> Option<Rule> {
@@ -134,6 +145,7 @@ pub fn containers(path: &str) -> Option<Rule> {
             in_namespace!("get", "pods/log", pb::ContainerLogsRequest, "Logs")
         }
         "/berth.v1.Containers/Exec" => Rule::FromMessage(exec),
+        "/berth.v1.Containers/Tunnel" => Rule::FromMessage(tunnel),
         "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
         "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
         "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),

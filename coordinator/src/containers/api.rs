@@ -559,6 +559,18 @@ impl pb::containers_server::Containers for ContainersApi {
 
     type ExecStream = super::exec::ExecOutputs;
 
+    type TunnelStream = super::tunnel::TunnelOutputs;
+
+    async fn tunnel(
+        &self,
+        request: Request<tonic::Streaming<pb::TunnelInput>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        let session = session_of(request.metadata())?;
+        Ok(Response::new(
+            ContainersApi::tunnel(self, session, request.into_inner()).await?,
+        ))
+    }
+
     type SessionStream = sessions::SessionStates;
 
     async fn session(

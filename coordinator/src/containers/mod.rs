@@ -10,6 +10,8 @@
 //!   (stdout and stderr kept apart) to the API caller.
 //! - [`sessions`]: client sessions (one per shim), their Leases, and the
 //!   removal of a vanished client's containers.
+//! - [`tunnel`]: `Containers/Tunnel`, a TCP connection to a container's
+//!   port carried over gRPC (published ports).
 //! - [`images`]: the `Images` service, reading registries.
 //!
 //! Callers are checked by the access layer as themselves: the verb on pods
@@ -23,3 +25,4 @@ pub mod pod;
 pub mod record;
 pub mod sessions;
 pub mod store;
+pub mod tunnel;

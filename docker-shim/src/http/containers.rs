@@ -153,6 +153,7 @@ pub async fn start(shim: &Shim, id: &str) -> Result<Response<Body>, ShimError> {
         .map_err(on(id))?
         .into_inner();
     tracing::info!(id = %info.id, pod = %info.pod_name, "started");
+    shim.forwards.open_for(&shim.coordinator, &info).await;
     Ok(empty(StatusCode::NO_CONTENT))
 }
 
@@ -293,16 +294,18 @@ pub async fn remove(shim: &Shim, id: &str, query: &Query) -> Result<Response<Bod
             "Berth has no container links to remove".into(),
         ));
     }
+    let full = fetch(shim, id).await?.id;
     shim.coordinator
         .containers
         .clone()
         .remove(RemoveContainerRequest {
             namespace: shim.coordinator.namespace.clone(),
-            id: id.to_string(),
+            id: full.clone(),
             force: query.flag("force"),
         })
         .await
         .map_err(on(id))?;
+    shim.forwards.close_for(&full);
     tracing::info!(%id, "removed");
     Ok(empty(StatusCode::NO_CONTENT))
 }

@@ -52,6 +52,8 @@ pub struct Shim {
     pub identity: Identity,
     /// Exec instances between their create, start and inspect.
     pub execs: crate::exec::ExecStore,
+    /// Listeners of the containers' published ports.
+    pub forwards: crate::ports::Forwards,
 }
 
 /// A whole body.

@@ -309,6 +309,15 @@ impl Containers for Fake {
         }))
     }
 
+    type TunnelStream = BoxStream<TunnelOutput>;
+
+    async fn tunnel(
+        &self,
+        _: Request<tonic::Streaming<TunnelInput>>,
+    ) -> Result<Response<Self::TunnelStream>, Status> {
+        Err(Status::unimplemented("the fake coordinator has no tunnels"))
+    }
+
     type SessionStream = BoxStream<SessionState>;
 
     async fn session(
@@ -496,6 +505,7 @@ pub async fn start_with_token(token: &str) -> Harness {
             namespace: NAMESPACE.into(),
             coordinator: format!("http://{grpc_addr}"),
         },
+        forwards: Default::default(),
         execs: Default::default(),
     });
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
