@@ -2,12 +2,16 @@
 //! container publishes, the shim listens on `127.0.0.1:<host port>` and
 //! carries each connection to the container's port through the
 //! coordinator (`Containers/Tunnel`), since the shim cannot reach pod IPs.
-//! The listeners live until the container is removed (or the shim stops).
+//! The listeners live until the container is removed — by the client, by
+//! `--rm`, or by anyone: a `Wait` for `removed` closes them — or the shim
+//! stops.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use berth_proto::api::{ContainerInfo, TunnelInput, TunnelOpen, tunnel_input};
+use berth_proto::api::{
+    ContainerInfo, TunnelInput, TunnelOpen, WaitContainerRequest, tunnel_input,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -52,7 +56,27 @@ impl Forwards {
                 }
             }
         }
+        if tasks.is_empty() {
+            return;
+        }
         self.open.lock().unwrap().insert(info.id.clone(), tasks);
+        // Close the listeners once the container is gone, however it goes.
+        let (forwards, mut containers, id) = (
+            self.clone(),
+            coordinator.containers.clone(),
+            info.id.clone(),
+        );
+        let request = WaitContainerRequest {
+            namespace: coordinator.namespace.clone(),
+            id: id.clone(),
+            condition: "removed".into(),
+        };
+        tokio::spawn(async move {
+            if let Err(s) = containers.wait(request).await {
+                tracing::debug!(%id, error = %s.message(), "waiting for removal ended");
+            }
+            forwards.close_for(&id);
+        });
     }
 
     /// Stops listening for a removed container's ports.

@@ -399,4 +399,23 @@ async fn a_published_port_is_reachable_from_the_shims_host() {
         std::net::TcpStream::connect(&addr).is_err(),
         "the listener closes with the container"
     );
+
+    // A --rm container's listener closes when Berth removes it.
+    shim.docker_ok(&[
+        "run", "-d", "--rm", "--name", "brief", "-p", "8081", &image, "sleep", "3",
+    ])
+    .unwrap();
+    let mapped = shim.docker_ok(&["port", "brief", "8081"]).unwrap();
+    let brief = mapped.lines().next().unwrap().trim().to_string();
+    berth_e2e::eventually(
+        std::time::Duration::from_secs(60),
+        "the --rm container's listener closed",
+        || {
+            let brief = brief.clone();
+            async move { Ok(std::net::TcpStream::connect(&brief).is_err().then_some(())) }
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(shim.docker_ok(&["ps", "-a", "-q"]).unwrap(), "");
 }
