@@ -58,12 +58,7 @@ pub(super) fn kube_status(what: &str, e: kube::Error) -> Status {
 }
 
 fn now_rfc3339() -> String {
-    let d = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    k8s_openapi::jiff::Timestamp::new(d.as_secs() as i64, d.subsec_nanos() as i32)
-        .map(|t| t.to_string())
-        .unwrap_or_default()
+    k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
 /// The container as the API reports it.
@@ -144,6 +139,21 @@ impl ContainersApi {
     /// sessions in `registry`.
     pub fn new(spaces: Spaces, registry: Arc<NodeRegistry>) -> Self {
         ContainersApi { spaces, registry }
+    }
+
+    /// The caller's view of `namespace` and the container `id` names there.
+    async fn locate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        namespace: &str,
+        id: &str,
+    ) -> Result<(Space, Record), Status> {
+        let space = self
+            .space(namespace)
+            .await?
+            .for_session(session_of(metadata)?);
+        let record = space.find(id)?;
+        Ok((space, record))
     }
 
     pub(super) async fn space(&self, namespace: &str) -> Result<Space, Status> {
@@ -437,10 +447,13 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
-        let session = session_of(request.metadata())?;
-        let req = request.into_inner();
-        let space = self.space(&req.namespace).await?.for_session(session);
-        let record = space.find(&req.id)?;
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
         if let Some(pod) = space.current_pod(&record)
             && !pod::finished(&pod)
             && pod::start_failure(&pod).is_none()
@@ -476,10 +489,13 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::StopContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
-        let session = session_of(request.metadata())?;
-        let req = request.into_inner();
-        let space = self.space(&req.namespace).await?.for_session(session);
-        let record = space.find(&req.id)?;
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
         self.end_run(&space, &record, true).await?;
         Ok(Response::new(info(&space, &space.find(&record.id)?)))
     }
@@ -488,10 +504,13 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
-        let session = session_of(request.metadata())?;
-        let req = request.into_inner();
-        let space = self.space(&req.namespace).await?.for_session(session);
-        let record = space.find(&req.id)?;
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
         self.end_run(&space, &record, false).await?;
         Ok(Response::new(info(&space, &space.find(&record.id)?)))
     }
@@ -500,10 +519,14 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::RemoveContainerRequest>,
     ) -> Result<Response<pb::RemoveContainerResponse>, Status> {
-        let session = session_of(request.metadata())?;
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?.for_session(session);
-        let record = space.find(&req.id)?;
         let running = space
             .current_pod(&record)
             .is_some_and(|p| pod::state_of(Some(&p)).running);
@@ -521,10 +544,13 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerRequest>,
     ) -> Result<Response<pb::ContainerInfo>, Status> {
-        let session = session_of(request.metadata())?;
-        let req = request.into_inner();
-        let space = self.space(&req.namespace).await?.for_session(session);
-        let record = space.find(&req.id)?;
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
         Ok(Response::new(info(&space, &record)))
     }
 
@@ -611,10 +637,14 @@ impl pb::containers_server::Containers for ContainersApi {
         &self,
         request: Request<pb::ContainerLogsRequest>,
     ) -> Result<Response<Self::LogsStream>, Status> {
-        let session = session_of(request.metadata())?;
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
         let req = request.into_inner();
-        let space = self.space(&req.namespace).await?.for_session(session);
-        let record = space.find(&req.id)?;
         let limit = if req.wait_for_start {
             START_TIMEOUT
         } else {
@@ -731,10 +761,7 @@ impl ContainersApi {
 }
 
 fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0)
+    k8s_openapi::jiff::Timestamp::now().as_second()
 }
 
 /// A stream fed by a task through a small channel.

@@ -10,7 +10,7 @@ use futures::Stream;
 use tonic::Status;
 
 use super::api::{ContainersApi, kube_status};
-use super::pod::{self, MAIN_CONTAINER};
+use super::pod::MAIN_CONTAINER;
 
 /// The command an exec runs: wrapped in `env` and a `cd` when it asks for
 /// an environment or a working directory (the pod exec API has neither),
@@ -93,12 +93,7 @@ impl ContainersApi {
         }
         let space = self.space(&start.namespace).await?.for_session(session);
         let record = space.find(&start.id)?;
-        let pod = space
-            .current_pod(&record)
-            .filter(|p| pod::state_of(Some(p)).running)
-            .ok_or_else(|| {
-                Status::failed_precondition(format!("Container {} is not running", record.id))
-            })?;
+        let pod = space.running_pod(&record)?;
         let name = pod.metadata.name.clone().unwrap_or_default();
         let params = AttachParams {
             container: Some(MAIN_CONTAINER.into()),

@@ -116,6 +116,16 @@ impl Space {
         self.pod_of_run(record, record.runs)
     }
 
+    /// The pod of the record's latest start if its container runs, else
+    /// Docker's "not running" refusal.
+    pub fn running_pod(&self, record: &Record) -> Result<Arc<Pod>, Status> {
+        self.current_pod(record)
+            .filter(|p| super::pod::state_of(Some(p)).running)
+            .ok_or_else(|| {
+                Status::failed_precondition(format!("Container {} is not running", record.id))
+            })
+    }
+
     /// The pod of one start of the record, if it exists.
     pub fn pod_of_run(&self, record: &Record, run: u32) -> Option<Arc<Pod>> {
         let run = run.to_string();

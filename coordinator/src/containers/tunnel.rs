@@ -12,7 +12,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Status;
 
 use super::api::ContainersApi;
-use super::pod;
 
 /// Longest wait for the container's port to accept.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,12 +40,7 @@ impl ContainersApi {
             })?;
         let space = self.space(&open.namespace).await?.for_session(session);
         let record = space.find(&open.id)?;
-        let pod = space
-            .current_pod(&record)
-            .filter(|p| pod::state_of(Some(p)).running)
-            .ok_or_else(|| {
-                Status::failed_precondition(format!("Container {} is not running", record.id))
-            })?;
+        let pod = space.running_pod(&record)?;
         let ip = pod
             .status
             .as_ref()

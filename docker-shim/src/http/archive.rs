@@ -130,18 +130,8 @@ fn required_path(query: &Query) -> Result<String, ShimError> {
 
 /// Archive calls run commands in the container, so it must be running.
 async fn ensure_running(shim: &Shim, id: &str) -> Result<(), ShimError> {
-    let info = shim
-        .coordinator
-        .containers
-        .clone()
-        .inspect(berth_proto::api::ContainerRequest {
-            namespace: shim.coordinator.namespace.clone(),
-            id: id.to_string(),
-        })
-        .await
-        .map_err(|s| ShimError::grpc(Subject::Container(id.to_string()), s))?
-        .into_inner();
-    if info.state.as_ref().is_some_and(|s| s.running) {
+    let info = super::containers::fetch(shim, id).await?;
+    if super::containers::is_running(&info) {
         Ok(())
     } else {
         Err(ShimError::Conflict(format!(

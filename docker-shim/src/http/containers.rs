@@ -41,7 +41,7 @@ pub(super) async fn fetch(shim: &Shim, id: &str) -> Result<ContainerInfo, ShimEr
         .into_inner())
 }
 
-fn is_running(info: &ContainerInfo) -> bool {
+pub(super) fn is_running(info: &ContainerInfo) -> bool {
     info.state.as_ref().is_some_and(|s| s.running)
 }
 

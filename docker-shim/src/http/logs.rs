@@ -120,17 +120,7 @@ pub async fn logs(
 }
 
 async fn tty_of(shim: &Shim, id: &str) -> Result<bool, ShimError> {
-    let info = shim
-        .coordinator
-        .containers
-        .clone()
-        .inspect(berth_proto::api::ContainerRequest {
-            namespace: shim.coordinator.namespace.clone(),
-            id: id.to_string(),
-        })
-        .await
-        .map_err(|s| ShimError::grpc(Subject::Container(id.to_string()), s))?
-        .into_inner();
+    let info = super::containers::fetch(shim, id).await?;
     Ok(info.spec.is_some_and(|s| s.tty))
 }
 
