@@ -74,7 +74,7 @@ kubectl create namespace $ns --dry-run=client -o yaml | kubectl apply -f - >/dev
 kubectl -n $ns create rolebinding berth-container-runner --clusterrole=berth-container-runner \
   --serviceaccount=berth-system:berth-coordinator --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n $ns create serviceaccount docker --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl -n $ns create role docker --verb=create,get,list,delete --resource=pods \
+kubectl -n $ns create role docker --verb=create,get,list,delete --resource=pods,services \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n $ns create role docker-streams --verb=get,create --resource=pods/log,pods/exec,pods/portforward \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null

@@ -29,6 +29,7 @@ use berth_proto::agent::agent_service_server::AgentServiceServer;
 use berth_proto::api::containers_server::ContainersServer;
 use berth_proto::api::images_server::ImagesServer;
 use berth_proto::api::inventory_server::InventoryServer;
+use berth_proto::api::networks_server::NetworksServer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -42,6 +43,7 @@ use crate::api::InventoryApi;
 use crate::auth::TokenVerifier;
 use crate::containers::api::ContainersApi;
 use crate::containers::images::ImagesApi;
+use crate::containers::network_api::NetworksApi;
 use crate::deadline::DeadlineLayer;
 use crate::domain::CacheDetails;
 pub use crate::listener::Plain;
@@ -134,7 +136,7 @@ async fn shutdown_signal(mut stopping: watch::Receiver<bool>) {
 
 /// Calls that wait by design and carry their own limits (see
 /// [`crate::deadline`]).
-pub const LONG_CALLS: &[&str] = &["/berth.v1.Containers/"];
+pub const LONG_CALLS: &[&str] = &["/berth.v1.Containers/", "/berth.v1.Networks/"];
 
 /// A tonic server builder with the coordinator's HTTP/2 bounds.
 fn bounded_builder()
@@ -207,9 +209,9 @@ where
         .build_v1alpha()?
         .max_decoding_message_size(MAX_PUBLIC_MESSAGE);
     let guard = AccessLayer::new(authorizer, policy::public);
-    let (containers, images) = match containers {
-        Some((c, i)) => (Some(c), Some(i)),
-        None => (None, None),
+    let (containers, images, networks) = match containers {
+        Some((c, i)) => (Some(c.clone()), Some(i), Some(NetworksApi::new(c))),
+        None => (None, None, None),
     };
     let incoming = listener::incoming(
         "grpc",
@@ -242,6 +244,9 @@ where
         }))
         .add_optional_service(images.map(|i| {
             guard.layer(ImagesServer::new(i).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
+        }))
+        .add_optional_service(networks.map(|n| {
+            guard.layer(NetworksServer::new(n).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
         }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal(stopping))
         .await?;

@@ -1,4 +1,5 @@
-//! The coordinator's `berth.v1.Containers` and `berth.v1.Images` clients,
+//! The coordinator's `berth.v1.Containers`, `berth.v1.Images` and
+//! `berth.v1.Networks` clients,
 //! with the bearer token on every call and the namespace the shim serves.
 //! [`endpoint`] builds the TLS channel; tests hand [`Coordinator::new`] a
 //! plaintext channel to an in-process fake.
@@ -7,6 +8,7 @@ use std::path::Path;
 
 use berth_proto::api::containers_client::ContainersClient;
 use berth_proto::api::images_client::ImagesClient;
+use berth_proto::api::networks_client::NetworksClient;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
@@ -70,6 +72,9 @@ pub type Containers = ContainersClient<InterceptedService<Channel, CallMetadata>
 /// A client of the Images API with the token attached.
 pub type Images = ImagesClient<InterceptedService<Channel, CallMetadata>>;
 
+/// A client of the Networks API with the token attached.
+pub type Networks = NetworksClient<InterceptedService<Channel, CallMetadata>>;
+
 /// The coordinator as the HTTP handlers see it; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Coordinator {
@@ -77,6 +82,8 @@ pub struct Coordinator {
     pub containers: Containers,
     /// `berth.v1.Images`.
     pub images: Images,
+    /// `berth.v1.Networks`.
+    pub networks: Networks,
     /// The namespace every request names.
     pub namespace: String,
 }
@@ -99,7 +106,8 @@ impl Coordinator {
         let meta = CallMetadata { token, session };
         Coordinator {
             containers: ContainersClient::with_interceptor(channel.clone(), meta.clone()),
-            images: ImagesClient::with_interceptor(channel, meta),
+            images: ImagesClient::with_interceptor(channel.clone(), meta.clone()),
+            networks: NetworksClient::with_interceptor(channel, meta),
             namespace: namespace.to_string(),
         }
     }

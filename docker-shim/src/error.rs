@@ -18,6 +18,8 @@ pub enum Subject {
     Container(String),
     /// An image reference, as the client gave it.
     Image(String),
+    /// A network, as the client named it.
+    Network(String),
     /// Nothing in particular (lists, info).
     Other,
 }
@@ -63,9 +65,10 @@ pub enum ShimError {
     /// No exec instance with this ID (never created, or forgotten).
     #[error("No such exec instance: {0}")]
     NoSuchExec(String),
-    /// No network of this name (Berth has no Docker networks yet).
-    #[error("network {0} not found")]
-    NoSuchNetwork(String),
+    /// Docker's 403: an operation the object does not allow (e.g.
+    /// removing the default `bridge` network).
+    #[error("{0}")]
+    Forbidden(String),
     /// No such file or directory in a container (`docker cp`).
     #[error("{0}")]
     NoSuchPath(String),
@@ -102,8 +105,8 @@ impl ShimError {
             ShimError::Unsupported { .. } => StatusCode::NOT_IMPLEMENTED,
             ShimError::Grpc { status, .. } => http_status(status.code()),
             ShimError::Conflict(_) => StatusCode::CONFLICT,
+            ShimError::Forbidden(_) => StatusCode::FORBIDDEN,
             ShimError::NoSuchExec(_)
-            | ShimError::NoSuchNetwork(_)
             | ShimError::NoSuchPlugin(_)
             | ShimError::NoSuchPath(_)
             | ShimError::NoSuchVolume(_) => StatusCode::NOT_FOUND,
@@ -141,6 +144,7 @@ fn grpc_message(status: &tonic::Status, subject: &Subject) -> String {
     match (status.code(), subject) {
         (Code::NotFound, Subject::Container(id)) => format!("No such container: {id}"),
         (Code::NotFound, Subject::Image(image)) => format!("No such image: {image}"),
+        (Code::NotFound, Subject::Network(n)) => format!("network {n} not found"),
         (Code::Unavailable, _) => format!(
             "the Berth coordinator is unavailable ({}); check --coordinator and that it runs",
             status.message()
@@ -206,7 +210,10 @@ mod tests {
                 "No such exec instance: e1",
             ),
             (
-                ShimError::NoSuchNetwork("n1".into()),
+                ShimError::grpc(
+                    Subject::Network("n1".into()),
+                    tonic::Status::not_found("network n1 not found"),
+                ),
                 "network n1 not found",
             ),
             (

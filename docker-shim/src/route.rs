@@ -78,6 +78,14 @@ pub enum Route {
     NetworkList,
     /// `GET /networks/{id}`
     NetworkInspect(String),
+    /// `POST /networks/create`
+    NetworkCreate,
+    /// `DELETE /networks/{id}`
+    NetworkRemove(String),
+    /// `POST /networks/{id}/connect`
+    NetworkConnect(String),
+    /// `POST /networks/{id}/disconnect`
+    NetworkDisconnect(String),
     /// `HEAD /containers/{id}/archive`
     ArchiveStat(String),
     /// `GET /containers/{id}/archive`
@@ -177,7 +185,17 @@ pub fn route(method: &Method, path: &str) -> Result<(ApiVersion, Route), RouteEr
         ["exec", id, "start"] if post && !id.is_empty() => Some(Route::ExecStart(id.to_string())),
         ["exec", id, "json"] if get && !id.is_empty() => Some(Route::ExecInspect(id.to_string())),
         ["networks"] if get => Some(Route::NetworkList),
+        ["networks", "create"] if post => Some(Route::NetworkCreate),
         ["networks", id] if get && !id.is_empty() => Some(Route::NetworkInspect(id.to_string())),
+        ["networks", id] if method == Method::DELETE && !id.is_empty() => {
+            Some(Route::NetworkRemove(id.to_string()))
+        }
+        ["networks", id, "connect"] if post && !id.is_empty() => {
+            Some(Route::NetworkConnect(id.to_string()))
+        }
+        ["networks", id, "disconnect"] if post && !id.is_empty() => {
+            Some(Route::NetworkDisconnect(id.to_string()))
+        }
         ["plugins", name @ .., "json"] if get && !name.is_empty() => {
             Some(Route::PluginInspect(name.join("/")))
         }
@@ -422,6 +440,22 @@ mod tests {
                 "/networks/bridge",
                 Route::NetworkInspect("bridge".into()),
             ),
+            (Method::POST, "/networks/create", Route::NetworkCreate),
+            (
+                Method::DELETE,
+                "/networks/n1",
+                Route::NetworkRemove("n1".into()),
+            ),
+            (
+                Method::POST,
+                "/networks/n1/connect",
+                Route::NetworkConnect("n1".into()),
+            ),
+            (
+                Method::POST,
+                "/networks/n1/disconnect",
+                Route::NetworkDisconnect("n1".into()),
+            ),
             (Method::GET, "/volumes", Route::VolumeList),
             (
                 Method::GET,
@@ -443,10 +477,8 @@ mod tests {
     fn known_engine_endpoints_berth_lacks_are_unsupported_not_missing() {
         let cases = [
             (Method::POST, "/v1.47/exec/abc/resize", "/exec/abc/resize"),
-            (Method::POST, "/networks/n1/connect", "/networks/n1/connect"),
-            (Method::DELETE, "/networks/n1", "/networks/n1"),
+            (Method::POST, "/networks/prune", "/networks/prune"),
             (Method::POST, "/volumes/create", "/volumes/create"),
-            (Method::POST, "/networks/create", "/networks/create"),
             (Method::GET, "/events", "/events"),
             (
                 Method::DELETE,

@@ -62,11 +62,11 @@ async fn unknown_paths_are_404_and_unimplemented_endpoints_501() {
     let missing = call(&h, "GET", "/frobnicate", "").await;
     assert_eq!(missing.status, StatusCode::NOT_FOUND);
     assert_eq!(missing.message(), "page not found");
-    let net = call(&h, "POST", "/v1.44/networks/create", "{}").await;
+    let net = call(&h, "POST", "/v1.44/networks/prune", "{}").await;
     assert_eq!(net.status, StatusCode::NOT_IMPLEMENTED);
     assert_eq!(
         net.message(),
-        "Berth does not support POST /networks/create yet"
+        "Berth does not support POST /networks/prune yet"
     );
 }
 
@@ -268,16 +268,16 @@ async fn coordinator_refusals_become_dockers_status_codes() {
     )
     .await;
     assert_eq!(clash.status, StatusCode::CONFLICT);
-    let no_image = call(
+    let no_network = call(
         &h,
         "POST",
         "/containers/create",
-        json!({"Image": "missing:1"}).to_string(),
+        json!({"Image": "busybox", "HostConfig": {"NetworkMode": "nowhere"}}).to_string(),
     )
     .await;
     assert_eq!(
-        (no_image.status, no_image.message().as_str()),
-        (StatusCode::NOT_FOUND, "No such image: missing:1")
+        (no_network.status, no_network.message().as_str()),
+        (StatusCode::NOT_FOUND, "network nowhere not found")
     );
     let stranger = fake::start_with_token("wrong").await;
     let refused = call(&stranger, "GET", "/containers/json", "").await;
@@ -504,14 +504,36 @@ async fn the_api_is_served_on_a_unix_socket_too_replacing_a_stale_one() {
 }
 
 #[tokio::test]
-async fn networks_and_volumes_are_empty_and_lookups_404_as_docker_words_them() {
+async fn the_default_bridge_is_shown_but_not_changed_and_bad_network_bodies_are_400() {
     let h = fake::start().await;
-    let nets = call(&h, "GET", "/v1.47/networks", "").await;
-    assert_eq!((nets.status, nets.json()), (StatusCode::OK, json!([])));
+    let builtin = "/v1.47/networks?filters=%7B%22type%22%3A%5B%22builtin%22%5D%7D";
+    let nets = call(&h, "GET", builtin, "").await;
+    assert_eq!(nets.status, StatusCode::OK);
+    assert_eq!(nets.json()[0]["Name"], "bridge");
     let net = call(&h, "GET", "/networks/bridge", "").await;
     assert_eq!(
-        (net.status, net.message().as_str()),
-        (StatusCode::NOT_FOUND, "network bridge not found")
+        (net.status, net.json()["Driver"].clone()),
+        (StatusCode::OK, json!("bridge"))
+    );
+    let rm = call(&h, "DELETE", "/networks/bridge", "").await;
+    assert_eq!(rm.status, StatusCode::FORBIDDEN);
+    for body in [
+        r#"{"Name":"n","Driver":"overlay"}"#,
+        "{",
+        r#"{"Name":["x"]}"#,
+    ] {
+        let bad = call(&h, "POST", "/networks/create", body).await;
+        assert_eq!(
+            bad.status,
+            StatusCode::BAD_REQUEST,
+            "{body}: {}",
+            bad.message()
+        );
+    }
+    let bad = call(&h, "POST", "/networks/n1/connect", "{}").await;
+    assert_eq!(
+        (bad.status, bad.message().as_str()),
+        (StatusCode::BAD_REQUEST, "Container is required")
     );
     let vols = call(&h, "GET", "/volumes", "").await;
     assert_eq!(

@@ -13,7 +13,8 @@ use crate::{COORDINATOR_NAME, Cluster, PortForward, TestNamespace, free_port};
 
 /// The Role a Docker API user gets in a test namespace: what Berth checks
 /// before it acts (pods: create, get, list, delete; pods/log: get;
-/// pods/exec, pods/portforward: create).
+/// pods/exec, pods/portforward: create; services for networks: create, get,
+/// list, delete).
 const USER_ROLE: &str = "berth-docker-user";
 
 /// A namespace where Berth may run containers, with a ServiceAccount `ci`
@@ -51,7 +52,7 @@ kind: Role
 metadata: {{name: {USER_ROLE}, namespace: {n}}}
 rules:
 - apiGroups: [\"\"]
-  resources: [pods]
+  resources: [pods, services]
   verbs: [create, get, list, delete]
 - apiGroups: [\"\"]
   resources: [pods/log]
@@ -93,19 +94,28 @@ subjects:
         Shim::start(self.c, &self.ns.name, &self.token(service_account)?).await
     }
 
-    /// Names of the objects Berth made here (container records and pods).
-    pub fn berth_objects(&self) -> anyhow::Result<Vec<String>> {
-        let out = self.c.kubectl(&[
-            "-n",
-            &self.ns.name,
-            "get",
-            "configmaps,pods",
-            "-l",
-            "berth.dev/container",
-            "-o",
-            "name",
-        ])?;
+    /// The names of the Services in the namespace.
+    pub fn services(&self) -> anyhow::Result<Vec<String>> {
+        let out = self
+            .c
+            .kubectl(&["-n", &self.ns.name, "get", "services", "-o", "name"])?;
         Ok(out.lines().map(String::from).collect())
+    }
+
+    /// Names of the objects Berth made here (container and network
+    /// records, pods, the Services of names).
+    pub fn berth_objects(&self) -> anyhow::Result<Vec<String>> {
+        let mut all = Vec::new();
+        for (kinds, label) in [
+            ("configmaps,pods,services", "berth.dev/container"),
+            ("configmaps", "berth.dev/network"),
+        ] {
+            let out =
+                self.c
+                    .kubectl(&["-n", &self.ns.name, "get", kinds, "-l", label, "-o", "name"])?;
+            all.extend(out.lines().map(String::from));
+        }
+        Ok(all)
     }
 }
 

@@ -419,3 +419,156 @@ async fn a_published_port_is_reachable_from_the_shims_host() {
     .unwrap();
     assert_eq!(shim.docker_ok(&["ps", "-a", "-q"]).unwrap(), "");
 }
+
+#[tokio::test]
+async fn containers_on_a_network_reach_each_other_by_name_and_alias_on_any_port() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-net").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-net").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let net_id = shim
+        .docker_ok(&["network", "create", "--label", "suite=e2e", "backend"])
+        .unwrap();
+    assert_eq!(net_id.trim().len(), 64, "{net_id}");
+    // A server on a port nobody published.
+    shim.docker_ok(&[
+        "run",
+        "-d",
+        "--name",
+        "web",
+        "--network",
+        "backend",
+        "--network-alias",
+        "database",
+        &image,
+        "sh",
+        "-c",
+        "mkdir /www && echo pong > /www/index.html && exec httpd -f -p 8080 -h /www",
+    ])
+    .unwrap();
+    for host in ["database", "web"] {
+        let got = shim
+            .docker(&[
+                "run",
+                "--rm",
+                "--network",
+                "backend",
+                &image,
+                "wget",
+                "-qO-",
+                &format!("http://{host}:8080/"),
+            ])
+            .unwrap();
+        assert_eq!(
+            (text(&got.stdout), got.status.code()),
+            ("pong\n".into(), Some(0)),
+            "{host}: {}\nshim log:\n{}",
+            text(&got.stderr),
+            shim.log()
+        );
+    }
+    let members = shim
+        .docker_ok(&[
+            "network",
+            "inspect",
+            "-f",
+            "{{range .Containers}}{{.Name}} {{end}}{{.Labels.suite}}",
+            "backend",
+        ])
+        .unwrap();
+    assert_eq!(members.trim(), "web e2e");
+    let listed = shim
+        .docker_ok(&["network", "ls", "--format", "{{.Name}}"])
+        .unwrap();
+    assert_eq!(listed, "backend\nbridge\n", "the CLI sorts by name");
+    let aliases = shim
+        .docker_ok(&[
+            "inspect",
+            "-f",
+            "{{json .NetworkSettings.Networks.backend.Aliases}}",
+            "web",
+        ])
+        .unwrap();
+    assert_eq!(aliases.trim(), r#"["database"]"#);
+
+    // Not while a container is on it; a name is never taken twice.
+    let busy = shim.docker(&["network", "rm", "backend"]).unwrap();
+    assert!(
+        text(&busy.stderr).contains("active endpoints"),
+        "{}",
+        text(&busy.stderr)
+    );
+    let clash = shim
+        .docker(&[
+            "run",
+            "-d",
+            "--network",
+            "backend",
+            "--network-alias",
+            "database",
+            &image,
+            "true",
+        ])
+        .unwrap();
+    assert!(
+        text(&clash.stderr).contains("\"database\" is taken"),
+        "{}",
+        text(&clash.stderr)
+    );
+    let bad = shim
+        .docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "backend",
+            "--network-alias",
+            "db_1",
+            &image,
+            "true",
+        ])
+        .unwrap();
+    assert!(
+        text(&bad.stderr).contains("DNS label"),
+        "{}",
+        text(&bad.stderr)
+    );
+    let missing = shim
+        .docker(&["run", "--rm", "--network", "nowhere", &image, "true"])
+        .unwrap();
+    assert!(
+        text(&missing.stderr).contains("network nowhere not found"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    // Disconnected, its names go; connected again with a new alias, they
+    // come back.
+    shim.docker_ok(&["network", "disconnect", "backend", "web"])
+        .unwrap();
+    assert_eq!(ns.services().unwrap(), Vec::<String>::new());
+    shim.docker_ok(&["network", "connect", "--alias", "cache", "backend", "web"])
+        .unwrap();
+    let got = shim
+        .docker_ok(&[
+            "run",
+            "--rm",
+            "--network",
+            "backend",
+            &image,
+            "wget",
+            "-qO-",
+            "http://cache:8080/",
+        ])
+        .unwrap();
+    assert_eq!(got, "pong\n");
+
+    shim.docker_ok(&["rm", "-f", "web"]).unwrap();
+    shim.docker_ok(&["network", "rm", "backend"]).unwrap();
+    assert_eq!(
+        shim.docker_ok(&["network", "ls", "--format", "{{.Name}}"])
+            .unwrap(),
+        "bridge\n"
+    );
+    assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
+}

@@ -135,6 +135,25 @@ async fn first_message(body: &mut Body) -> Result<(Bytes, std::ops::Range<usize>
     }
 }
 
+/// Reads the accesses a call needs from its first message, and hands back
+/// the request with its body intact.
+async fn from_first_message(
+    req: http::Request<Body>,
+    read: impl FnOnce(&[u8]) -> Result<Vec<super::ResourceAccess>, AccessError>,
+) -> Result<(Vec<super::ResourceAccess>, http::Request<Body>), AccessError> {
+    let (parts, mut body) = req.into_parts();
+    let (read_so_far, message) = first_message(&mut body).await?;
+    let accesses = read(&read_so_far[message])?;
+    let replay = futures::stream::once(async move {
+        Ok::<_, tonic::Status>(http_body::Frame::data(read_so_far))
+    });
+    let body = Body::new(StreamBody::new(futures::StreamExt::chain(
+        replay,
+        BodyStream::new(body),
+    )));
+    Ok((accesses, http::Request::from_parts(parts, body)))
+}
+
 /// The whole check for one call; on success the request goes on, body intact.
 pub async fn check<R: Reviewer>(
     authorizer: &Authorizer<R>,
@@ -145,23 +164,14 @@ pub async fn check<R: Reviewer>(
     let rule = policy(&path).ok_or_else(|| AccessError::NoRule(path.clone()))?;
     let peer = peer(&req);
     let caller = authorizer.authenticate(bearer(req.headers()), peer).await?;
-    let (access, req) = match rule {
-        Rule::Fixed(access) => (access, req),
-        Rule::FromMessage(read) => {
-            let (parts, mut body) = req.into_parts();
-            let (read_so_far, message) = first_message(&mut body).await?;
-            let access = read(&read_so_far[message])?;
-            let replay = futures::stream::once(async move {
-                Ok::<_, tonic::Status>(http_body::Frame::data(read_so_far))
-            });
-            let body = Body::new(StreamBody::new(futures::StreamExt::chain(
-                replay,
-                BodyStream::new(body),
-            )));
-            (access, http::Request::from_parts(parts, body))
-        }
+    let (accesses, req) = match rule {
+        Rule::Fixed(access) => (vec![access], req),
+        Rule::FromMessage(read) => from_first_message(req, |m| Ok(vec![read(m)?])).await?,
+        Rule::FromMessageAll(read) => from_first_message(req, read).await?,
     };
-    authorizer.authorize(&caller, &access, peer).await?;
+    for access in &accesses {
+        authorizer.authorize(&caller, access, peer).await?;
+    }
     Ok((caller, req))
 }
 

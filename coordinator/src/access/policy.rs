@@ -14,6 +14,9 @@ pub enum Rule {
     /// An access that depends on the request (its namespace or object),
     /// read from the call's first message.
     FromMessage(fn(&[u8]) -> Result<ResourceAccess, AccessError>),
+    /// Several accesses, all required, read from the call's first message
+    /// (a call that makes more than one kind of object).
+    FromMessageAll(fn(&[u8]) -> Result<Vec<ResourceAccess>, AccessError>),
 }
 
 /// Maps a method path (`/package.Service/Method`) to its rule.
@@ -99,6 +102,21 @@ fn exec(message: &[u8]) -> Result<ResourceAccess, AccessError> {
     }
 }
 
+/// Creating a container makes a pod, and Services for its names when it
+/// joins a network.
+fn create_container(message: &[u8]) -> Result<Vec<ResourceAccess>, AccessError> {
+    let r: pb::CreateContainerRequest = decode(message, "Create")?;
+    let networked = r
+        .spec
+        .as_ref()
+        .is_some_and(|s| !s.networks.is_empty() || !s.aliases.is_empty());
+    let mut needs = vec![pods("create", "pods", r.namespace.clone())?];
+    if networked {
+        needs.push(pods("create", "services", r.namespace)?);
+    }
+    Ok(needs)
+}
+
 fn tunnel(message: &[u8]) -> Result<ResourceAccess, AccessError> {
     let input: pb::TunnelInput = decode(message, "Tunnel")?;
     match input.kind {
@@ -125,13 +143,13 @@ macro_rules! in_namespace {
 /// or remove one, `get` to inspect or wait on one, `get pods/log` to read
 /// its logs, `create pods/exec` to run a command in it, `create pods/portforward`
 /// to reach one of its ports, `list` to list them
-/// or read images; holding a session needs `create`. Berth acts with its own rights only after
-/// that check.
+/// or read images; holding a session needs `create`. `berth.v1.Networks`
+/// needs the matching verb on Services (a network's names are Services), and
+/// so does creating a container on a network. Berth acts with its own rights
+/// only after that check.
 pub fn containers(path: &str) -> Option<Rule> {
     let rule = match path {
-        "/berth.v1.Containers/Create" => {
-            in_namespace!("create", pb::CreateContainerRequest, "Create")
-        }
+        "/berth.v1.Containers/Create" => Rule::FromMessageAll(create_container),
         "/berth.v1.Containers/Start" => in_namespace!("create", pb::ContainerRequest, "Start"),
         "/berth.v1.Containers/Stop" => in_namespace!("delete", pb::StopContainerRequest, "Stop"),
         "/berth.v1.Containers/Kill" => in_namespace!("delete", pb::ContainerRequest, "Kill"),
@@ -149,6 +167,29 @@ pub fn containers(path: &str) -> Option<Rule> {
         "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
         "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
         "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),
+        "/berth.v1.Networks/Create" => {
+            in_namespace!("create", "services", pb::CreateNetworkRequest, "Create")
+        }
+        "/berth.v1.Networks/Inspect" => {
+            in_namespace!("get", "services", pb::NetworkRequest, "Inspect")
+        }
+        "/berth.v1.Networks/List" => {
+            in_namespace!("list", "services", pb::ListNetworksRequest, "List")
+        }
+        "/berth.v1.Networks/Remove" => {
+            in_namespace!("delete", "services", pb::NetworkRequest, "Remove")
+        }
+        "/berth.v1.Networks/ConnectContainer" => {
+            in_namespace!("create", "services", pb::ConnectRequest, "ConnectContainer")
+        }
+        "/berth.v1.Networks/DisconnectContainer" => {
+            in_namespace!(
+                "delete",
+                "services",
+                pb::ConnectRequest,
+                "DisconnectContainer"
+            )
+        }
         _ => return None,
     };
     Some(rule)

@@ -100,6 +100,7 @@ fn rule_for(path: &str, m: &impl Message) -> Result<ResourceAccess, AccessError>
     match policy::inventory(path).expect("a rule") {
         Rule::Fixed(a) => Ok(a),
         Rule::FromMessage(read) => read(&m.encode_to_vec()),
+        Rule::FromMessageAll(_) => panic!("inventory methods need one access each"),
     }
 }
 
@@ -402,4 +403,39 @@ async fn questions_beyond_the_shared_gate_are_refused_at_once_without_asking() {
     assert!(matches!(e, AccessError::Busy(_)), "{e}");
     assert_eq!(e.to_status().code(), tonic::Code::ResourceExhausted);
     assert_eq!(fake.token_reviews.load(Ordering::SeqCst), 0);
+}
+
+fn rules_for(path: &str, m: &impl Message) -> Vec<ResourceAccess> {
+    match policy::containers(path).expect("a rule") {
+        Rule::Fixed(a) => vec![a],
+        Rule::FromMessage(read) => vec![read(&m.encode_to_vec()).unwrap()],
+        Rule::FromMessageAll(read) => read(&m.encode_to_vec()).unwrap(),
+    }
+}
+
+#[test]
+fn a_container_on_a_network_needs_services_as_well_as_pods() {
+    let plain = pb::CreateContainerRequest {
+        namespace: "ci".into(),
+        spec: Some(pb::ContainerSpec::default()),
+    };
+    let needs = rules_for("/berth.v1.Containers/Create", &plain);
+    assert_eq!(
+        needs.iter().map(|a| (a.verb, a.resource)).collect::<Vec<_>>(),
+        [("create", "pods")]
+    );
+    let mut networked = plain.clone();
+    networked.spec.as_mut().unwrap().networks = vec!["backend".into()];
+    let needs = rules_for("/berth.v1.Containers/Create", &networked);
+    assert_eq!(
+        needs.iter().map(|a| (a.verb, a.resource)).collect::<Vec<_>>(),
+        [("create", "pods"), ("create", "services")]
+    );
+    assert!(needs.iter().all(|a| a.namespace.as_deref() == Some("ci")));
+    let connect = pb::ConnectRequest {
+        namespace: "ci".into(),
+        ..Default::default()
+    };
+    let needs = rules_for("/berth.v1.Networks/DisconnectContainer", &connect);
+    assert_eq!((needs[0].verb, needs[0].resource), ("delete", "services"));
 }

@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use super::logs::LogRouter;
+use super::networks;
 use super::pod::{self, MAIN_CONTAINER};
 use super::record::{self, RUNS_ANNOTATION, Record};
 use super::sessions::{self, session_of};
@@ -164,6 +165,11 @@ impl ContainersApi {
         Ok(space)
     }
 
+    /// The kube client writes go through.
+    pub(super) fn client(&self) -> &kube::Client {
+        self.spaces.client()
+    }
+
     fn records(&self, ns: &str) -> Api<ConfigMap> {
         Api::namespaced(self.spaces.client().clone(), ns)
     }
@@ -283,6 +289,9 @@ impl ContainersApi {
 
     /// Deletes a container's pods and record.
     async fn delete(&self, space: &Space, record: &Record) -> Result<(), Status> {
+        // The garbage collector would take them too, but a name should be
+        // free for the next container at once.
+        networks::drop_services(self.client(), record, &[]).await?;
         let now = DeleteParams {
             grace_period_seconds: Some(0),
             ..Default::default()
@@ -347,7 +356,7 @@ impl ContainersApi {
                 .into_iter()
                 .filter(|r| {
                     let lease = space.session_lease(&r.session);
-                    sessions::session_over(r, lease.as_deref(), now, grace)
+                    sessions::session_over(&r.session, &r.created, lease.as_deref(), now, grace)
                 })
                 .collect();
             for (r, why) in due
@@ -362,12 +371,38 @@ impl ContainersApi {
                     finished_at.remove(&r.id);
                 }
             }
+            // A vanished session's networks go once its containers have.
+            let members: std::collections::HashSet<String> = space
+                .records()
+                .into_iter()
+                .flat_map(|r| r.spec.networks)
+                .collect();
+            for n in space.networks() {
+                let lease = space.session_lease(&n.session);
+                if members.contains(&n.name)
+                    || !sessions::session_over(&n.session, &n.created, lease.as_deref(), now, grace)
+                {
+                    continue;
+                }
+                let gone = Api::<ConfigMap>::namespaced(self.client().clone(), &space.namespace)
+                    .delete(&n.object_name, &DeleteParams::default())
+                    .await;
+                match gone {
+                    Ok(_) => {
+                        info!(namespace = %space.namespace, network = %n.name, session = %n.session, "removed: its client session ended")
+                    }
+                    Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+                    Err(e) => warn!(network = %n.name, error = %e, "removal failed; will retry"),
+                }
+            }
             // Wake on the next change; soon while readers drain; and now and
             // then while session containers exist, since Leases run out
             // without any event.
             let limit = if !finished_at.is_empty() {
                 Duration::from_millis(200)
-            } else if space.records().iter().any(|r| !r.session.is_empty()) {
+            } else if space.records().iter().any(|r| !r.session.is_empty())
+                || space.networks().iter().any(|n| !n.session.is_empty())
+            {
                 Duration::from_secs(2)
             } else {
                 WAIT_LIMIT
@@ -403,6 +438,23 @@ impl pb::containers_server::Containers for ContainersApi {
         if spec.image.is_empty() {
             return Err(Status::invalid_argument("image is required"));
         }
+        let space = self
+            .space(&req.namespace)
+            .await?
+            .for_session(session.clone());
+        // Networks by their names, so that a record survives a client's use
+        // of an ID prefix.
+        for net in spec.networks.iter_mut() {
+            *net = space.find_network(net)?.name;
+        }
+        if spec.networks.is_empty() && !spec.aliases.is_empty() {
+            return Err(Status::invalid_argument(
+                "network-scoped aliases are supported only for containers in user defined networks",
+            ));
+        }
+        for alias in &spec.aliases {
+            networks::check_alias(alias)?;
+        }
         let id = record::new_id();
         let probe = Record {
             namespace: req.namespace.clone(),
@@ -416,10 +468,6 @@ impl pb::containers_server::Containers for ContainersApi {
             session: session.clone().unwrap_or_default(),
         };
         pod::pod_for(&probe, 1).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let space = self
-            .space(&req.namespace)
-            .await?
-            .for_session(session.clone());
         let cm = record::to_config_map(
             &req.namespace,
             session.as_deref().unwrap_or(""),
@@ -440,6 +488,11 @@ impl pb::containers_server::Containers for ContainersApi {
             .wait_for(SEE_WRITE, |s| s.find(&id).ok())
             .await
             .ok_or_else(|| Status::unavailable("the new container did not show in the watch"))?;
+        if let Err(e) = networks::ensure_services(self.client(), &record).await {
+            // A name it cannot have: the container is not made at all.
+            let _ = self.delete(&space, &record).await;
+            return Err(e);
+        }
         Ok(Response::new(info(&space, &record)))
     }
 
@@ -473,7 +526,13 @@ impl pb::containers_server::Containers for ContainersApi {
             })
             .await;
         match outcome {
-            Some(Ok(())) => Ok(Response::new(info(&space, &space.find(&record.id)?))),
+            Some(Ok(())) => {
+                let info = info(&space, &space.find(&record.id)?);
+                if !networks::wait_resolvable(self.client(), &record, &info.pod_ip).await {
+                    warn!(container = %record.name, "its names were not in cluster DNS within {:?}", networks::DNS_READY);
+                }
+                Ok(Response::new(info))
+            }
             Some(Err(failure)) => Err(Status::internal(format!(
                 "starting container {}: {failure}",
                 record.name

@@ -13,6 +13,8 @@
 //! - [`tunnel`]: `Containers/Tunnel`, a TCP connection to a container's
 //!   port carried over gRPC (published ports).
 //! - [`images`]: the `Images` service, reading registries.
+//! - [`networks`]: Docker's user-defined networks as records and headless
+//!   Services; [`network_api`]: the `Networks` service over them.
 //!
 //! Callers are checked by the access layer as themselves: the verb on pods
 //! in the request's namespace ([`crate::access::policy`]).
@@ -21,6 +23,8 @@ pub mod api;
 pub mod exec;
 pub mod images;
 pub mod logs;
+pub mod network_api;
+pub mod networks;
 pub mod pod;
 pub mod record;
 pub mod sessions;

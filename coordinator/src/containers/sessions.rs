@@ -18,7 +18,7 @@ use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use tonic::Status;
 use tracing::info;
 
-use super::record::{Record, SESSION_LABEL};
+use super::record::SESSION_LABEL;
 
 /// Metadata key naming the caller's session on every Containers call.
 pub const SESSION_HEADER: &str = "x-berth-session";
@@ -59,19 +59,24 @@ pub fn lease_name(session: &str) -> String {
     format!("berth-session-{session}")
 }
 
-/// Whether a record's session is over: its Lease expired, or never showed
-/// within `grace` of the record's creation. `now` and the times are unix
-/// seconds.
-pub fn session_over(record: &Record, lease: Option<&Lease>, now: i64, grace: i64) -> bool {
-    if record.session.is_empty() {
+/// Whether the session of a record (a container's or a network's) made at
+/// `created` (RFC 3339) is over: its Lease expired, or never showed within
+/// `grace` of the record's creation. `now` and the times are unix seconds.
+pub fn session_over(
+    session: &str,
+    created: &str,
+    lease: Option<&Lease>,
+    now: i64,
+    grace: i64,
+) -> bool {
+    if session.is_empty() {
         return false;
     }
     let spec = lease.and_then(|l| l.spec.as_ref());
     match spec.and_then(|s| Some((s.renew_time.as_ref()?, s.lease_duration_seconds?))) {
         Some((renewed, ttl)) => renewed.0.as_second() + i64::from(ttl) < now,
         None => {
-            let created = record
-                .created
+            let created = created
                 .parse::<k8s_openapi::jiff::Timestamp>()
                 .map(|t| t.as_second())
                 .unwrap_or(0);
@@ -141,6 +146,7 @@ pub type SessionStates = Pin<Box<dyn Stream<Item = Result<pb::SessionState, Stat
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::containers::record::Record;
 
     fn record(session: &str, created: &str) -> Record {
         Record {
@@ -176,14 +182,27 @@ mod tests {
             .parse::<k8s_openapi::jiff::Timestamp>()
             .unwrap()
             .as_second();
-        assert!(!session_over(&r, Some(&lease(t0 + 100, 20)), t0 + 110, 60));
-        assert!(session_over(&r, Some(&lease(t0 + 100, 20)), t0 + 121, 60));
+        assert!(!session_over(
+            &r.session,
+            &r.created,
+            Some(&lease(t0 + 100, 20)),
+            t0 + 110,
+            60
+        ));
+        assert!(session_over(
+            &r.session,
+            &r.created,
+            Some(&lease(t0 + 100, 20)),
+            t0 + 121,
+            60
+        ));
         // No Lease yet: only after the grace.
-        assert!(!session_over(&r, None, t0 + 30, 60));
-        assert!(session_over(&r, None, t0 + 61, 60));
+        assert!(!session_over(&r.session, &r.created, None, t0 + 30, 60));
+        assert!(session_over(&r.session, &r.created, None, t0 + 61, 60));
         // Containers made outside a session are never reaped this way.
         assert!(!session_over(
-            &record("", "2026-11-25T00:00:00Z"),
+            "",
+            "2026-11-25T00:00:00Z",
             None,
             t0 + 1000,
             60

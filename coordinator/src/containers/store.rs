@@ -1,6 +1,7 @@
 //! The coordinator's mirror of Docker containers: per namespace, a reflector
 //! of container records (ConfigMaps) and one of their pods, both selected by
-//! [`CONTAINER_LABEL`]. A namespace is mirrored from its first call on, so
+//! [`CONTAINER_LABEL`], one of network records ([`NETWORK_LABEL`]) and one
+//! of session Leases. A namespace is mirrored from its first call on, so
 //! the coordinator needs rights only where containers run (the
 //! `berth-container-runner` ClusterRole, bound per namespace). Every change
 //! bumps a counter that waiters (`Wait`, `Start`, attach) watch: state comes
@@ -20,6 +21,7 @@ use tokio::sync::watch;
 use tonic::Status;
 use tracing::warn;
 
+use super::networks::{self, NETWORK_LABEL, Network};
 use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, SESSION_LABEL, from_config_map};
 
 /// How long the first call in a namespace waits for its mirror to fill.
@@ -31,6 +33,7 @@ pub struct Space {
     /// The namespace.
     pub namespace: String,
     records: Store<ConfigMap>,
+    networks: Store<ConfigMap>,
     pods: Store<Pod>,
     leases: Store<Lease>,
     changed: watch::Receiver<u64>,
@@ -62,6 +65,41 @@ impl Space {
             .filter_map(|cm| from_config_map(cm))
             .filter(|r| self.session.as_ref().is_none_or(|s| &r.session == s))
             .collect()
+    }
+
+    /// Every well-formed network record in the namespace (of this view's
+    /// session), oldest first.
+    pub fn networks(&self) -> Vec<Network> {
+        let mut all: Vec<Network> = self
+            .networks
+            .state()
+            .iter()
+            .filter_map(|cm| networks::from_config_map(cm))
+            .filter(|n| self.session.as_ref().is_none_or(|s| &n.session == s))
+            .collect();
+        all.sort_by(|a, b| a.created.cmp(&b.created));
+        all
+    }
+
+    /// The network `key` names: a full ID, a name, or an ID prefix only one
+    /// network has.
+    pub fn find_network(&self, key: &str) -> Result<Network, Status> {
+        let all = self.networks();
+        if let Some(n) = all.iter().find(|n| n.id == key || n.name == key) {
+            return Ok(n.clone());
+        }
+        let hex = !key.is_empty() && key.bytes().all(|b| b.is_ascii_hexdigit());
+        let matches: Vec<&Network> = all
+            .iter()
+            .filter(|n| hex && n.id.starts_with(key))
+            .collect();
+        match matches.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(Status::not_found(format!("network {key} not found"))),
+            _ => Err(Status::invalid_argument(format!(
+                "multiple networks match the ID prefix {key}"
+            ))),
+        }
     }
 
     /// The Lease of a client session, as last seen.
@@ -215,6 +253,7 @@ impl Spaces {
         }
         let selector = ListParams::default().labels(CONTAINER_LABEL).limit(1);
         let records: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let networks: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let leases: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
         for check in [
@@ -229,6 +268,7 @@ impl Spaces {
         let space = Space {
             namespace: namespace.to_string(),
             records: mirror(records, CONTAINER_LABEL, tx.clone()),
+            networks: mirror(networks, NETWORK_LABEL, tx.clone()),
             pods: mirror(pods, CONTAINER_LABEL, tx.clone()),
             leases: mirror(
                 Api::namespaced(self.client.clone(), namespace),
@@ -240,6 +280,7 @@ impl Spaces {
         };
         let ready = async {
             space.records.wait_until_ready().await.ok();
+            space.networks.wait_until_ready().await.ok();
             space.pods.wait_until_ready().await.ok();
             space.leases.wait_until_ready().await.ok();
         };

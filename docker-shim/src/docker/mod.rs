@@ -8,6 +8,7 @@
 //! - [`exec`]: `docker exec` bodies → an exec spec; exec inspect answers.
 //! - [`filters`]: the `filters` query of `GET /containers/json` → the List request.
 //! - [`image`]: `ImageInfo` → Docker's image inspect answer; pull references.
+//! - [`network`]: network bodies and filters; `NetworkInfo` → Docker's answer.
 //! - [`system`]: `/version` and `/info`.
 //! - [`time`]: timestamps as Docker writes and reads them.
 
@@ -16,6 +17,7 @@ pub mod create;
 pub mod exec;
 pub mod filters;
 pub mod image;
+pub mod network;
 pub mod system;
 pub mod time;
 

@@ -79,10 +79,10 @@ pub async fn create(shim: &Shim, query: &Query, body: &Bytes) -> Result<Response
         })
         .await
         .map_err(|s| {
-            // Docker answers 404 "No such image" when the image is missing
-            // (the CLI then pulls); a clash of names is a 409 either way.
+            // A 404 here names what is missing (a network, the namespace)
+            // in the coordinator's words; a clash of names is a 409.
             let subject = if s.code() == tonic::Code::NotFound {
-                Subject::Image(image.clone())
+                Subject::Other
             } else {
                 Subject::Container(name.clone())
             };

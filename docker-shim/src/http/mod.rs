@@ -208,8 +208,21 @@ async fn dispatch(
         }
         R::ExecStart(id) => exec::start(shim, version, &id, req).await,
         R::ExecInspect(id) => exec::inspect(shim, &id),
-        R::NetworkList => Ok(networks::list()),
-        R::NetworkInspect(id) => networks::inspect(&id),
+        R::NetworkList => networks::list(shim, &query).await,
+        R::NetworkInspect(id) => networks::inspect(shim, &id).await,
+        R::NetworkCreate => {
+            let body = read_body(req.into_body()).await?;
+            networks::create(shim, &body).await
+        }
+        R::NetworkRemove(id) => networks::remove(shim, &id).await,
+        R::NetworkConnect(id) => {
+            let body = read_body(req.into_body()).await?;
+            networks::connect(shim, &id, &body, false).await
+        }
+        R::NetworkDisconnect(id) => {
+            let body = read_body(req.into_body()).await?;
+            networks::connect(shim, &id, &body, true).await
+        }
         R::PluginInspect(name) => Err(ShimError::NoSuchPlugin(name)),
         R::ArchiveStat(id) => archive::head(shim, &id, &query).await,
         R::ArchiveGet(id) => archive::get(shim, &id, &query).await,

@@ -151,8 +151,8 @@ impl Containers for Fake {
     ) -> Result<Response<ContainerInfo>, Status> {
         check(&req, &req.get_ref().namespace)?;
         let mut spec = req.into_inner().spec.unwrap_or_default();
-        if spec.image.starts_with("missing") {
-            return Err(Status::not_found(format!("image {} not found", spec.image)));
+        if let Some(n) = spec.networks.iter().find(|n| n.as_str() == "nowhere") {
+            return Err(Status::not_found(format!("network {n} not found")));
         }
         let mut st = self.state.lock().unwrap();
         st.next += 1;
