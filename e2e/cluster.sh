@@ -115,6 +115,20 @@ build() {
   go_build pause pause
   go_build grpcurl grpcurl github.com/fullstorydev/grpcurl/cmd/grpcurl
   docker_cli
+  testcontainers_python
+}
+
+# testcontainers-python from PyPI in a venv of its own, for the Docker API
+# tests: $BIN/tc-python/bin/python.
+TC_PYTHON_VERSION=4.15.0
+testcontainers_python() {
+  local venv=$BIN/tc-python
+  if [ -x "$venv/bin/python" ] && [ "$(cat "$venv/.stamp" 2>/dev/null)" = "$TC_PYTHON_VERSION" ]; then return 0; fi
+  log "installing testcontainers-python $TC_PYTHON_VERSION from PyPI"
+  rm -rf "$venv"
+  python3 -m venv "$venv" || die "python3 -m venv failed"
+  "$venv/bin/pip" install -q "testcontainers==$TC_PYTHON_VERSION" || die "pip could not install testcontainers"
+  echo "$TC_PYTHON_VERSION" >"$venv/.stamp"
 }
 
 # The docker CLI from Debian's docker.io package, unpacked without installing

@@ -14,7 +14,8 @@
 //! instances live between their create, start and inspect in [`exec`].
 //! Published ports are listened for on the shim's host and carried to the
 //! container by [`ports`]. Each shim is one client [`session`]: it sees only its own containers,
-//! and they are removed once it is gone.
+//! and they are removed once it is gone. testcontainers' reaper, Ryuk, is
+//! served by the shim itself ([`ryuk`]).
 
 pub mod config;
 pub mod coordinator;
@@ -24,6 +25,7 @@ pub mod exec;
 pub mod http;
 pub mod ports;
 pub mod route;
+pub mod ryuk;
 pub mod session;
 pub mod stream;
 pub mod token;
@@ -89,6 +91,7 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
         },
         execs: exec::ExecStore::default(),
         forwards: ports::Forwards::default(),
+        reapers: ryuk::Reapers::default(),
     });
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await

@@ -100,6 +100,29 @@ pub enum Route {
     VolumeInspect(String),
 }
 
+impl Route {
+    /// The container a route names, if it names one.
+    pub fn container(&self) -> Option<&str> {
+        use Route as R;
+        match self {
+            R::ContainerInspect(id)
+            | R::ContainerStart(id)
+            | R::ContainerStop(id)
+            | R::ContainerKill(id)
+            | R::ContainerRestart(id)
+            | R::ContainerWait(id)
+            | R::ContainerRemove(id)
+            | R::ContainerLogs(id)
+            | R::ContainerAttach(id)
+            | R::ExecCreate(id)
+            | R::ArchiveStat(id)
+            | R::ArchiveGet(id)
+            | R::ArchivePut(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
 /// A request that is not one of the [`Route`]s.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouteError {

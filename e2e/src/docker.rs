@@ -141,6 +141,7 @@ pub struct Shim {
     _forward: PortForward,
     _files: tempfile_dir::Dir,
     c_tool_docker: PathBuf,
+    tc_python: PathBuf,
 }
 
 mod tempfile_dir {
@@ -198,6 +199,7 @@ impl Shim {
             _forward: forward,
             _files: files,
             c_tool_docker: c.tool("docker"),
+            tc_python: c.tool("tc-python/bin/python"),
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -239,6 +241,33 @@ impl Shim {
             );
         }
         Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Runs `e2e/testcontainers/python_client.py` with testcontainers-python
+    /// (`e2e/cluster.sh` installs it) against this shim. Its environment
+    /// holds `DOCKER_HOST` and nothing else of Docker's or testcontainers':
+    /// their defaults, Ryuk included.
+    pub fn testcontainers_python(&self, args: &[&str]) -> anyhow::Result<Output> {
+        if !self.tc_python.is_file() {
+            bail!(
+                "{} is missing: e2e/cluster.sh build installs testcontainers-python",
+                self.tc_python.display()
+            );
+        }
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testcontainers/python_client.py"
+        );
+        Command::new(&self.tc_python)
+            .arg(script)
+            .args(args)
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &self._files.0)
+            .env("DOCKER_HOST", &self.host)
+            .stdin(Stdio::null())
+            .output()
+            .context("running testcontainers-python")
     }
 
     /// Stops the shim at once (SIGKILL), as a crash would.

@@ -421,14 +421,20 @@ fn a_container_on_a_network_needs_services_as_well_as_pods() {
     };
     let needs = rules_for("/berth.v1.Containers/Create", &plain);
     assert_eq!(
-        needs.iter().map(|a| (a.verb, a.resource)).collect::<Vec<_>>(),
+        needs
+            .iter()
+            .map(|a| (a.verb, a.resource))
+            .collect::<Vec<_>>(),
         [("create", "pods")]
     );
     let mut networked = plain.clone();
     networked.spec.as_mut().unwrap().networks = vec!["backend".into()];
     let needs = rules_for("/berth.v1.Containers/Create", &networked);
     assert_eq!(
-        needs.iter().map(|a| (a.verb, a.resource)).collect::<Vec<_>>(),
+        needs
+            .iter()
+            .map(|a| (a.verb, a.resource))
+            .collect::<Vec<_>>(),
         [("create", "pods"), ("create", "services")]
     );
     assert!(needs.iter().all(|a| a.namespace.as_deref() == Some("ci")));

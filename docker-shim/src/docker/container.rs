@@ -12,7 +12,10 @@ use serde_json::{Value, json};
 
 use super::time::{human_duration, or_zero, parse_rfc3339, unix_seconds};
 
-/// The address published ports are reported on: the shim's host.
+/// The address published ports are reported on: the shim's host. It is
+/// also each network's `Gateway`, which clients running in a container
+/// (testcontainers with `/.dockerenv`) read as the address where published
+/// ports are reachable.
 pub const PUBLISHED_IP: &str = "127.0.0.1";
 
 /// The image driver name shown wherever Docker names a storage driver.
@@ -131,7 +134,7 @@ fn networks(info: &ContainerInfo, spec: &ContainerSpec) -> Value {
             net.clone(),
             json!({
                 "IPAMConfig": null, "Links": null, "Aliases": aliases, "MacAddress": "",
-                "DriverOpts": null, "NetworkID": net, "EndpointID": "", "Gateway": "",
+                "DriverOpts": null, "NetworkID": net, "EndpointID": "", "Gateway": PUBLISHED_IP,
                 "IPAddress": info.pod_ip, "IPPrefixLen": 0, "IPv6Gateway": "",
                 "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0,
                 "DNSNames": if user_defined { json!(dns_names) } else { Value::Null },
@@ -201,7 +204,7 @@ fn network_settings(info: &ContainerInfo, spec: &ContainerSpec) -> Value {
         "LinkLocalIPv6Address": "", "LinkLocalIPv6PrefixLen": 0,
         "Ports": port_map(&spec.ports),
         "SecondaryIPAddresses": null, "SecondaryIPv6Addresses": null,
-        "EndpointID": "", "Gateway": "", "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0,
+        "EndpointID": "", "Gateway": PUBLISHED_IP, "GlobalIPv6Address": "", "GlobalIPv6PrefixLen": 0,
         "IPAddress": info.pod_ip, "IPPrefixLen": 0, "IPv6Gateway": "", "MacAddress": "",
         "Networks": networks(info, spec),
     })

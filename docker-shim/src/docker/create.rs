@@ -428,7 +428,7 @@ fn check_supported(b: &CreateBody) -> Result<(), CreateError> {
 
 /// The published ports: `PortBindings`, plus every exposed port with
 /// `PublishAllPorts`. Host port 0 means "let the shim choose".
-fn ports(b: &CreateBody) -> Result<Vec<PortBinding>, CreateError> {
+pub fn ports(b: &CreateBody) -> Result<Vec<PortBinding>, CreateError> {
     let mut out: Vec<PortBinding> = Vec::new();
     for (key, bindings) in &b.host_config.port_bindings {
         let (container_port, protocol) = parse_port_key(key)?;

@@ -97,6 +97,31 @@ pub fn parse(raw: &str) -> Result<ListFilters, String> {
     Ok(out)
 }
 
+/// Whether a container the shim itself serves (Ryuk) matches a list call;
+/// the coordinator applies the same filters to its containers.
+pub fn matches(f: &ListFilters, all: bool, c: &berth_proto::api::ContainerInfo) -> bool {
+    let state = c.state.clone().unwrap_or_default();
+    let labels = c.spec.as_ref().map(|s| &s.labels);
+    let label_ok = f.labels.iter().all(|l| {
+        let (k, v) = l
+            .split_once('=')
+            .map_or((l.as_str(), None), |(k, v)| (k, Some(v)));
+        labels
+            .and_then(|m| m.get(k))
+            .is_some_and(|have| v.is_none_or(|v| v == have))
+    });
+    let status_ok = if f.statuses.is_empty() {
+        all || state.running
+    } else {
+        f.statuses.contains(&state.status)
+    };
+    let name_ok = f.names.is_empty() || f.names.iter().any(|n| c.name.contains(n.as_str()));
+    let id_ok = f.ids.is_empty() || f.ids.iter().any(|p| c.id.starts_with(p.as_str()));
+    let exited_ok =
+        f.exited.is_empty() || (state.status == "exited" && f.exited.contains(&state.exit_code));
+    label_ok && status_ok && name_ok && id_ok && exited_ok
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +136,38 @@ mod tests {
             f.labels,
             ["org.testcontainers", "org.testcontainers.sessionId=abc"]
         );
+    }
+
+    #[test]
+    fn a_shim_served_container_is_matched_like_the_coordinators() {
+        let c = berth_proto::api::ContainerInfo {
+            id: "abcdef".repeat(10) + "abcd",
+            name: "testcontainers-ryuk-1".into(),
+            spec: Some(berth_proto::api::ContainerSpec {
+                labels: [("org.testcontainers".to_string(), "true".to_string())].into(),
+                ..Default::default()
+            }),
+            state: Some(berth_proto::api::ContainerState {
+                status: "running".into(),
+                running: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let f = |raw: &str| parse(raw).unwrap();
+        assert!(matches(&f(r#"{"id":["abcdef"]}"#), true, &c));
+        assert!(matches(
+            &f(r#"{"label":["org.testcontainers=true"]}"#),
+            false,
+            &c
+        ));
+        assert!(!matches(
+            &f(r#"{"label":["org.testcontainers=false"]}"#),
+            false,
+            &c
+        ));
+        assert!(!matches(&f(r#"{"status":["exited"]}"#), true, &c));
+        assert!(!matches(&f(r#"{"name":["web"]}"#), true, &c));
     }
 
     #[test]

@@ -47,7 +47,7 @@ pub(super) fn is_running(info: &ContainerInfo) -> bool {
 
 /// Picks a free local port for each published port the client left to the
 /// shim (host port 0), so inspect shows where the port is.
-fn choose_host_ports(ports: &mut [PortBinding]) -> Result<(), ShimError> {
+pub(super) fn choose_host_ports(ports: &mut [PortBinding]) -> Result<(), ShimError> {
     for p in ports.iter_mut().filter(|p| p.host_port == 0) {
         let port = if p.protocol == "udp" {
             std::net::UdpSocket::bind(("127.0.0.1", 0)).and_then(|s| s.local_addr())
@@ -65,6 +65,9 @@ fn choose_host_ports(ports: &mut [PortBinding]) -> Result<(), ShimError> {
 pub async fn create(shim: &Shim, query: &Query, body: &Bytes) -> Result<Response<Body>, ShimError> {
     let bad = |e: create::CreateError| ShimError::BadRequest(e.to_string());
     let parsed = create::parse(body).map_err(bad)?;
+    if crate::ryuk::is_ryuk_image(&parsed.image) {
+        return super::ryuk::create(shim, query.get("name").unwrap_or(""), &parsed);
+    }
     let mut spec = create::to_spec(query.get("name").unwrap_or(""), &parsed).map_err(bad)?;
     choose_host_ports(&mut spec.ports)?;
     let image = spec.image.clone();
@@ -107,10 +110,10 @@ pub async fn list(shim: &Shim, query: &Query) -> Result<Response<Body>, ShimErro
         .list(ListContainersRequest {
             namespace: shim.coordinator.namespace.clone(),
             all: query.flag("all") || limit.is_some(),
-            label_filters: f.labels,
-            status_filters: f.statuses,
-            name_filters: f.names,
-            id_filters: f.ids,
+            label_filters: f.labels.clone(),
+            status_filters: f.statuses.clone(),
+            name_filters: f.names.clone(),
+            id_filters: f.ids.clone(),
         })
         .await
         .map_err(|s| ShimError::grpc(Subject::Other, s))?
@@ -127,6 +130,15 @@ pub async fn list(shim: &Shim, query: &Query) -> Result<Response<Body>, ShimErro
         })
         .map(|c| container::summary(c, now))
         .collect();
+    // testcontainers finds its Ryuk by listing too.
+    let all = query.flag("all") || limit.is_some();
+    out.extend(
+        shim.reapers
+            .all()
+            .iter()
+            .filter(|r| filters::matches(&f, all, r))
+            .map(|r| container::summary(r, now)),
+    );
     if let Some(n) = limit {
         out.truncate(usize::try_from(n).unwrap_or(usize::MAX));
     }

@@ -27,6 +27,9 @@ pub async fn pull(shim: &Shim, query: &Query) -> Result<Response<Body>, ShimErro
         query.get("tag").unwrap_or(""),
     )
     .map_err(ShimError::BadRequest)?;
+    if crate::ryuk::is_ryuk_image(&reference) {
+        return Ok(super::ryuk::pull(&reference));
+    }
     let subject = Subject::Image(reference.clone());
     let mut stream = shim
         .coordinator
@@ -76,6 +79,9 @@ pub async fn pull(shim: &Shim, query: &Query) -> Result<Response<Body>, ShimErro
 
 /// `GET /images/{name}/json`: `Images.Inspect`.
 pub async fn inspect(shim: &Shim, name: &str) -> Result<Response<Body>, ShimError> {
+    if crate::ryuk::is_ryuk_image(name) {
+        return Ok(super::ryuk::inspect_image(name));
+    }
     let info = shim
         .coordinator
         .images

@@ -14,6 +14,7 @@ mod exec;
 mod images;
 mod logs;
 mod networks;
+mod ryuk;
 mod system;
 
 use std::collections::HashMap;
@@ -54,6 +55,8 @@ pub struct Shim {
     pub execs: crate::exec::ExecStore,
     /// Listeners of the containers' published ports.
     pub forwards: crate::ports::Forwards,
+    /// testcontainers' Ryuks, served by the shim.
+    pub reapers: crate::ryuk::Reapers,
 }
 
 /// A whole body.
@@ -182,6 +185,9 @@ async fn dispatch(
 ) -> Result<Response<Body>, ShimError> {
     use route::Route as R;
     let query = Query::of(req.uri());
+    if let Some(reaper) = route.container().and_then(|key| shim.reapers.find(key)) {
+        return ryuk::serve(shim, version, reaper, route, &query).await;
+    }
     match route {
         R::Ping => Ok(system::ping(req.method())),
         R::Version => Ok(system::version()),

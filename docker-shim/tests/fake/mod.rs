@@ -506,6 +506,7 @@ pub async fn start_with_token(token: &str) -> Harness {
             coordinator: format!("http://{grpc_addr}"),
         },
         forwards: Default::default(),
+        reapers: Default::default(),
         execs: Default::default(),
     });
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
