@@ -46,6 +46,8 @@ pub enum Route {
     ImageCreate,
     /// `GET /images/{name}/json`
     ImageInspect(String),
+    /// `GET /images/json`
+    ImageList,
     /// `POST /containers/create`
     ContainerCreate,
     /// `GET /containers/json`
@@ -177,6 +179,7 @@ pub fn route(method: &Method, path: &str) -> Result<(ApiVersion, Route), RouteEr
         ["version"] if get => Some(Route::Version),
         ["info"] if get => Some(Route::Info),
         ["images", "create"] if post => Some(Route::ImageCreate),
+        ["images", "json"] if get => Some(Route::ImageList),
         ["images", name @ .., "json"]
             if get && !name.is_empty() && name.iter().all(|s| !s.is_empty()) =>
         {
@@ -275,7 +278,7 @@ fn is_engine_endpoint(method: &Method, segs: &[&str]) -> bool {
         ("POST", ["build"] | ["build", "prune"] | ["commit"] | ["auth"] | ["session"]) => true,
         ("GET", ["events"] | ["system", "df"]) => true,
         ("GET", ["distribution", name @ .., "json"]) => !name.is_empty(),
-        ("GET", ["images", "json" | "search" | "get"]) => true,
+        ("GET", ["images", "search" | "get"]) => true,
         ("POST", ["images", "load" | "prune"]) => true,
         ("GET", ["images", name @ .., "history" | "get"]) => !name.is_empty(),
         ("POST", ["images", name @ .., "push" | "tag"]) => !name.is_empty(),
@@ -508,7 +511,7 @@ mod tests {
                 "/images/host:5000/a:1",
                 "/images/host:5000/a:1",
             ),
-            (Method::GET, "/images/json", "/images/json"),
+            (Method::GET, "/images/search", "/images/search"),
             (Method::POST, "/build", "/build"),
             (Method::GET, "/swarm", "/swarm"),
         ];

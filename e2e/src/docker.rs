@@ -270,6 +270,41 @@ impl Shim {
             .context("running testcontainers-python")
     }
 
+    /// Runs the JUnit tests of `e2e/testcontainers/java` (testcontainers-java
+    /// from Maven Central, local repository under `/var/cache/berth/m2`)
+    /// against this shim, with `-Dberth.image=IMAGE`. Its environment holds
+    /// `DOCKER_HOST` and nothing else of Docker's or testcontainers'.
+    /// Answers mvn's output and the surefire report of the test class.
+    pub fn testcontainers_java(&self, image: &str) -> anyhow::Result<(Output, String)> {
+        let project = concat!(env!("CARGO_MANIFEST_DIR"), "/testcontainers/java");
+        let repo = std::env::var("BERTH_M2_REPO").unwrap_or_else(|_| "/var/cache/berth/m2".into());
+        let build = self._files.0.join("mvn");
+        let out = Command::new("mvn")
+            .args([
+                "-B",
+                "-q",
+                "-f",
+                &format!("{project}/pom.xml"),
+                &format!("-Dmaven.repo.local={repo}"),
+                &format!("-Dberth.image={image}"),
+                // Build output stays out of the checkout.
+                &format!("-Dberth.build.dir={}", build.display()),
+                "test",
+            ])
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &self._files.0)
+            .env("DOCKER_HOST", &self.host)
+            .stdin(Stdio::null())
+            .output()
+            .context("running mvn (testcontainers-java)")?;
+        let report = std::fs::read_to_string(
+            build.join("surefire-reports/TEST-dev.berth.e2e.BerthDockerApiTest.xml"),
+        )
+        .unwrap_or_default();
+        Ok((out, report))
+    }
+
     /// Stops the shim at once (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -8,6 +8,12 @@ use crate::route::{MAX_API, MIN_API};
 /// The shim's version, as shown in `Server: Berth/<version>`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// The Docker Engine release whose API (1.47) the shim speaks, reported as
+/// the engine's `Version`: clients compare it with engine releases
+/// (testcontainers-java refuses an engine below 1.6.0). What is really
+/// serving shows in `Platform` and `Components`.
+pub const ENGINE_VERSION: &str = "27.5.1";
+
 /// Facts about this shim shown by `/info`.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -51,7 +57,7 @@ pub fn version() -> Value {
             "Version": VERSION,
             "Details": {"ApiVersion": format!("1.{MAX_API}"), "MinAPIVersion": format!("1.{MIN_API}")},
         }],
-        "Version": VERSION,
+        "Version": ENGINE_VERSION,
         "ApiVersion": format!("1.{MAX_API}"),
         "MinAPIVersion": format!("1.{MIN_API}"),
         "GitCommit": "",
@@ -69,7 +75,7 @@ pub fn info(id: &Identity, counts: Counts, ncpu: usize, mem_total: u64) -> Value
     json!({
         "ID": id.id,
         "Name": id.name,
-        "ServerVersion": VERSION,
+        "ServerVersion": ENGINE_VERSION,
         "OperatingSystem": format!("Berth (containers run as pods in namespace {} via {})", id.namespace, id.coordinator),
         "OSType": "linux",
         "OSVersion": "",
@@ -127,6 +133,9 @@ mod tests {
         assert_eq!(v["ApiVersion"], "1.47");
         assert_eq!(v["MinAPIVersion"], "1.24");
         assert_eq!(v["Os"], "linux");
+        // An engine release clients accept; Berth names itself beside it.
+        assert_eq!(v["Version"], "27.5.1");
+        assert_eq!(v["Components"][0]["Name"], "Berth docker-shim");
     }
 
     #[test]

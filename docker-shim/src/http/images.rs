@@ -77,6 +77,14 @@ pub async fn pull(shim: &Shim, query: &Query) -> Result<Response<Body>, ShimErro
     Ok(resp)
 }
 
+/// `GET /images/json`: none. Berth keeps no local image store: every
+/// image is read from its registry when inspected or pulled, and pulled by
+/// the node that runs it, so clients that list before they pull (as
+/// testcontainers-java does) inspect, then pull.
+pub fn list() -> Response<Body> {
+    json(StatusCode::OK, &serde_json::json!([]))
+}
+
 /// `GET /images/{name}/json`: `Images.Inspect`.
 pub async fn inspect(shim: &Shim, name: &str) -> Result<Response<Body>, ShimError> {
     if crate::ryuk::is_ryuk_image(name) {

@@ -194,6 +194,7 @@ async fn dispatch(
         R::Info => system::info(shim).await,
         R::ImageCreate => images::pull(shim, &query).await,
         R::ImageInspect(name) => images::inspect(shim, &name).await,
+        R::ImageList => Ok(images::list()),
         R::ContainerCreate => {
             let body = read_body(req.into_body()).await?;
             containers::create(shim, &query, &body).await
