@@ -2,13 +2,17 @@
 //! coordinator, wall time of the real docker CLI, against the floor on the
 //! same cluster — a bare pod with the same image, created through the API
 //! and watched until its container has terminated (not until the pod's
-//! phase, which follows about a second later). The two sides alternate
+//! phase, which follows about a second later). Then testcontainers-python's
+//! start-to-ready (`start()` with a log wait, in one client process) against
+//! a bare pod watched until its container runs. The two sides alternate
 //! which goes first; the image is on the nodes already (a warm-up run of
 //! each side pulls it), as it is for a CI job's second container.
 //!
 //! `cargo bench -p berth-e2e --bench docker` with the local cluster up and
 //! Berth installed; `BERTH_BENCH_RUNS` sets the runs of each (default 7).
 
+use std::io::{BufRead, BufReader, Write};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -21,7 +25,22 @@ use kube::api::{Api, DeleteParams, PostParams};
 /// A bare pod running `true`, created and watched until its container
 /// terminated; the time from the create call to that event.
 async fn bare_pod(pods: &Api<Pod>, image: &str, n: usize) -> anyhow::Result<Duration> {
-    let name = format!("floor-{n}");
+    bare_pod_until(pods, image, &format!("floor-{n}"), &["true"], |s| {
+        s.terminated.is_some()
+    })
+    .await
+}
+
+/// A bare pod running `command`, created and watched until its container's
+/// state passes `done`; the time from the create call to that event.
+async fn bare_pod_until(
+    pods: &Api<Pod>,
+    image: &str,
+    name: &str,
+    command: &[&str],
+    done: fn(&k8s_openapi::api::core::v1::ContainerState) -> bool,
+) -> anyhow::Result<Duration> {
+    let name = name.to_string();
     let pod: Pod = serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Pod",
@@ -30,7 +49,7 @@ async fn bare_pod(pods: &Api<Pod>, image: &str, n: usize) -> anyhow::Result<Dura
             "restartPolicy": "Never",
             "automountServiceAccountToken": false,
             "enableServiceLinks": false,
-            "containers": [{"name": "main", "image": image, "command": ["true"]}],
+            "containers": [{"name": "main", "image": image, "command": command}],
         },
     }))?;
     let start = Instant::now();
@@ -39,10 +58,7 @@ async fn bare_pod(pods: &Api<Pod>, image: &str, n: usize) -> anyhow::Result<Dura
         p.status
             .as_ref()
             .and_then(|s| s.container_statuses.as_ref())
-            .is_some_and(|cs| {
-                cs.iter()
-                    .any(|c| c.state.as_ref().is_some_and(|s| s.terminated.is_some()))
-            })
+            .is_some_and(|cs| cs.iter().any(|c| c.state.as_ref().is_some_and(done)))
     })
     .await?;
     let took = done - start;
@@ -103,6 +119,69 @@ async fn main() -> anyhow::Result<()> {
     report(
         "docker.run_rm_true.ratio_to_floor.mode=pod",
         b.as_secs_f64() / f.as_secs_f64(),
+        "x",
+        Goal::AtMost(1.1),
+    )?;
+
+    // testcontainers-python: one client process, driven a run at a time.
+    let mut client = shim
+        .python_command(&["bench", &image])?
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting testcontainers-python")?;
+    let mut to = client.stdin.take().context("client stdin")?;
+    let mut from = BufReader::new(client.stdout.take().context("client stdout")?);
+    let mut line = String::new();
+    from.read_line(&mut line)?;
+    if line.trim() != "warm" {
+        bail!(
+            "testcontainers-python did not warm up: {line:?}\nshim log:\n{}",
+            shim.log()
+        );
+    }
+    let mut tc_run = || -> anyhow::Result<Duration> {
+        to.write_all(b"go\n")?;
+        line.clear();
+        from.read_line(&mut line)?;
+        let ms: f64 = line
+            .trim()
+            .parse()
+            .with_context(|| format!("testcontainers-python answered {line:?}"))?;
+        Ok(Duration::from_secs_f64(ms / 1000.0))
+    };
+    let running = |s: &k8s_openapi::api::core::v1::ContainerState| s.running.is_some();
+    let ready = ["sh", "-c", "echo ready; exec sleep 600"];
+    let (mut tc, mut floor) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let name = format!("floor-ready-{i}");
+        if i % 2 == 0 {
+            tc.push(tc_run()?);
+            floor.push(bare_pod_until(&pods, &image, &name, &ready, running).await?);
+        } else {
+            floor.push(bare_pod_until(&pods, &image, &name, &ready, running).await?);
+            tc.push(tc_run()?);
+        }
+    }
+    drop(to);
+    let _ = client.wait();
+    let (t, f) = (median(tc), median(floor));
+    report(
+        "docker.testcontainers_python_ready.mode=pod",
+        ms(t),
+        "ms",
+        Goal::Baseline,
+    )?;
+    report(
+        "docker.testcontainers_python_ready.floor_bare_pod_running",
+        ms(f),
+        "ms",
+        Goal::Baseline,
+    )?;
+    report(
+        "docker.testcontainers_python_ready.ratio_to_floor.mode=pod",
+        t.as_secs_f64() / f.as_secs_f64(),
         "x",
         Goal::AtMost(1.1),
     )?;

@@ -248,6 +248,14 @@ impl Shim {
     /// holds `DOCKER_HOST` and nothing else of Docker's or testcontainers':
     /// their defaults, Ryuk included.
     pub fn testcontainers_python(&self, args: &[&str]) -> anyhow::Result<Output> {
+        self.python_command(args)?
+            .stdin(Stdio::null())
+            .output()
+            .context("running testcontainers-python")
+    }
+
+    /// The command [`Shim::testcontainers_python`] runs, to spawn with pipes.
+    pub fn python_command(&self, args: &[&str]) -> anyhow::Result<Command> {
         if !self.tc_python.is_file() {
             bail!(
                 "{} is missing: e2e/cluster.sh build installs testcontainers-python",
@@ -258,16 +266,14 @@ impl Shim {
             env!("CARGO_MANIFEST_DIR"),
             "/testcontainers/python_client.py"
         );
-        Command::new(&self.tc_python)
-            .arg(script)
+        let mut cmd = Command::new(&self.tc_python);
+        cmd.arg(script)
             .args(args)
             .env_clear()
             .env("PATH", "/usr/bin:/bin")
             .env("HOME", &self._files.0)
-            .env("DOCKER_HOST", &self.host)
-            .stdin(Stdio::null())
-            .output()
-            .context("running testcontainers-python")
+            .env("DOCKER_HOST", &self.host);
+        Ok(cmd)
     }
 
     /// Runs the JUnit tests of `e2e/testcontainers/java` (testcontainers-java

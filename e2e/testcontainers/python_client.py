@@ -5,10 +5,14 @@ DOCKER_HOST alone (Ryuk on, as by default).
                                      exec, two containers on a network
     python_client.py abandon IMAGE   start a container, print its ID and
                                      die without cleaning up (Ryuk must)
+    python_client.py bench IMAGE     for each line on stdin, start a
+                                     container to ready (a log wait), print
+                                     the milliseconds that took, remove it
 """
 
 import os
 import sys
+import time
 import urllib.request
 
 from testcontainers.core.container import DockerContainer
@@ -53,5 +57,23 @@ def abandon(image):
     os._exit(0)
 
 
+def bench(image):
+    def ready():
+        c = DockerContainer(image).with_command(["sh", "-c", "echo ready; exec sleep 600"])
+        return c.waiting_for(LogMessageWaitStrategy("ready"))
+
+    # Ryuk and the client's own set-up are not part of any run.
+    with ready():
+        pass
+    print("warm", flush=True)
+    for _ in sys.stdin:
+        c = ready()
+        start = time.monotonic()
+        c.start()
+        took = (time.monotonic() - start) * 1000
+        c.stop()
+        print(f"{took:.1f}", flush=True)
+
+
 if __name__ == "__main__":
-    {"run": run, "abandon": abandon}[sys.argv[1]](sys.argv[2])
+    {"run": run, "abandon": abandon, "bench": bench}[sys.argv[1]](sys.argv[2])
