@@ -71,6 +71,7 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
             TokenSource::none()
         }
     };
+    let pod_defaults = args.pod_defaults()?;
     let channel = coordinator::endpoint(&args.coordinator, &args.ca_file, &args.tls_server_name)?;
     let session = session::new_id();
     let coordinator =
@@ -81,8 +82,11 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
         session.clone(),
     ));
     tracing::info!(%session, "containers of this shim are removed about 20 s after it stops");
+    if args.prune_at_start {
+        session::prune_ended(&coordinator).await;
+    }
     let shim = Arc::new(http::Shim {
-        coordinator,
+        coordinator: coordinator.clone(),
         identity: Identity {
             id: random_id(),
             name: host_name(),
@@ -92,6 +96,7 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
         execs: exec::ExecStore::default(),
         forwards: ports::Forwards::default(),
         reapers: ryuk::Reapers::default(),
+        pod_defaults,
     });
     let tcp = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -123,6 +128,9 @@ pub async fn run(args: config::Args) -> anyhow::Result<()> {
     }
     if let Some(path) = &args.socket {
         let _ = std::fs::remove_file(path);
+    }
+    if args.cleanup_on_exit {
+        session::clean_up(&coordinator).await;
     }
     Ok(())
 }

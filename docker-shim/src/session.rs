@@ -85,3 +85,69 @@ pub async fn hold(mut containers: Containers, namespace: String, session: String
         delay = (delay * 2).min(Duration::from_secs(10));
     }
 }
+
+/// Removes at once what ended sessions (shims no longer running) left in
+/// the namespace (`--prune-at-start`); the coordinator would remove it by
+/// itself a little later.
+pub async fn prune_ended(coordinator: &crate::coordinator::Coordinator) {
+    let req = pb::PruneRequest {
+        namespace: coordinator.namespace.clone(),
+    };
+    match coordinator.containers.clone().prune_ended(req).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            tracing::info!(
+                containers = r.containers.len(),
+                networks = r.networks.len(),
+                "pruned what ended sessions left"
+            );
+        }
+        Err(e) => tracing::warn!(error = %e.message(), "cannot prune what ended sessions left"),
+    }
+}
+
+/// Removes this session's containers, then its networks
+/// (`--cleanup-on-exit`, on SIGTERM or ctrl-c).
+pub async fn clean_up(coordinator: &crate::coordinator::Coordinator) {
+    let namespace = coordinator.namespace.clone();
+    let listed = coordinator
+        .containers
+        .clone()
+        .list(pb::ListContainersRequest {
+            namespace: namespace.clone(),
+            all: true,
+            ..Default::default()
+        })
+        .await;
+    for c in listed
+        .map(|r| r.into_inner().containers)
+        .unwrap_or_default()
+    {
+        let req = pb::RemoveContainerRequest {
+            namespace: namespace.clone(),
+            id: c.id,
+            force: true,
+        };
+        if let Err(e) = coordinator.containers.clone().remove(req).await {
+            tracing::warn!(container = %c.name, error = %e.message(), "cannot remove on exit");
+        }
+    }
+    let listed = coordinator
+        .networks
+        .clone()
+        .list(pb::ListNetworksRequest {
+            namespace: namespace.clone(),
+            ..Default::default()
+        })
+        .await;
+    for n in listed.map(|r| r.into_inner().networks).unwrap_or_default() {
+        let req = pb::NetworkRequest {
+            namespace: namespace.clone(),
+            id: n.id,
+        };
+        if let Err(e) = coordinator.networks.clone().remove(req).await {
+            tracing::warn!(network = %n.name, error = %e.message(), "cannot remove on exit");
+        }
+    }
+    tracing::info!("removed this shim's containers and networks");
+}

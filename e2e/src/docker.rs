@@ -91,7 +91,20 @@ subjects:
 
     /// A shim serving this namespace as `service_account`.
     pub async fn shim(&self, service_account: &str) -> anyhow::Result<Shim> {
-        Shim::start(self.c, &self.ns.name, &self.token(service_account)?).await
+        self.shim_with(service_account, &[]).await
+    }
+
+    /// [`DockerNamespace::shim`] with extra command-line flags.
+    pub async fn shim_with(&self, service_account: &str, flags: &[&str]) -> anyhow::Result<Shim> {
+        Shim::start(self.c, &self.ns.name, &self.token(service_account)?, flags).await
+    }
+
+    /// A pod of the namespace, as JSON.
+    pub fn pod_json(&self, name: &str) -> anyhow::Result<serde_json::Value> {
+        let out = self
+            .c
+            .kubectl(&["-n", &self.ns.name, "get", "pod", name, "-o", "json"])?;
+        Ok(serde_json::from_str(&out)?)
     }
 
     /// The names of the Services in the namespace.
@@ -157,7 +170,12 @@ mod tempfile_dir {
 
 impl Shim {
     /// Starts a shim for `namespace` that calls the coordinator with `token`.
-    pub async fn start(c: &Cluster, namespace: &str, token: &str) -> anyhow::Result<Shim> {
+    pub async fn start(
+        c: &Cluster,
+        namespace: &str,
+        token: &str,
+        flags: &[&str],
+    ) -> anyhow::Result<Shim> {
         let forward = c.port_forward("berth-coordinator", 7070)?;
         let dir = std::env::temp_dir().join(format!(
             "berth-e2e-shim-{}-{}",
@@ -188,6 +206,7 @@ impl Shim {
                 "--socket",
                 dir.join("docker.sock").to_str().unwrap(),
             ])
+            .args(flags)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join("shim.log"))?)
@@ -309,6 +328,13 @@ impl Shim {
         )
         .unwrap_or_default();
         Ok((out, report))
+    }
+
+    /// Stops the shim as an operator does (SIGTERM), and waits for it to exit.
+    pub fn terminate(&mut self) -> anyhow::Result<std::process::ExitStatus> {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?;
+        Ok(self.child.wait()?)
     }
 
     /// Stops the shim at once (SIGKILL), as a crash would.

@@ -572,3 +572,115 @@ async fn containers_on_a_network_reach_each_other_by_name_and_alias_on_any_port(
     );
     assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn operator_flags_and_container_labels_shape_the_pod_and_exit_cleans_up() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-knobs").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-knobs").unwrap();
+    let template = std::env::temp_dir().join(format!("berth-template-{}.yaml", std::process::id()));
+    std::fs::write(
+        &template,
+        "metadata:\n  labels: {team: ci}\nspec:\n  tolerations: [{key: dedicated, operator: Exists}]\n  \
+         volumes: [{name: scratch, emptyDir: {}}]\n  containers:\n  - name: base\n    \
+         volumeMounts: [{name: scratch, mountPath: /scratch}]\n",
+    )
+    .unwrap();
+    let node = &c.nodes[0];
+    let selector = format!("kubernetes.io/hostname={node}");
+    let mut shim = ns
+        .shim_with(
+            "ci",
+            &[
+                "--cpu-request",
+                "50m",
+                "--memory-limit",
+                "64Mi",
+                "--pull-policy",
+                "IfNotPresent",
+                "--node-selector",
+                &selector,
+                "--active-deadline",
+                "10m",
+                "--run-as-user",
+                "1234",
+                "--pod-template",
+                template.to_str().unwrap(),
+            ],
+        )
+        .await
+        .unwrap();
+
+    // The template's volume is there, and the user is the operator's.
+    let out = shim
+        .docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            "shaped",
+            "--label",
+            "berth.dev/cpu-request=75m",
+            &image,
+            "sh",
+            "-c",
+            "touch /scratch/ok && id -u && exec sleep 600",
+        ])
+        .unwrap();
+    let id = out.trim();
+    let pod = ns.pod_json(&format!("berth-{}-1", &id[..12])).unwrap();
+    let spec = &pod["spec"];
+    let main = &spec["containers"][0];
+    assert_eq!(
+        main["resources"]["requests"]["cpu"], "75m",
+        "the label wins"
+    );
+    assert_eq!(main["resources"]["limits"]["memory"], "64Mi");
+    assert_eq!(main["imagePullPolicy"], "IfNotPresent");
+    assert_eq!(main["volumeMounts"][0]["mountPath"], "/scratch");
+    assert_eq!(
+        spec["nodeSelector"]["kubernetes.io/hostname"],
+        node.as_str()
+    );
+    assert_eq!(spec["nodeName"], node.as_str());
+    assert_eq!(spec["activeDeadlineSeconds"], 600);
+    assert_eq!(spec["securityContext"]["runAsUser"], 1234);
+    assert_eq!(spec["tolerations"][0]["key"], "dedicated");
+    assert_eq!(pod["metadata"]["labels"]["team"], "ci");
+    let logs = shim.docker_ok(&["logs", "shaped"]).unwrap();
+    assert_eq!(logs, "1234\n");
+
+    // A malformed label is refused before anything is made.
+    let bad = shim
+        .docker(&[
+            "run",
+            "--rm",
+            "--label",
+            "berth.dev/node-selector=ssd",
+            &image,
+            "true",
+        ])
+        .unwrap();
+    assert!(
+        text(&bad.stderr).contains("berth.dev/node-selector"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    // SIGTERM: the shim removes what it made before it exits, well before
+    // its session's Lease (20 s) could run out.
+    shim.docker_ok(&["network", "create", "leftover"]).unwrap();
+    let stopped = std::time::Instant::now();
+    assert!(shim.terminate().unwrap().success());
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(15),
+        "cleanup took {:?}",
+        stopped.elapsed()
+    );
+    assert_eq!(
+        ns.berth_objects().unwrap(),
+        Vec::<String>::new(),
+        "{}",
+        shim.log()
+    );
+    let _ = std::fs::remove_file(&template);
+}

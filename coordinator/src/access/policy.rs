@@ -165,6 +165,9 @@ pub fn containers(path: &str) -> Option<Rule> {
         "/berth.v1.Containers/Exec" => Rule::FromMessage(exec),
         "/berth.v1.Containers/Tunnel" => Rule::FromMessage(tunnel),
         "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
+        "/berth.v1.Containers/PruneEnded" => {
+            in_namespace!("delete", pb::PruneRequest, "PruneEnded")
+        }
         "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
         "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),
         "/berth.v1.Networks/Create" => {

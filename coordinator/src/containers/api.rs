@@ -320,6 +320,56 @@ impl ContainersApi {
             .ok_or_else(|| Status::unavailable("the removal did not show in the watch"))
     }
 
+    /// Removes the containers, then the networks, of client sessions that
+    /// are over ([`sessions::session_over`]; a record younger than `grace`
+    /// seconds without a Lease is spared). Answers the IDs of the containers
+    /// and the names of the networks removed; failures are logged and left
+    /// for the next round.
+    async fn remove_ended(&self, space: &Space, grace: i64) -> (Vec<String>, Vec<String>) {
+        let now = now_secs();
+        let ended = |session: &str, created: &str| {
+            let lease = space.session_lease(session);
+            sessions::session_over(session, created, lease.as_deref(), now, grace)
+        };
+        let mut containers = Vec::new();
+        for r in space.records() {
+            if !ended(&r.session, &r.created) {
+                continue;
+            }
+            match self.delete(space, &r).await {
+                Ok(()) => {
+                    info!(namespace = %space.namespace, container = %r.name, session = %r.session, "removed: its client session ended");
+                    containers.push(r.id);
+                }
+                Err(e) => warn!(container = %r.name, error = %e, "removal failed; will retry"),
+            }
+        }
+        // A network goes once no container is on it.
+        let members: std::collections::HashSet<String> = space
+            .records()
+            .into_iter()
+            .flat_map(|r| r.spec.networks)
+            .collect();
+        let mut removed = Vec::new();
+        for n in space.networks() {
+            if members.contains(&n.name) || !ended(&n.session, &n.created) {
+                continue;
+            }
+            let gone = Api::<ConfigMap>::namespaced(self.client().clone(), &space.namespace)
+                .delete(&n.object_name, &DeleteParams::default())
+                .await;
+            match gone {
+                Ok(_) => {
+                    info!(namespace = %space.namespace, network = %n.name, session = %n.session, "removed: its client session ended");
+                    removed.push(n.name);
+                }
+                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+                Err(e) => warn!(network = %n.name, error = %e, "removal failed; will retry"),
+            }
+        }
+        (containers, removed)
+    }
+
     /// Removes containers started with `auto_remove` once they finished and
     /// their log readers are done (or [`DRAIN_TIMEOUT`] passed), and every
     /// container of a client session whose Lease has expired
@@ -349,51 +399,17 @@ impl ContainersApi {
                     self.registry.logs().open_for(&uid) == 0 || since.elapsed() > DRAIN_TIMEOUT
                 })
                 .collect();
-            let now = now_secs();
-            let grace = sessions::DEFAULT_TTL.as_secs() as i64 * 3;
-            let orphans: Vec<Record> = space
-                .records()
-                .into_iter()
-                .filter(|r| {
-                    let lease = space.session_lease(&r.session);
-                    sessions::session_over(&r.session, &r.created, lease.as_deref(), now, grace)
-                })
-                .collect();
-            for (r, why) in due
-                .into_iter()
-                .map(|r| (r, "auto-removed"))
-                .chain(orphans.into_iter().map(|r| (r, "its client session ended")))
-            {
+            for (r, why) in due.into_iter().map(|r| (r, "auto-removed")) {
                 if let Err(e) = self.delete(&space, &r).await {
                     warn!(container = %r.name, error = %e, "removal failed; will retry");
                 } else {
-                    info!(namespace = %space.namespace, container = %r.name, session = %r.session, "removed: {why}");
+                    info!(namespace = %space.namespace, container = %r.name, "removed: {why}");
                     finished_at.remove(&r.id);
                 }
             }
-            // A vanished session's networks go once its containers have.
-            let members: std::collections::HashSet<String> = space
-                .records()
-                .into_iter()
-                .flat_map(|r| r.spec.networks)
-                .collect();
-            for n in space.networks() {
-                let lease = space.session_lease(&n.session);
-                if members.contains(&n.name)
-                    || !sessions::session_over(&n.session, &n.created, lease.as_deref(), now, grace)
-                {
-                    continue;
-                }
-                let gone = Api::<ConfigMap>::namespaced(self.client().clone(), &space.namespace)
-                    .delete(&n.object_name, &DeleteParams::default())
-                    .await;
-                match gone {
-                    Ok(_) => {
-                        info!(namespace = %space.namespace, network = %n.name, session = %n.session, "removed: its client session ended")
-                    }
-                    Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-                    Err(e) => warn!(network = %n.name, error = %e, "removal failed; will retry"),
-                }
+            let grace = sessions::DEFAULT_TTL.as_secs() as i64 * 3;
+            for id in self.remove_ended(&space, grace).await.0 {
+                finished_at.remove(&id);
             }
             // Wake on the next change; soon while readers drain; and now and
             // then while session containers exist, since Leases run out
@@ -645,6 +661,21 @@ impl pb::containers_server::Containers for ContainersApi {
     type ExecStream = super::exec::ExecOutputs;
 
     type TunnelStream = super::tunnel::TunnelOutputs;
+
+    async fn prune_ended(
+        &self,
+        request: Request<pb::PruneRequest>,
+    ) -> Result<Response<pb::PruneResponse>, Status> {
+        // Every session's records, not only the caller's.
+        let space = self.space(&request.get_ref().namespace).await?;
+        let (ids, networks) = self
+            .remove_ended(&space, sessions::DEFAULT_TTL.as_secs() as i64)
+            .await;
+        Ok(Response::new(pb::PruneResponse {
+            containers: ids,
+            networks,
+        }))
+    }
 
     async fn tunnel(
         &self,

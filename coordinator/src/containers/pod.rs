@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use berth_proto::api as pb;
 use berth_proto::reference::Reference;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ContainerStatus, EnvVar, Pod, PodSecurityContext, PodSpec,
-    ResourceRequirements,
+    Container, ContainerPort, ContainerStatus, EnvVar, LocalObjectReference, Pod,
+    PodSecurityContext, PodSpec, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -34,6 +34,12 @@ pub enum SpecError {
     /// An env entry without a name.
     #[error("environment entry {0:?} has no name")]
     Env(String),
+    /// A pod option Kubernetes would refuse.
+    #[error("{0}")]
+    Option(String),
+    /// The pod template does not read as a Pod.
+    #[error("the pod template is not a Pod in YAML or JSON: {0}")]
+    Template(String),
 }
 
 /// Normalises the spec's image reference.
@@ -75,8 +81,27 @@ fn env_of(env: &[String]) -> Result<Vec<EnvVar>, SpecError> {
         .collect()
 }
 
-fn resources_of(spec: &pb::ContainerSpec) -> Option<ResourceRequirements> {
-    let mut limits = BTreeMap::new();
+fn quantity(what: &str, value: &str) -> Result<Quantity, SpecError> {
+    let ok = !value.is_empty()
+        && value.len() <= 32
+        && value.starts_with(|c: char| c.is_ascii_digit() || c == '.')
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.');
+    if !ok {
+        return Err(SpecError::Option(format!(
+            "{what} {value:?} is not a Kubernetes quantity (e.g. 250m, 1, 512Mi)"
+        )));
+    }
+    Ok(Quantity(value.to_string()))
+}
+
+fn resources_of(
+    spec: &pb::ContainerSpec,
+    base: Option<ResourceRequirements>,
+) -> Result<Option<ResourceRequirements>, SpecError> {
+    let mut r = base.unwrap_or_default();
+    let limits = r.limits.get_or_insert_with(BTreeMap::new);
     if spec.memory_bytes > 0 {
         limits.insert(
             "memory".to_string(),
@@ -88,10 +113,39 @@ fn resources_of(spec: &pb::ContainerSpec) -> Option<ResourceRequirements> {
         let milli = (spec.nano_cpus + 999_999) / 1_000_000;
         limits.insert("cpu".to_string(), Quantity(format!("{milli}m")));
     }
-    (!limits.is_empty()).then(|| ResourceRequirements {
-        limits: Some(limits),
-        ..Default::default()
-    })
+    let o = spec.pod.clone().unwrap_or_default();
+    for (key, value, what) in [
+        ("cpu", &o.cpu_limit, "cpu limit"),
+        ("memory", &o.memory_limit, "memory limit"),
+    ] {
+        if !value.is_empty() {
+            limits.insert(key.to_string(), quantity(what, value)?);
+        }
+    }
+    let requests = r.requests.get_or_insert_with(BTreeMap::new);
+    for (key, value, what) in [
+        ("cpu", &o.cpu_request, "cpu request"),
+        ("memory", &o.memory_request, "memory request"),
+    ] {
+        if !value.is_empty() {
+            requests.insert(key.to_string(), quantity(what, value)?);
+        }
+    }
+    if r.limits.as_ref().is_some_and(|l| l.is_empty()) {
+        r.limits = None;
+    }
+    if r.requests.as_ref().is_some_and(|l| l.is_empty()) {
+        r.requests = None;
+    }
+    Ok((r.limits.is_some() || r.requests.is_some() || r.claims.is_some()).then_some(r))
+}
+
+/// The pod a template describes (empty: none).
+fn template_of(text: &str) -> Result<Pod, SpecError> {
+    if text.trim().is_empty() {
+        return Ok(Pod::default());
+    }
+    serde_yaml::from_str(text).map_err(|e| SpecError::Template(e.to_string()))
 }
 
 /// A hostname the pod can carry (a DNS label), if the spec's is one.
@@ -134,20 +188,49 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
     } else {
         spec.stop_timeout_seconds
     };
+    let options = spec.pod.clone().unwrap_or_default();
+    let template = template_of(&options.pod_template)?;
+    let mut base_spec = template.spec.unwrap_or_default();
+    let base = std::mem::take(&mut base_spec.containers)
+        .into_iter()
+        .next()
+        .unwrap_or_default();
+    let pull_policy = match options.pull_policy.as_str() {
+        "" => base.image_pull_policy.clone(),
+        p @ ("Always" | "IfNotPresent" | "Never") => Some(p.to_string()),
+        other => {
+            return Err(SpecError::Option(format!(
+                "pull policy {other:?}: Always, IfNotPresent or Never"
+            )));
+        }
+    };
+    let mut env = base.env.clone().unwrap_or_default();
+    env.extend(env_of(&spec.env)?);
+    let mut container_ports = base.ports.clone().unwrap_or_default();
+    container_ports.extend(ports);
     let container = Container {
         name: MAIN_CONTAINER.into(),
         image: Some(image),
+        image_pull_policy: pull_policy,
         command: (!spec.entrypoint.is_empty()).then(|| spec.entrypoint.clone()),
         args: (!spec.cmd.is_empty()).then(|| spec.cmd.clone()),
-        env: Some(env_of(&spec.env)?).filter(|e| !e.is_empty()),
-        working_dir: Some(spec.working_dir.clone()).filter(|w| !w.is_empty()),
+        env: Some(env).filter(|e| !e.is_empty()),
+        working_dir: Some(spec.working_dir.clone())
+            .filter(|w| !w.is_empty())
+            .or(base.working_dir.clone()),
         tty: spec.tty.then_some(true),
         stdin: spec.open_stdin.then_some(true),
-        ports: (!ports.is_empty()).then_some(ports),
-        resources: resources_of(spec),
-        ..Default::default()
+        ports: Some(container_ports).filter(|p| !p.is_empty()),
+        resources: resources_of(spec, base.resources.clone())?,
+        ..base
     };
-    let mut labels = BTreeMap::from([
+    if options.active_deadline_seconds < 0 {
+        return Err(SpecError::Option(
+            "the active deadline cannot be negative".into(),
+        ));
+    }
+    let mut labels = template.metadata.labels.clone().unwrap_or_default();
+    labels.extend([
         (CONTAINER_LABEL.to_string(), record.short_id().to_string()),
         (RUN_LABEL.to_string(), run.to_string()),
         (
@@ -158,11 +241,28 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
     if !record.session.is_empty() {
         labels.insert(SESSION_LABEL.to_string(), record.session.clone());
     }
+    let mut node_selector = base_spec.node_selector.take().unwrap_or_default();
+    node_selector.extend(options.node_selector.clone());
+    let mut pull_secrets = base_spec.image_pull_secrets.take().unwrap_or_default();
+    pull_secrets.extend(
+        options
+            .image_pull_secrets
+            .iter()
+            .map(|name| LocalObjectReference { name: name.clone() }),
+    );
+    let mut security = base_spec.security_context.take().unwrap_or_default();
+    if uid.is_some() {
+        security.run_as_user = uid;
+    }
+    if gid.is_some() {
+        security.run_as_group = gid;
+    }
     Ok(Pod {
         metadata: ObjectMeta {
             name: Some(pod_name(&record.id, run)),
             namespace: Some(record.namespace.clone()),
             labels: Some(labels),
+            annotations: template.metadata.annotations.clone(),
             owner_references: Some(vec![OwnerReference {
                 api_version: "v1".into(),
                 kind: "ConfigMap".into(),
@@ -178,13 +278,17 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
             termination_grace_period_seconds: Some(stop.into()),
             automount_service_account_token: Some(false),
             enable_service_links: Some(false),
-            hostname: hostname_of(&spec.hostname),
-            security_context: (uid.is_some() || gid.is_some()).then(|| PodSecurityContext {
-                run_as_user: uid,
-                run_as_group: gid,
-                ..Default::default()
-            }),
-            ..Default::default()
+            hostname: hostname_of(&spec.hostname).or(base_spec.hostname.take()),
+            security_context: Some(security).filter(|s| *s != PodSecurityContext::default()),
+            node_selector: Some(node_selector).filter(|n| !n.is_empty()),
+            image_pull_secrets: Some(pull_secrets).filter(|p| !p.is_empty()),
+            service_account_name: Some(options.service_account.clone())
+                .filter(|s| !s.is_empty())
+                .or(base_spec.service_account_name.take()),
+            active_deadline_seconds: Some(options.active_deadline_seconds)
+                .filter(|d| *d > 0)
+                .or(base_spec.active_deadline_seconds),
+            ..base_spec
         }),
         status: None,
     })

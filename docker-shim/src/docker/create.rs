@@ -560,6 +560,8 @@ pub fn to_spec(name: &str, b: &CreateBody) -> Result<ContainerSpec, CreateError>
         networks,
         memory_bytes: b.host_config.memory,
         nano_cpus: nano_cpus(&b.host_config)?,
+        // Set from the shim's defaults and the labels (`options`).
+        pod: None,
     })
 }
 

@@ -9,6 +9,7 @@
 //! - [`filters`]: the `filters` query of `GET /containers/json` → the List request.
 //! - [`image`]: `ImageInfo` → Docker's image inspect answer; pull references.
 //! - [`network`]: network bodies and filters; `NetworkInfo` → Docker's answer.
+//! - [`options`]: the shim's pod defaults and per-container labels → `PodOptions`.
 //! - [`system`]: `/version` and `/info`.
 //! - [`time`]: timestamps as Docker writes and reads them.
 
@@ -18,6 +19,7 @@ pub mod exec;
 pub mod filters;
 pub mod image;
 pub mod network;
+pub mod options;
 pub mod system;
 pub mod time;
 

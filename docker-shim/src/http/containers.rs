@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, StreamBody};
 use serde_json::json;
 
 use super::{Body, Query, Shim, empty, json};
-use crate::docker::{container, create, filters};
+use crate::docker::{container, create, filters, options};
 use crate::error::{ShimError, Subject};
 
 fn on(id: &str) -> impl Fn(tonic::Status) -> ShimError + '_ {
@@ -69,6 +69,7 @@ pub async fn create(shim: &Shim, query: &Query, body: &Bytes) -> Result<Response
         return super::ryuk::create(shim, query.get("name").unwrap_or(""), &parsed);
     }
     let mut spec = create::to_spec(query.get("name").unwrap_or(""), &parsed).map_err(bad)?;
+    options::apply(&shim.pod_defaults, &mut spec).map_err(ShimError::BadRequest)?;
     choose_host_ports(&mut spec.ports)?;
     let image = spec.image.clone();
     let name = spec.name.clone();

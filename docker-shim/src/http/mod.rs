@@ -57,6 +57,8 @@ pub struct Shim {
     pub forwards: crate::ports::Forwards,
     /// testcontainers' Ryuks, served by the shim.
     pub reapers: crate::ryuk::Reapers,
+    /// Pod settings every container starts from (flags).
+    pub pod_defaults: crate::docker::options::PodDefaults,
 }
 
 /// A whole body.

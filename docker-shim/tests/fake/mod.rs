@@ -311,6 +311,13 @@ impl Containers for Fake {
 
     type TunnelStream = BoxStream<TunnelOutput>;
 
+    async fn prune_ended(
+        &self,
+        _req: Request<PruneRequest>,
+    ) -> Result<Response<PruneResponse>, Status> {
+        Err(Status::unimplemented("the fake has no sessions to prune"))
+    }
+
     async fn tunnel(
         &self,
         _: Request<tonic::Streaming<TunnelInput>>,
@@ -507,6 +514,7 @@ pub async fn start_with_token(token: &str) -> Harness {
         },
         forwards: Default::default(),
         reapers: Default::default(),
+        pod_defaults: Default::default(),
         execs: Default::default(),
     });
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -217,3 +217,142 @@ fn a_pod_that_failed_without_its_container_reports_exited_with_the_reason() {
         ("exited", 137, "Evicted")
     );
 }
+
+#[test]
+fn pod_options_set_resources_policy_account_placement_and_deadline() {
+    let spec = pb::ContainerSpec {
+        name: "web".into(),
+        image: "busybox".into(),
+        memory_bytes: 64 << 20,
+        pod: Some(pb::PodOptions {
+            cpu_request: "250m".into(),
+            memory_request: "32Mi".into(),
+            cpu_limit: "1".into(),
+            pull_policy: "IfNotPresent".into(),
+            service_account: "builder".into(),
+            node_selector: [("disk".to_string(), "ssd".to_string())].into(),
+            active_deadline_seconds: 600,
+            image_pull_secrets: vec!["regcred".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = pod_for(&record(spec), 1).unwrap();
+    let ps = pod.spec.unwrap();
+    let c = &ps.containers[0];
+    let r = c.resources.clone().unwrap();
+    assert_eq!(r.requests.unwrap()["cpu"].0, "250m");
+    let limits = r.limits.unwrap();
+    assert_eq!(
+        (limits["cpu"].0.as_str(), limits["memory"].0.as_str()),
+        ("1", "67108864")
+    );
+    assert_eq!(c.image_pull_policy.as_deref(), Some("IfNotPresent"));
+    assert_eq!(ps.service_account_name.as_deref(), Some("builder"));
+    assert_eq!(ps.automount_service_account_token, Some(false));
+    assert_eq!(ps.node_selector.unwrap()["disk"], "ssd");
+    assert_eq!(ps.active_deadline_seconds, Some(600));
+    assert_eq!(ps.image_pull_secrets.unwrap()[0].name, "regcred");
+}
+
+#[test]
+fn a_pod_template_is_the_base_and_berths_settings_win() {
+    let template = r#"
+metadata:
+  labels: {team: ci, berth.dev/container: spoofed}
+  annotations: {sidecar.istio.io/inject: "false"}
+spec:
+  restartPolicy: Always
+  tolerations: [{key: dedicated, operator: Exists}]
+  securityContext: {fsGroup: 2000}
+  volumes: [{name: cache, emptyDir: {}}]
+  containers:
+  - name: whatever
+    image: ignored
+    volumeMounts: [{name: cache, mountPath: /cache}]
+    env: [{name: FROM_TEMPLATE, value: "1"}]
+"#;
+    let spec = pb::ContainerSpec {
+        name: "web".into(),
+        image: "busybox".into(),
+        user: "1000".into(),
+        env: vec!["A=b".into()],
+        pod: Some(pb::PodOptions {
+            pod_template: template.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let pod = pod_for(&record(spec), 1).unwrap();
+    let labels = pod.metadata.labels.unwrap();
+    assert_eq!(labels["team"], "ci");
+    assert_eq!(
+        labels[CONTAINER_LABEL], "abababababab",
+        "Berth's labels win"
+    );
+    assert_eq!(
+        pod.metadata.annotations.unwrap()["sidecar.istio.io/inject"],
+        "false"
+    );
+    let ps = pod.spec.unwrap();
+    assert_eq!(ps.restart_policy.as_deref(), Some("Never"));
+    assert_eq!(ps.tolerations.unwrap()[0].key.as_deref(), Some("dedicated"));
+    let sc = ps.security_context.unwrap();
+    assert_eq!((sc.fs_group, sc.run_as_user), (Some(2000), Some(1000)));
+    assert_eq!(ps.volumes.unwrap()[0].name, "cache");
+    let c = &ps.containers[0];
+    assert_eq!(
+        (c.name.as_str(), c.image.as_deref()),
+        (MAIN_CONTAINER, Some("docker.io/library/busybox:latest"))
+    );
+    assert_eq!(c.volume_mounts.clone().unwrap()[0].mount_path, "/cache");
+    let env: Vec<&str> = c
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    assert_eq!(env, ["FROM_TEMPLATE", "A"]);
+}
+
+#[test]
+fn bad_pod_options_are_refused_with_the_reason() {
+    let with = |o: pb::PodOptions| {
+        let spec = pb::ContainerSpec {
+            name: "web".into(),
+            image: "busybox".into(),
+            pod: Some(o),
+            ..Default::default()
+        };
+        pod_for(&record(spec), 1).unwrap_err().to_string()
+    };
+    assert!(
+        with(pb::PodOptions {
+            cpu_request: "lots".into(),
+            ..Default::default()
+        })
+        .contains("quantity")
+    );
+    assert!(
+        with(pb::PodOptions {
+            pull_policy: "Sometimes".into(),
+            ..Default::default()
+        })
+        .contains("IfNotPresent")
+    );
+    assert!(
+        with(pb::PodOptions {
+            active_deadline_seconds: -1,
+            ..Default::default()
+        })
+        .contains("negative")
+    );
+    assert!(
+        with(pb::PodOptions {
+            pod_template: "spec: [".into(),
+            ..Default::default()
+        })
+        .contains("pod template")
+    );
+}
