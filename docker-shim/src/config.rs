@@ -96,6 +96,10 @@ pub struct Args {
     /// `berth.dev/run-as-user`.
     #[arg(long, env = "BERTH_RUN_AS_USER", default_value = "")]
     pub run_as_user: String,
+    /// Remove every container this long after it was created, whatever its
+    /// state (`60m`; default: never; the session's end removes them too).
+    #[arg(long, env = "BERTH_MAX_AGE", value_parser = humantime::parse_duration)]
+    pub max_age: Option<Duration>,
     /// At start, remove at once the containers and networks that shims no
     /// longer running left in the namespace (the coordinator removes them
     /// by itself about a minute after their shim stopped).
@@ -136,6 +140,9 @@ impl Args {
         Ok(crate::docker::options::PodDefaults {
             options,
             run_as_user: self.run_as_user.clone(),
+            max_age_seconds: self
+                .max_age
+                .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
         })
     }
 

@@ -394,6 +394,11 @@ async fn a_published_port_is_reachable_from_the_shims_host() {
     .await
     .unwrap();
     assert!(body.ends_with("hello-from-the-pod\n"), "{body}");
+    // Inside the cluster, through the Service of its name.
+    let inside = shim
+        .docker_ok(&["run", "--rm", &image, "wget", "-qO-", "http://web:8080/"])
+        .unwrap();
+    assert_eq!(inside, "hello-from-the-pod\n");
     shim.docker_ok(&["rm", "-f", "web"]).unwrap();
     assert!(
         std::net::TcpStream::connect(&addr).is_err(),
@@ -683,4 +688,33 @@ async fn operator_flags_and_container_labels_shape_the_pod_and_exit_cleans_up() 
         shim.log()
     );
     let _ = std::fs::remove_file(&template);
+}
+
+#[tokio::test]
+async fn a_container_older_than_the_max_age_is_removed_while_its_shim_lives() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-max-age").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-max-age").unwrap();
+    let shim = ns.shim_with("ci", &["--max-age", "3s"]).await.unwrap();
+
+    let id = shim
+        .docker_ok(&["run", "-d", &image, "sleep", "600"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !ns.berth_objects().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still there a minute after its max age of 3 s: {:?}",
+            ns.berth_objects().unwrap()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let gone = shim.docker(&["inspect", &id]).unwrap();
+    assert!(
+        text(&gone.stderr).contains("No such"),
+        "{}",
+        text(&gone.stderr)
+    );
 }

@@ -103,13 +103,13 @@ fn exec(message: &[u8]) -> Result<ResourceAccess, AccessError> {
 }
 
 /// Creating a container makes a pod, and Services for its names when it
-/// joins a network.
+/// joins a network or publishes a port.
 fn create_container(message: &[u8]) -> Result<Vec<ResourceAccess>, AccessError> {
     let r: pb::CreateContainerRequest = decode(message, "Create")?;
     let networked = r
         .spec
         .as_ref()
-        .is_some_and(|s| !s.networks.is_empty() || !s.aliases.is_empty());
+        .is_some_and(|s| !s.networks.is_empty() || !s.aliases.is_empty() || !s.ports.is_empty());
     let mut needs = vec![pods("create", "pods", r.namespace.clone())?];
     if networked {
         needs.push(pods("create", "services", r.namespace)?);

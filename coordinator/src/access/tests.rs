@@ -438,6 +438,12 @@ fn a_container_on_a_network_needs_services_as_well_as_pods() {
         [("create", "pods"), ("create", "services")]
     );
     assert!(needs.iter().all(|a| a.namespace.as_deref() == Some("ci")));
+    let mut published = plain.clone();
+    published.spec.as_mut().unwrap().ports = vec![pb::PortBinding::default()];
+    assert_eq!(
+        rules_for("/berth.v1.Containers/Create", &published).len(),
+        2
+    );
     let connect = pb::ConnectRequest {
         namespace: "ci".into(),
         ..Default::default()

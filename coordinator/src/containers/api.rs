@@ -399,7 +399,19 @@ impl ContainersApi {
                     self.registry.logs().open_for(&uid) == 0 || since.elapsed() > DRAIN_TIMEOUT
                 })
                 .collect();
-            for (r, why) in due.into_iter().map(|r| (r, "auto-removed")) {
+            let now = now_secs();
+            let too_old = space.records().into_iter().filter(|r| {
+                let created = r
+                    .created
+                    .parse::<k8s_openapi::jiff::Timestamp>()
+                    .map_or(i64::MAX, |t| t.as_second());
+                r.spec.max_age_seconds > 0 && created.saturating_add(r.spec.max_age_seconds) < now
+            });
+            for (r, why) in due
+                .into_iter()
+                .map(|r| (r, "auto-removed"))
+                .chain(too_old.map(|r| (r, "older than its max age")))
+            {
                 if let Err(e) = self.delete(&space, &r).await {
                     warn!(container = %r.name, error = %e, "removal failed; will retry");
                 } else {
@@ -416,7 +428,10 @@ impl ContainersApi {
             // without any event.
             let limit = if !finished_at.is_empty() {
                 Duration::from_millis(200)
-            } else if space.records().iter().any(|r| !r.session.is_empty())
+            } else if space
+                .records()
+                .iter()
+                .any(|r| !r.session.is_empty() || r.spec.max_age_seconds > 0)
                 || space.networks().iter().any(|n| !n.session.is_empty())
             {
                 Duration::from_secs(2)

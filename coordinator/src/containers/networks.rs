@@ -167,15 +167,22 @@ pub fn check_alias(alias: &str) -> Result<(), Status> {
     )))
 }
 
-/// Every name a container answers to on its networks, lowercase (DNS is
-/// case-blind): its own name when that is a DNS label, then its aliases.
-/// None off every network.
+/// Every name a container answers to in the cluster, lowercase (DNS is
+/// case-blind): its own name when that is a DNS label, if it is on a
+/// network or publishes a port (so the port is reachable inside the cluster
+/// through a Service, as well as on the shim's host), then its aliases on
+/// its networks.
 pub fn dns_names(spec: &pb::ContainerSpec) -> Vec<String> {
-    if spec.networks.is_empty() {
+    let aliases: &[String] = if spec.networks.is_empty() {
+        &[]
+    } else {
+        &spec.aliases
+    };
+    if spec.networks.is_empty() && spec.ports.is_empty() {
         return Vec::new();
     }
     let mut names: Vec<String> = Vec::new();
-    for n in std::iter::once(&spec.name).chain(&spec.aliases) {
+    for n in std::iter::once(&spec.name).chain(aliases) {
         let n = n.to_ascii_lowercase();
         if dns_label(&n) && !names.contains(&n) {
             names.push(n);
@@ -412,6 +419,14 @@ mod tests {
             ..Default::default()
         };
         assert!(dns_names(&spec).is_empty(), "no network, no names");
+        spec.name = "web".into();
+        spec.ports = vec![pb::PortBinding {
+            container_port: 80,
+            ..Default::default()
+        }];
+        assert_eq!(dns_names(&spec), ["web"], "a published port: its name only");
+        spec.ports.clear();
+        spec.name = "berth_1234".into();
         spec.networks = vec!["backend".into()];
         assert_eq!(dns_names(&spec), ["db", "cache-1"]);
         spec.name = "web".into();

@@ -562,6 +562,7 @@ pub fn to_spec(name: &str, b: &CreateBody) -> Result<ContainerSpec, CreateError>
         nano_cpus: nano_cpus(&b.host_config)?,
         // Set from the shim's defaults and the labels (`options`).
         pod: None,
+        max_age_seconds: 0,
     })
 }
 

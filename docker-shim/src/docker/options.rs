@@ -36,6 +36,8 @@ pub struct PodDefaults {
     pub options: PodOptions,
     /// `uid[:gid]` for containers that name no user.
     pub run_as_user: String,
+    /// Remove containers this long after their creation (0: never).
+    pub max_age_seconds: i64,
 }
 
 fn pairs(raw: &str, what: &str) -> Result<HashMap<String, String>, String> {
@@ -100,6 +102,7 @@ pub fn apply(defaults: &PodDefaults, spec: &mut ContainerSpec) -> Result<(), Str
         spec.user = label(RUN_AS_USER).unwrap_or_else(|| defaults.run_as_user.clone());
     }
     spec.pod = (o != PodOptions::default()).then_some(o);
+    spec.max_age_seconds = defaults.max_age_seconds;
     Ok(())
 }
 
@@ -127,6 +130,7 @@ mod tests {
                 ..Default::default()
             },
             run_as_user: "1000".into(),
+            max_age_seconds: 3600,
         };
         let mut s = spec(&[
             (CPU_REQUEST, "2"),
@@ -145,6 +149,7 @@ mod tests {
         assert_eq!(o.active_deadline_seconds, 300);
         assert_eq!(o.image_pull_secrets, ["a", "b"]);
         assert_eq!(s.user, "1000");
+        assert_eq!(s.max_age_seconds, 3600);
     }
 
     #[test]
