@@ -718,3 +718,78 @@ async fn a_container_older_than_the_max_age_is_removed_while_its_shim_lives() {
         text(&gone.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_health_check_turns_healthy_or_unhealthy_as_its_command_says() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-health").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-health").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let health = |name: &str| {
+        shim.docker_ok(&["inspect", "-f", "{{.State.Health.Status}}", name])
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let until = |name: &'static str, want: &'static str| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let mut seen = Vec::new();
+        loop {
+            let h = health(name);
+            if h == want {
+                return seen;
+            }
+            if seen.last() != Some(&h) {
+                seen.push(h);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{name} never {want}: {seen:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+    };
+    // Failures count only after `retries` intervals: 5 s for the good one,
+    // whose check passes from 2 s on; 1 s for the bad one.
+    for (name, cmd, check, retries) in [
+        (
+            "good",
+            "sleep 2; touch /tmp/ok; exec sleep 600",
+            "test -f /tmp/ok",
+            "5",
+        ),
+        ("bad", "exec sleep 600", "false", "1"),
+    ] {
+        shim.docker_ok(&[
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--health-cmd",
+            check,
+            "--health-interval",
+            "1s",
+            "--health-timeout",
+            "1s",
+            "--health-retries",
+            retries,
+            &image,
+            "sh",
+            "-c",
+            cmd,
+        ])
+        .unwrap();
+    }
+    let before = until("good", "healthy");
+    assert!(before.iter().all(|h| h == "starting"), "{before:?}");
+    let before = until("bad", "unhealthy");
+    assert!(before.iter().all(|h| h == "starting"), "{before:?}");
+    let listed = shim
+        .docker_ok(&["ps", "--format", "{{.Names}} {{.Status}}"])
+        .unwrap();
+    assert!(
+        listed.contains("(healthy)") && listed.contains("(unhealthy)"),
+        "{listed}"
+    );
+}

@@ -66,6 +66,9 @@ fn now_rfc3339() -> String {
 pub fn info(space: &Space, record: &Record) -> pb::ContainerInfo {
     let pod = space.current_pod(record);
     let mut state = pod::state_of(pod.as_deref());
+    if let Some(p) = pod.as_deref() {
+        state.health = pod::health_of(&record.spec, p, now_secs());
+    }
     if record.runs > 0 && pod.is_none() {
         state.status = "exited".into();
         state.exit_code = 137;

@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use berth_proto::api as pb;
 use berth_proto::reference::Reference;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ContainerStatus, EnvVar, LocalObjectReference, Pod,
-    PodSecurityContext, PodSpec, ResourceRequirements,
+    Container, ContainerPort, ContainerStatus, EnvVar, ExecAction, LocalObjectReference, Pod,
+    PodSecurityContext, PodSpec, Probe, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -140,6 +140,79 @@ fn resources_of(
     Ok((r.limits.is_some() || r.requests.is_some() || r.claims.is_some()).then_some(r))
 }
 
+/// Whole seconds of a Docker duration in nanoseconds (at least 1), or the
+/// default when unset.
+fn seconds(nanos: i64, default: i32) -> i32 {
+    if nanos <= 0 {
+        return default;
+    }
+    i32::try_from(nanos.saturating_add(999_999_999) / 1_000_000_000)
+        .unwrap_or(i32::MAX)
+        .max(1)
+}
+
+/// Docker's health check as a readiness probe (none for `NONE` or empty).
+fn probe_of(h: Option<&pb::Healthcheck>) -> Result<Option<Probe>, SpecError> {
+    let Some(h) = h else { return Ok(None) };
+    let command = match h.test.split_first() {
+        None => return Ok(None),
+        Some((kind, _)) if kind == "NONE" => return Ok(None),
+        Some((kind, args)) if kind == "CMD" && !args.is_empty() => args.to_vec(),
+        Some((kind, [line])) if kind == "CMD-SHELL" => {
+            vec!["/bin/sh".into(), "-c".into(), line.clone()]
+        }
+        _ => {
+            return Err(SpecError::Option(format!(
+                "health check test {:?}: want [\"CMD\", args…], [\"CMD-SHELL\", command] or [\"NONE\"]",
+                h.test
+            )));
+        }
+    };
+    Ok(Some(Probe {
+        exec: Some(ExecAction {
+            command: Some(command),
+        }),
+        period_seconds: Some(seconds(h.interval_nanos, 30)),
+        timeout_seconds: Some(seconds(h.timeout_nanos, 30)),
+        failure_threshold: Some(if h.retries > 0 { h.retries } else { 3 }),
+        success_threshold: Some(1),
+        ..Default::default()
+    }))
+}
+
+/// Docker's word for a running container's health: `healthy` once its
+/// readiness probe passed; `unhealthy` when it does not pass and the start
+/// period plus `retries` intervals (and a timeout) have gone by since it
+/// started; `starting` before that. Empty without a health check.
+pub fn health_of(spec: &pb::ContainerSpec, pod: &Pod, now_unix: i64) -> String {
+    let Ok(Some(probe)) = probe_of(spec.health.as_ref()) else {
+        return String::new();
+    };
+    let Some(status) = main_status(pod) else {
+        return String::new();
+    };
+    let Some(running) = status.state.as_ref().and_then(|s| s.running.as_ref()) else {
+        return String::new();
+    };
+    if status.ready {
+        return "healthy".into();
+    }
+    let h = spec.health.clone().unwrap_or_default();
+    let started = running
+        .started_at
+        .as_ref()
+        .map_or(now_unix, |t| t.0.as_second());
+    let patience = i64::from(seconds(h.start_period_nanos, 0))
+        + i64::from(probe.period_seconds.unwrap_or(30))
+            * i64::from(probe.failure_threshold.unwrap_or(3))
+        + i64::from(probe.timeout_seconds.unwrap_or(30));
+    if now_unix - started > patience {
+        "unhealthy".into()
+    } else {
+        "starting".into()
+    }
+}
+
 /// The pod a template describes (empty: none).
 fn template_of(text: &str) -> Result<Pod, SpecError> {
     if text.trim().is_empty() {
@@ -222,6 +295,7 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
         stdin: spec.open_stdin.then_some(true),
         ports: Some(container_ports).filter(|p| !p.is_empty()),
         resources: resources_of(spec, base.resources.clone())?,
+        readiness_probe: probe_of(spec.health.as_ref())?.or(base.readiness_probe.clone()),
         ..base
     };
     if options.active_deadline_seconds < 0 {
@@ -353,6 +427,7 @@ pub fn state_of(pod: Option<&Pod>) -> pb::ContainerState {
             finished_at: t.finished_at.as_ref().map_or(ZERO_TIME.into(), rfc3339),
             error: String::new(),
             oom_killed: t.reason.as_deref() == Some("OOMKilled"),
+            health: String::new(),
         };
     }
     if let Some(r) = state.and_then(|s| s.running.as_ref()) {

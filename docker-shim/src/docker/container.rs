@@ -38,10 +38,14 @@ pub fn status_line(state: &ContainerState, now: SystemTime) -> String {
             .map(human_duration)
     };
     match status_word(state) {
-        "running" => format!(
-            "Up {}",
-            since(&state.started_at).unwrap_or_else(|| "Less than a second".into())
-        ),
+        "running" => {
+            let up = since(&state.started_at).unwrap_or_else(|| "Less than a second".into());
+            match state.health.as_str() {
+                "" => format!("Up {up}"),
+                "starting" => format!("Up {up} (health: starting)"),
+                h => format!("Up {up} ({h})"),
+            }
+        }
         "paused" => format!(
             "Up {} (Paused)",
             since(&state.started_at).unwrap_or_default()
@@ -195,6 +199,10 @@ fn config(spec: &ContainerSpec) -> Value {
         "OnBuild": null,
         "Labels": spec.labels.iter().collect::<BTreeMap<_, _>>(),
         "StopTimeout": stop_timeout,
+        "Healthcheck": spec.health.as_ref().map(|h| json!({
+            "Test": h.test, "Interval": h.interval_nanos, "Timeout": h.timeout_nanos,
+            "StartPeriod": h.start_period_nanos, "Retries": h.retries,
+        })),
     })
 }
 
@@ -210,9 +218,9 @@ fn network_settings(info: &ContainerInfo, spec: &ContainerSpec) -> Value {
     })
 }
 
-fn state_json(state: &ContainerState) -> Value {
+fn state_json(state: &ContainerState, spec: &ContainerSpec) -> Value {
     let status = status_word(state);
-    json!({
+    let mut out = json!({
         "Status": status,
         "Running": state.running,
         "Paused": status == "paused",
@@ -224,7 +232,22 @@ fn state_json(state: &ContainerState) -> Value {
         "Error": state.error,
         "StartedAt": or_zero(&state.started_at),
         "FinishedAt": or_zero(&state.finished_at),
-    })
+    });
+    if let Some(h) = &spec.health {
+        // The probe's own results stay in the kubelet; Berth knows the verdict.
+        let verdict = if state.health.is_empty() {
+            "starting"
+        } else {
+            state.health.as_str()
+        };
+        let streak = if verdict == "unhealthy" {
+            h.retries.max(1)
+        } else {
+            0
+        };
+        out["Health"] = json!({"Status": verdict, "FailingStreak": streak, "Log": []});
+    }
+    out
 }
 
 /// Docker's `ContainerInspect` answer.
@@ -242,7 +265,7 @@ pub fn inspect(info: &ContainerInfo) -> Value {
         "Created": or_zero(&info.created),
         "Path": argv.first().cloned().unwrap_or_default(),
         "Args": argv.iter().skip(1).collect::<Vec<_>>(),
-        "State": state_json(&state),
+        "State": state_json(&state, &spec),
         "Image": image,
         "ResolvConfPath": "", "HostnamePath": "", "HostsPath": "", "LogPath": "",
         "Name": format!("/{}", info.name),

@@ -80,9 +80,21 @@ pub struct CreateBody {
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase", default)]
 pub struct Healthcheck {
-    /// `["NONE"]` disables the image's check; anything else asks for one.
+    /// `["CMD", …]`, `["CMD-SHELL", "…"]`, or `["NONE"]` (no check).
     #[serde(deserialize_with = "null_as_default")]
     pub test: Vec<String>,
+    /// Nanoseconds between checks.
+    #[serde(deserialize_with = "null_as_default")]
+    pub interval: i64,
+    /// Nanoseconds a check may take.
+    #[serde(deserialize_with = "null_as_default")]
+    pub timeout: i64,
+    /// Nanoseconds after start during which failures do not count.
+    #[serde(deserialize_with = "null_as_default")]
+    pub start_period: i64,
+    /// Failures in a row that make the container unhealthy.
+    #[serde(deserialize_with = "null_as_default")]
+    pub retries: i32,
 }
 
 /// `HostConfig` of the create body (the fields Berth reads).
@@ -393,12 +405,10 @@ fn check_supported(b: &CreateBody) -> Result<(), CreateError> {
         ));
     }
     if let Some(hc) = &b.healthcheck
-        && !hc.test.is_empty()
-        && hc.test != ["NONE"]
+        && (hc.interval < 0 || hc.timeout < 0 || hc.start_period < 0 || hc.retries < 0)
     {
-        return Err(unsupported(
-            "Healthcheck",
-            "health checks are not supported yet",
+        return Err(CreateError::Invalid(
+            "Healthcheck durations and retries cannot be negative".into(),
         ));
     }
     if !b.domainname.is_empty() || !b.mac_address.is_empty() || b.network_disabled {
@@ -563,6 +573,17 @@ pub fn to_spec(name: &str, b: &CreateBody) -> Result<ContainerSpec, CreateError>
         // Set from the shim's defaults and the labels (`options`).
         pod: None,
         max_age_seconds: 0,
+        health: b
+            .healthcheck
+            .as_ref()
+            .filter(|h| !h.test.is_empty() && h.test != ["NONE"])
+            .map(|h| berth_proto::api::Healthcheck {
+                test: h.test.clone(),
+                interval_nanos: h.interval,
+                timeout_nanos: h.timeout,
+                start_period_nanos: h.start_period,
+                retries: h.retries,
+            }),
     })
 }
 

@@ -356,3 +356,84 @@ fn bad_pod_options_are_refused_with_the_reason() {
         .contains("pod template")
     );
 }
+
+#[test]
+fn a_health_check_is_the_readiness_probe_and_reads_back_as_docker_health() {
+    let health = pb::Healthcheck {
+        test: vec!["CMD-SHELL".into(), "test -f /ready".into()],
+        interval_nanos: 1_500_000_000,
+        timeout_nanos: 0,
+        start_period_nanos: 0,
+        retries: 2,
+    };
+    let spec = pb::ContainerSpec {
+        name: "web".into(),
+        image: "busybox".into(),
+        health: Some(health.clone()),
+        ..Default::default()
+    };
+    let pod = pod_for(&record(spec.clone()), 1).unwrap();
+    let probe = pod.spec.unwrap().containers[0]
+        .readiness_probe
+        .clone()
+        .unwrap();
+    assert_eq!(
+        probe.exec.unwrap().command.unwrap(),
+        ["/bin/sh", "-c", "test -f /ready"]
+    );
+    assert_eq!(
+        (
+            probe.period_seconds,
+            probe.timeout_seconds,
+            probe.failure_threshold
+        ),
+        (Some(2), Some(30), Some(2)),
+        "1.5 s rounds up to 2; Docker's default timeout; retries"
+    );
+
+    let started = k8s_openapi::jiff::Timestamp::from_second(1_000).unwrap();
+    let running = |ready: bool| {
+        let mut p = with_state(
+            ContainerState {
+                running: Some(ContainerStateRunning {
+                    started_at: Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                        started,
+                    )),
+                }),
+                ..Default::default()
+            },
+            "Running",
+        );
+        p.status
+            .as_mut()
+            .unwrap()
+            .container_statuses
+            .as_mut()
+            .unwrap()[0]
+            .ready = ready;
+        p
+    };
+    assert_eq!(health_of(&spec, &running(true), 1_005), "healthy");
+    assert_eq!(health_of(&spec, &running(false), 1_010), "starting");
+    // 2 retries of 2 s, plus the 30 s timeout, have gone by.
+    assert_eq!(health_of(&spec, &running(false), 1_040), "unhealthy");
+    let plain = pb::ContainerSpec {
+        health: None,
+        ..spec.clone()
+    };
+    assert_eq!(health_of(&plain, &running(true), 1_005), "");
+
+    let bad = pb::ContainerSpec {
+        health: Some(pb::Healthcheck {
+            test: vec!["CMD".into()],
+            ..health
+        }),
+        ..spec
+    };
+    assert!(
+        pod_for(&record(bad), 1)
+            .unwrap_err()
+            .to_string()
+            .contains("health check")
+    );
+}

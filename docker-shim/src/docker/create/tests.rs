@@ -163,10 +163,6 @@ fn what_berth_cannot_honour_is_refused_by_name() {
             json!({"Image": "x", "HostConfig": {"RestartPolicy": {"Name": "always"}}}),
             "always",
         ),
-        (
-            json!({"Image": "x", "Healthcheck": {"Test": ["CMD", "true"]}}),
-            "Healthcheck",
-        ),
         (json!({"Image": "x", "StopSignal": "SIGINT"}), "SIGINT"),
         (
             json!({"Image": "x", "HostConfig": {"PortBindings": {"80/sctp": null}}}),
@@ -182,6 +178,28 @@ fn what_berth_cannot_honour_is_refused_by_name() {
         assert!(msg.contains(needle), "{body}: {msg}");
         assert!(msg.starts_with("Berth cannot honour"), "{body}: {msg}");
     }
+}
+
+#[test]
+fn a_health_check_is_carried_with_its_durations() {
+    let s = spec(
+        "",
+        json!({"Image": "x", "Healthcheck": {"Test": ["CMD-SHELL", "test -f /ok"],
+               "Interval": 2_000_000_000i64, "Retries": 4}}),
+    )
+    .unwrap();
+    let h = s.health.unwrap();
+    assert_eq!(h.test, ["CMD-SHELL", "test -f /ok"]);
+    assert_eq!((h.interval_nanos, h.retries), (2_000_000_000, 4));
+    let none = spec("", json!({"Image": "x", "Healthcheck": {"Test": ["NONE"]}})).unwrap();
+    assert!(none.health.is_none());
+    assert!(
+        spec(
+            "",
+            json!({"Image": "x", "Healthcheck": {"Test": ["CMD", "true"], "Retries": -1}})
+        )
+        .is_err()
+    );
 }
 
 #[test]
