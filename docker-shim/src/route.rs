@@ -42,6 +42,8 @@ pub enum Route {
     Version,
     /// `GET /info`
     Info,
+    /// `GET /events`
+    Events,
     /// `POST /images/create`
     ImageCreate,
     /// `GET /images/{name}/json`
@@ -178,6 +180,7 @@ pub fn route(method: &Method, path: &str) -> Result<(ApiVersion, Route), RouteEr
         ["_ping"] if get || method == Method::HEAD => Some(Route::Ping),
         ["version"] if get => Some(Route::Version),
         ["info"] if get => Some(Route::Info),
+        ["events"] if get => Some(Route::Events),
         ["images", "create"] if post => Some(Route::ImageCreate),
         ["images", "json"] if get => Some(Route::ImageList),
         ["images", name @ .., "json"]
@@ -276,7 +279,7 @@ fn is_engine_endpoint(method: &Method, segs: &[&str]) -> bool {
     }
     match (m, segs) {
         ("POST", ["build"] | ["build", "prune"] | ["commit"] | ["auth"] | ["session"]) => true,
-        ("GET", ["events"] | ["system", "df"]) => true,
+        ("GET", ["system", "df"]) => true,
         ("GET", ["distribution", name @ .., "json"]) => !name.is_empty(),
         ("GET", ["images", "search" | "get"]) => true,
         ("POST", ["images", "load" | "prune"]) => true,
@@ -505,7 +508,7 @@ mod tests {
             (Method::POST, "/v1.47/exec/abc/resize", "/exec/abc/resize"),
             (Method::POST, "/networks/prune", "/networks/prune"),
             (Method::POST, "/volumes/create", "/volumes/create"),
-            (Method::GET, "/events", "/events"),
+            (Method::GET, "/system/df", "/system/df"),
             (
                 Method::DELETE,
                 "/images/host:5000/a:1",

@@ -247,6 +247,19 @@ impl Shim {
         Ok(out)
     }
 
+    /// Starts the docker CLI against this shim without waiting for it; its
+    /// stdout is piped.
+    pub fn docker_spawn(&self, args: &[&str]) -> anyhow::Result<Child> {
+        Command::new(&self.c_tool_docker)
+            .args(args)
+            .env("DOCKER_HOST", &self.host)
+            .env("DOCKER_CONFIG", self._files.0.join("docker-config"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("running the docker CLI")
+    }
+
     /// [`Shim::docker`] that must succeed; its stdout.
     pub fn docker_ok(&self, args: &[&str]) -> anyhow::Result<String> {
         let out = self.docker(args)?;

@@ -793,3 +793,54 @@ async fn a_health_check_turns_healthy_or_unhealthy_as_its_command_says() {
         "{listed}"
     );
 }
+
+#[tokio::test]
+async fn docker_events_follow_a_container_from_create_to_destroy_with_its_exit_code() {
+    use std::io::BufRead;
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-events").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-events").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let mut watcher = shim
+        .docker_spawn(&[
+            "events",
+            "--filter",
+            "type=container",
+            "--filter",
+            "container=ev",
+            "--format",
+            "{{.Action}}{{if eq .Action \"die\"}} {{.Actor.Attributes.exitCode}}{{end}}",
+        ])
+        .unwrap();
+    let stdout = watcher.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line.trim().to_string()).is_err() {
+                break;
+            }
+        }
+    });
+    // The stream is open once the shim has asked the coordinator for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !shim.log().contains("streaming events") {
+        assert!(std::time::Instant::now() < deadline, "{}", shim.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let out = shim
+        .docker(&["run", "--rm", "--name", "ev", &image, "sh", "-c", "exit 3"])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3));
+    let mut seen = Vec::new();
+    while seen.last().map(String::as_str) != Some("destroy") {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no destroy event within 30 s: {seen:?}\n{}", shim.log()),
+        }
+    }
+    let _ = watcher.kill();
+    let _ = watcher.wait();
+    assert_eq!(seen, ["create", "start", "die 3", "destroy"]);
+}

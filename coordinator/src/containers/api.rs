@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::logs::LogRouter;
 use super::networks;
 use super::pod::{self, MAIN_CONTAINER};
-use super::record::{self, RUNS_ANNOTATION, Record};
+use super::record::{self, RUN_STARTED_ANNOTATION, RUNS_ANNOTATION, Record};
 use super::sessions::{self, session_of};
 use super::store::{Space, Spaces};
 use crate::nodes::NodeRegistry;
@@ -69,7 +69,13 @@ pub fn info(space: &Space, record: &Record) -> pb::ContainerInfo {
     if let Some(p) = pod.as_deref() {
         state.health = pod::health_of(&record.spec, p, now_secs());
     }
-    if record.runs > 0 && pod.is_none() {
+    // A run whose pod is missing: still being made (the run is claimed in
+    // the record just before its pod is created), or gone.
+    let making = record
+        .run_started
+        .parse::<k8s_openapi::jiff::Timestamp>()
+        .is_ok_and(|t| now_secs() - t.as_second() < SEE_WRITE.as_secs() as i64 * 3);
+    if record.runs > 0 && pod.is_none() && !making {
         state.status = "exited".into();
         state.exit_code = 137;
         state.error = "the container's pod is gone".into();
@@ -193,7 +199,10 @@ impl ContainersApi {
             .and_then(|cm| cm.metadata.resource_version.clone())
             .ok_or_else(|| Status::not_found(format!("No such container: {}", record.id)))?;
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": rv, "annotations": {RUNS_ANNOTATION: run.to_string()}}
+            "metadata": {"resourceVersion": rv, "annotations": {
+                RUNS_ANNOTATION: run.to_string(),
+                RUN_STARTED_ANNOTATION: now_rfc3339(),
+            }}
         });
         self.records(&space.namespace)
             .patch(
@@ -295,6 +304,17 @@ impl ContainersApi {
         // The garbage collector would take them too, but a name should be
         // free for the next container at once.
         networks::drop_services(self.client(), record, &[]).await?;
+        // The record first: once it is gone the container is, and no one
+        // sees it as a run whose pod vanished while its pods go.
+        match self
+            .records(&space.namespace)
+            .delete(&record.object_name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => {}
+            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
+            Err(e) => return Err(kube_status("removing the container", e)),
+        }
         let now = DeleteParams {
             grace_period_seconds: Some(0),
             ..Default::default()
@@ -304,18 +324,10 @@ impl ContainersApi {
                 match self.pods(&space.namespace).delete(name, &now).await {
                     Ok(_) => {}
                     Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-                    Err(e) => return Err(kube_status("removing the container's pod", e)),
+                    // The garbage collector takes what is left.
+                    Err(e) => warn!(pod = %name, error = %e, "removing a container's pod failed"),
                 }
             }
-        }
-        match self
-            .records(&space.namespace)
-            .delete(&record.object_name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => return Err(kube_status("removing the container", e)),
         }
         space
             .wait_for(SEE_WRITE, |s| (!s.exists(&record.id)).then_some(()))
@@ -496,6 +508,7 @@ impl pb::containers_server::Containers for ContainersApi {
             name: name.clone(),
             spec: spec.clone(),
             runs: 0,
+            run_started: String::new(),
             created: String::new(),
             uid: String::new(),
             object_name: String::new(),
@@ -679,6 +692,42 @@ impl pb::containers_server::Containers for ContainersApi {
     type ExecStream = super::exec::ExecOutputs;
 
     type TunnelStream = super::tunnel::TunnelOutputs;
+
+    type EventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
+
+    async fn events(
+        &self,
+        request: Request<pb::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        let session = session_of(request.metadata())?;
+        let space = self
+            .space(&request.get_ref().namespace)
+            .await?
+            .for_session(session);
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut changes = space.subscribe();
+            changes.borrow_and_update();
+            let mut seen = super::events::Snapshot::of(&space);
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => if changed.is_err() { return },
+                    _ = tx.closed() => return,
+                }
+                let now = super::events::Snapshot::of(&space);
+                let at = k8s_openapi::jiff::Timestamp::now().as_nanosecond() as i64;
+                for e in super::events::diff(&seen, &now, at) {
+                    if tx.send(Ok(e)).await.is_err() {
+                        return;
+                    }
+                }
+                seen = now;
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 
     async fn prune_ended(
         &self,

@@ -6,6 +6,8 @@
 //! - [`store`]: per-namespace mirrors of records and pods, from watches.
 //! - [`api`]: the `Containers` service over those.
 //! - [`exec`]: `Containers/Exec`, through the pod exec API.
+//! - [`events`]: `Containers/Events`, Docker's events as differences
+//!   between snapshots of the mirror.
 //! - [`logs`]: log lines from the node agent that reads the CRI log file
 //!   (stdout and stderr kept apart) to the API caller.
 //! - [`sessions`]: client sessions (one per shim), their Leases, and the
@@ -20,6 +22,7 @@
 //! in the request's namespace ([`crate::access::policy`]).
 
 pub mod api;
+pub mod events;
 pub mod exec;
 pub mod images;
 pub mod logs;

@@ -446,6 +446,7 @@ mod tests {
             name: "web".into(),
             spec: pb::ContainerSpec::default(),
             runs: 0,
+            run_started: String::new(),
             created: String::new(),
             uid: "u-1".into(),
             object_name: "berth-ctr-1".into(),

@@ -30,6 +30,8 @@ pub const ID_ANNOTATION: &str = "berth.dev/container-id";
 pub const NAME_ANNOTATION: &str = "berth.dev/container-name";
 /// Annotation on the record: how many times it was started.
 pub const RUNS_ANNOTATION: &str = "berth.dev/runs";
+/// Annotation on the record: when its latest start was asked for (RFC 3339).
+pub const RUN_STARTED_ANNOTATION: &str = "berth.dev/run-started";
 /// Annotation on the record: when it was created (RFC 3339 with nanos).
 pub const CREATED_ANNOTATION: &str = "berth.dev/created";
 /// Key of the record's binary data holding the encoded spec.
@@ -48,6 +50,8 @@ pub struct Record {
     pub spec: pb::ContainerSpec,
     /// Starts so far; the pod of run `n` is [`pod_name`]`(id, n)`.
     pub runs: u32,
+    /// When the latest start was asked for (RFC 3339; empty before one).
+    pub run_started: String,
     /// RFC 3339 with nanos.
     pub created: String,
     /// The ConfigMap's UID, for owner references.
@@ -151,6 +155,10 @@ pub fn from_config_map(cm: &ConfigMap) -> Option<Record> {
         namespace: meta.namespace.clone()?,
         name: annotations.get(NAME_ANNOTATION)?.clone(),
         runs: annotations.get(RUNS_ANNOTATION)?.parse().ok()?,
+        run_started: annotations
+            .get(RUN_STARTED_ANNOTATION)
+            .cloned()
+            .unwrap_or_default(),
         created: annotations
             .get(CREATED_ANNOTATION)
             .cloned()

@@ -155,6 +155,7 @@ mod tests {
             name: "web".into(),
             spec: pb::ContainerSpec::default(),
             runs: 0,
+            run_started: String::new(),
             created: created.into(),
             uid: "u".into(),
             object_name: "o".into(),

@@ -5,6 +5,7 @@
 //!   refusing what Berth cannot honour.
 //! - [`container`]: `ContainerInfo` → Docker's inspect and list answers,
 //!   status words ("Up 5 seconds").
+//! - [`events`]: event filters; `Event` → Docker's event message.
 //! - [`exec`]: `docker exec` bodies → an exec spec; exec inspect answers.
 //! - [`filters`]: the `filters` query of `GET /containers/json` → the List request.
 //! - [`image`]: `ImageInfo` → Docker's image inspect answer; pull references.
@@ -15,6 +16,7 @@
 
 pub mod container;
 pub mod create;
+pub mod events;
 pub mod exec;
 pub mod filters;
 pub mod image;

@@ -10,6 +10,7 @@
 
 mod archive;
 mod containers;
+mod events;
 mod exec;
 mod images;
 mod logs;
@@ -194,6 +195,7 @@ async fn dispatch(
         R::Ping => Ok(system::ping(req.method())),
         R::Version => Ok(system::version()),
         R::Info => system::info(shim).await,
+        R::Events => events::events(shim, &query).await,
         R::ImageCreate => images::pull(shim, &query).await,
         R::ImageInspect(name) => images::inspect(shim, &name).await,
         R::ImageList => Ok(images::list()),

@@ -311,6 +311,15 @@ impl Containers for Fake {
 
     type TunnelStream = BoxStream<TunnelOutput>;
 
+    type EventsStream = BoxStream<Event>;
+
+    async fn events(
+        &self,
+        _req: Request<EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
+        Err(Status::unimplemented("the fake keeps no events"))
+    }
+
     async fn prune_ended(
         &self,
         _req: Request<PruneRequest>,

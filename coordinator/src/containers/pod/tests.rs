@@ -13,6 +13,7 @@ fn record(spec: pb::ContainerSpec) -> Record {
         name: spec.name.clone(),
         spec,
         runs: 0,
+        run_started: String::new(),
         created: String::new(),
         uid: "uid-1".into(),
         object_name: record::record_name("", "web"),
