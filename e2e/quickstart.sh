@@ -76,7 +76,7 @@ kubectl -n $ns create rolebinding berth-container-runner --clusterrole=berth-con
 kubectl -n $ns create serviceaccount docker --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 kubectl -n $ns create role docker --verb=create,get,list,delete --resource=pods,services \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-kubectl -n $ns create role docker-streams --verb=get,create --resource=pods/log,pods/exec,pods/portforward \
+kubectl -n $ns create role docker-streams --verb=get,create --resource=pods/log,pods/exec,pods/attach,pods/portforward \
   --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 for r in docker docker-streams; do
   kubectl -n $ns create rolebinding $r --role=$r --serviceaccount=$ns:docker \

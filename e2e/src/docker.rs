@@ -13,7 +13,7 @@ use crate::{COORDINATOR_NAME, Cluster, PortForward, TestNamespace, free_port};
 
 /// The Role a Docker API user gets in a test namespace: what Berth checks
 /// before it acts (pods: create, get, list, delete; pods/log: get;
-/// pods/exec, pods/portforward: create; services for networks: create, get,
+/// pods/exec, pods/attach, pods/portforward: create; services for networks: create, get,
 /// list, delete).
 const USER_ROLE: &str = "berth-docker-user";
 
@@ -58,7 +58,7 @@ rules:
   resources: [pods/log]
   verbs: [get]
 - apiGroups: [\"\"]
-  resources: [pods/exec, pods/portforward]
+  resources: [pods/exec, pods/attach, pods/portforward]
   verbs: [create]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
@@ -245,6 +245,36 @@ impl Shim {
             .output()
             .context("running the docker CLI")?;
         Ok(out)
+    }
+
+    /// Runs the docker CLI with `input` on its stdin; fails if it has not
+    /// ended within two minutes (a container still waiting for input).
+    pub fn docker_with_stdin(&self, args: &[&str], input: &[u8]) -> anyhow::Result<Output> {
+        use std::io::Write;
+        let mut child = Command::new(&self.c_tool_docker)
+            .args(args)
+            .env("DOCKER_HOST", &self.host)
+            .env("DOCKER_CONFIG", self._files.0.join("docker-config"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running the docker CLI")?;
+        let mut stdin = child.stdin.take().context("docker's stdin")?;
+        stdin.write_all(input)?;
+        drop(stdin);
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(out) => Ok(out?),
+            Err(_) => {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                bail!("docker {} did not end within 2 minutes", args.join(" "))
+            }
+        }
     }
 
     /// Starts the docker CLI against this shim without waiting for it; its

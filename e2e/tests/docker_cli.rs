@@ -844,3 +844,26 @@ async fn docker_events_follow_a_container_from_create_to_destroy_with_its_exit_c
     let _ = watcher.wait();
     assert_eq!(seen, ["create", "start", "die 3", "destroy"]);
 }
+
+#[tokio::test]
+async fn docker_run_i_feeds_stdin_to_the_container_until_end_of_file() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-stdin").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-stdin").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+
+    let out = shim
+        .docker_with_stdin(
+            &["run", "-i", "--rm", &image, "sh", "-c", "wc -l; echo done"],
+            b"one\ntwo\nthree\n",
+        )
+        .unwrap();
+    assert_eq!(
+        (text(&out.stdout), out.status.code()),
+        ("3\ndone\n".into(), Some(0)),
+        "stderr: {}\nshim log:\n{}",
+        text(&out.stderr),
+        shim.log()
+    );
+    assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
+}

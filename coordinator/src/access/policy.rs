@@ -117,6 +117,16 @@ fn create_container(message: &[u8]) -> Result<Vec<ResourceAccess>, AccessError> 
     Ok(needs)
 }
 
+fn stdin(message: &[u8]) -> Result<ResourceAccess, AccessError> {
+    let input: pb::StdinInput = decode(message, "Stdin")?;
+    match input.kind {
+        Some(pb::stdin_input::Kind::Open(o)) => pods("create", "pods/attach", o.namespace),
+        _ => Err(AccessError::BadRequest(
+            "Stdin: the first message must be a StdinOpen".into(),
+        )),
+    }
+}
+
 fn tunnel(message: &[u8]) -> Result<ResourceAccess, AccessError> {
     let input: pb::TunnelInput = decode(message, "Tunnel")?;
     match input.kind {
@@ -141,8 +151,8 @@ macro_rules! in_namespace {
 /// the request's namespace, what the call does through Berth — `create` to
 /// create or start a container (Berth makes a pod), `delete` to stop, kill
 /// or remove one, `get` to inspect or wait on one, `get pods/log` to read
-/// its logs, `create pods/exec` to run a command in it, `create pods/portforward`
-/// to reach one of its ports, `list` to list them
+/// its logs, `create pods/exec` to run a command in it, `create pods/attach`
+/// to write its stdin, `create pods/portforward` to reach one of its ports, `list` to list them
 /// or read images; holding a session needs `create`. `berth.v1.Networks`
 /// needs the matching verb on Services (a network's names are Services), and
 /// so does creating a container on a network. Berth acts with its own rights
@@ -164,6 +174,7 @@ pub fn containers(path: &str) -> Option<Rule> {
         }
         "/berth.v1.Containers/Exec" => Rule::FromMessage(exec),
         "/berth.v1.Containers/Tunnel" => Rule::FromMessage(tunnel),
+        "/berth.v1.Containers/Stdin" => Rule::FromMessage(stdin),
         "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
         "/berth.v1.Containers/Events" => in_namespace!("list", pb::EventsRequest, "Events"),
         "/berth.v1.Containers/PruneEnded" => {

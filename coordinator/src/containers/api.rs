@@ -693,6 +693,16 @@ impl pb::containers_server::Containers for ContainersApi {
 
     type TunnelStream = super::tunnel::TunnelOutputs;
 
+    async fn stdin(
+        &self,
+        request: Request<tonic::Streaming<pb::StdinInput>>,
+    ) -> Result<Response<pb::StdinResult>, Status> {
+        let session = session_of(request.metadata())?;
+        Ok(Response::new(
+            self.stdin(session, request.into_inner()).await?,
+        ))
+    }
+
     type EventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;
 
     async fn events(

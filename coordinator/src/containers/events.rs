@@ -55,7 +55,11 @@ impl Snapshot {
                     name: r.name.clone(),
                     image: r.spec.image.clone(),
                     labels: r.spec.labels.clone().into_iter().collect(),
-                    runs: if ran { r.runs } else { r.runs.saturating_sub(1) },
+                    runs: if ran {
+                        r.runs
+                    } else {
+                        r.runs.saturating_sub(1)
+                    },
                     status: state.status,
                     exit_code: state.exit_code,
                     health: state.health,

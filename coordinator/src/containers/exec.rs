@@ -65,6 +65,88 @@ pub fn exec_exit(
     }
 }
 
+impl ContainersApi {
+    /// Delivers a client's bytes to a container's stdin through the pod
+    /// attach API, once the container runs.
+    pub(super) async fn stdin(
+        &self,
+        session: Option<String>,
+        mut input: tonic::Streaming<pb::StdinInput>,
+    ) -> Result<pb::StdinResult, Status> {
+        use kube::api::AttachParams;
+        use tokio::io::AsyncWriteExt;
+
+        let first = input
+            .message()
+            .await?
+            .and_then(|m| m.kind)
+            .ok_or_else(|| Status::invalid_argument("Stdin: no StdinOpen"))?;
+        let pb::stdin_input::Kind::Open(open) = first else {
+            return Err(Status::invalid_argument(
+                "Stdin: the first message must be a StdinOpen",
+            ));
+        };
+        let space = self.space(&open.namespace).await?.for_session(session);
+        let record = space.find(&open.id)?;
+        if !record.spec.open_stdin {
+            return Err(Status::failed_precondition(format!(
+                "container {} was not made with stdin open (docker run -i)",
+                record.name
+            )));
+        }
+        let pod = space
+            .wait_for(super::api::START_TIMEOUT, |s| {
+                let r = s.find(&record.id).ok()?;
+                let pod = s.current_pod(&r)?;
+                let state = super::pod::state_of(Some(&pod));
+                (state.running || state.status == "exited").then_some(pod)
+            })
+            .await
+            .ok_or_else(|| Status::deadline_exceeded("the container did not start"))?;
+        if !super::pod::state_of(Some(&pod)).running {
+            return Err(Status::failed_precondition(format!(
+                "Container {} is not running",
+                record.id
+            )));
+        }
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        let params = AttachParams {
+            container: Some(MAIN_CONTAINER.into()),
+            stdin: true,
+            stdout: false,
+            stderr: false,
+            tty: record.spec.tty,
+            ..Default::default()
+        };
+        let mut attached = self
+            .pods(&space.namespace)
+            .attach(&name, &params)
+            .await
+            .map_err(|e| kube_status("attaching to the container", e))?;
+        let mut stdin = attached
+            .stdin()
+            .ok_or_else(|| Status::internal("attach without stdin"))?;
+        let mut sent = 0u64;
+        while let Some(m) = input.message().await? {
+            match m.kind {
+                Some(pb::stdin_input::Kind::Data(b)) => {
+                    stdin
+                        .write_all(&b)
+                        .await
+                        .map_err(|e| Status::unavailable(format!("writing stdin: {e}")))?;
+                    sent += b.len() as u64;
+                }
+                Some(pb::stdin_input::Kind::Close(true)) => break,
+                _ => {}
+            }
+        }
+        let _ = stdin.shutdown().await;
+        drop(stdin);
+        let _ = attached.join().await;
+        Ok(pb::StdinResult { bytes: sent })
+    }
+}
+
 /// The output stream of one exec.
 pub type ExecOutputs = Pin<Box<dyn Stream<Item = Result<pb::ExecOutput, Status>> + Send>>;
 

@@ -293,6 +293,7 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
             .or(base.working_dir.clone()),
         tty: spec.tty.then_some(true),
         stdin: spec.open_stdin.then_some(true),
+        stdin_once: (spec.open_stdin && spec.stdin_once).then_some(true),
         ports: Some(container_ports).filter(|p| !p.is_empty()),
         resources: resources_of(spec, base.resources.clone())?,
         readiness_probe: probe_of(spec.health.as_ref())?.or(base.readiness_probe.clone()),

@@ -37,6 +37,9 @@ pub struct CreateBody {
     /// Keep stdin open.
     #[serde(deserialize_with = "null_as_default")]
     pub open_stdin: bool,
+    /// Close stdin after the first attached client closes it.
+    #[serde(deserialize_with = "null_as_default")]
+    pub stdin_once: bool,
     /// `KEY=value` each.
     #[serde(deserialize_with = "null_as_default")]
     pub env: Vec<String>,
@@ -562,6 +565,7 @@ pub fn to_spec(name: &str, b: &CreateBody) -> Result<ContainerSpec, CreateError>
         labels: b.labels.clone().into_iter().collect(),
         tty: b.tty,
         open_stdin: b.open_stdin,
+        stdin_once: b.stdin_once,
         auto_remove: b.host_config.auto_remove,
         hostname: b.hostname.clone(),
         ports: ports(b)?,

@@ -6,10 +6,11 @@
 //! Attach asks for `follow` and `wait_for_start`: the docker CLI attaches
 //! before it starts the container and must see its output from the first
 //! byte. The 101 goes out before the Logs call, so a coordinator that holds
-//! the call until the start cannot deadlock the client. Stdin sent on an
-//! attach is read and dropped (the Containers API has no way to deliver it
-//! yet); the shim logs that once per attach. The hijack answers
-//! (`upgraded`, `streamed`) serve `exec` too.
+//! the call until the start cannot deadlock the client. With `stdin=1` on
+//! a container made with stdin open (`docker run -i`), the client's bytes go
+//! to `Containers.Stdin`, and its half-close closes the container's stdin;
+//! otherwise they are dropped. The hijack answers (`upgraded`, `streamed`)
+//! serve `exec` too.
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -156,6 +157,7 @@ pub async fn attach(
         .map_err(|s| ShimError::grpc(Subject::Container(id.to_string()), s))?
         .into_inner();
     let tty = info.spec.as_ref().is_some_and(|s| s.tty);
+    let forward_stdin = query.flag("stdin") && info.spec.as_ref().is_some_and(|s| s.open_stdin);
     let running = info.state.as_ref().is_some_and(|s| s.running);
     let (stdout, stderr) = (query.flag("stdout"), query.flag("stderr"));
     // Attaching to a running container without `logs` shows only new output.
@@ -185,21 +187,12 @@ pub async fn attach(
         tokio::spawn(async move {
             match upgrade.await {
                 Ok(upgraded) => {
-                    let (mut rd, wr) = tokio::io::split(TokioIo::new(upgraded));
-                    let stdin_id = id.clone();
-                    tokio::spawn(async move {
-                        let mut buf = [0u8; 4096];
-                        let mut warned = false;
-                        while let Ok(n) = rd.read(&mut buf).await {
-                            if n == 0 {
-                                break;
-                            }
-                            if !warned {
-                                tracing::warn!(id = %stdin_id, "stdin on attach is not forwarded to containers yet; dropping it");
-                                warned = true;
-                            }
-                        }
-                    });
+                    let (rd, wr) = tokio::io::split(TokioIo::new(upgraded));
+                    if forward_stdin {
+                        tokio::spawn(send_stdin(shim.clone(), id.clone(), rd));
+                    } else {
+                        tokio::spawn(drop_stdin(id.clone(), rd));
+                    }
                     pump(&shim, request, tty, wr, stdout || stderr).await;
                 }
                 Err(e) => tracing::warn!(%id, error = %e, "attach upgrade failed"),
@@ -210,6 +203,72 @@ pub async fn attach(
     let (tx, rx) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move { pump(&shim, request, tty, tx, stdout || stderr).await });
     Ok(streamed(rx, kind))
+}
+
+/// Sends what the client writes to the container's stdin, closing it at the
+/// client's half-close.
+async fn send_stdin<R: tokio::io::AsyncRead + Unpin + Send + 'static>(
+    shim: Shim,
+    id: String,
+    mut rd: R,
+) {
+    use berth_proto::api::{StdinInput, StdinOpen, stdin_input::Kind};
+    let (tx, rx) = tokio::sync::mpsc::channel::<StdinInput>(16);
+    let open = StdinInput {
+        kind: Some(Kind::Open(StdinOpen {
+            namespace: shim.coordinator.namespace.clone(),
+            id: id.clone(),
+        })),
+    };
+    if tx.send(open).await.is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 << 10];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            let data = StdinInput {
+                kind: Some(Kind::Data(buf[..n].to_vec())),
+            };
+            if tx.send(data).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx
+            .send(StdinInput {
+                kind: Some(Kind::Close(true)),
+            })
+            .await;
+    });
+    let call = shim
+        .coordinator
+        .containers
+        .clone()
+        .stdin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|m| (m, rx))
+        }))
+        .await;
+    match call {
+        Ok(r) => tracing::debug!(%id, bytes = r.into_inner().bytes, "stdin closed"),
+        Err(s) => tracing::warn!(%id, error = %s.message(), "stdin could not be delivered"),
+    }
+}
+
+/// Reads and drops what the client writes (a container without stdin open).
+async fn drop_stdin<R: tokio::io::AsyncRead + Unpin>(id: String, mut rd: R) {
+    let mut buf = [0u8; 4096];
+    let mut warned = false;
+    while let Ok(n) = rd.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        if !warned {
+            tracing::warn!(%id, "stdin sent to a container made without stdin open (docker run -i); dropping it");
+            warned = true;
+        }
+    }
 }
 
 /// Docker's answer to a hijack: `101 UPGRADED` with `Upgrade: tcp`; the

@@ -311,6 +311,13 @@ impl Containers for Fake {
 
     type TunnelStream = BoxStream<TunnelOutput>;
 
+    async fn stdin(
+        &self,
+        _req: Request<tonic::Streaming<StdinInput>>,
+    ) -> Result<Response<StdinResult>, Status> {
+        Err(Status::unimplemented("the fake has no stdin"))
+    }
+
     type EventsStream = BoxStream<Event>;
 
     async fn events(
