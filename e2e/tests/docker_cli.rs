@@ -304,7 +304,7 @@ async fn two_shims_do_not_see_each_others_containers_and_a_killed_shims_are_reap
 }
 
 #[tokio::test]
-async fn docker_cp_copies_files_both_ways_with_a_running_container() {
+async fn docker_cp_copies_files_both_ways_and_into_a_container_before_it_starts() {
     let c = Cluster::from_env().await.unwrap();
     let image = c.fresh_docker_image("docker-cp").await.unwrap();
     let ns = DockerNamespace::new(&c, "docker-cp").unwrap();
@@ -344,18 +344,32 @@ async fn docker_cp_copies_files_both_ways_with_a_running_container() {
         text(&out.stderr)
     );
     shim.docker_ok(&["rm", "-f", "box"]).unwrap();
-    // Before start Berth cannot copy in yet (the CLI's first call is a
-    // HEAD, whose 409 carries no message), and nothing changes.
-    shim.docker_ok(&["create", "--name", "later", &image])
+    // Before start: the copy does not start the container, and every run
+    // finds the file, by the directory or by the file's new name.
+    shim.docker_ok(&[
+        "create",
+        "--name",
+        "later",
+        &image,
+        "sh",
+        "-c",
+        "cat /tmp/greeting.txt /etc/renamed.txt",
+    ])
+    .unwrap();
+    shim.docker_ok(&["cp", local.to_str().unwrap(), "later:/tmp/"])
         .unwrap();
-    let out = shim
-        .docker(&["cp", local.to_str().unwrap(), "later:/tmp/"])
+    shim.docker_ok(&["cp", local.to_str().unwrap(), "later:/etc/renamed.txt"])
         .unwrap();
-    assert!(!out.status.success());
     let state = shim
         .docker_ok(&["inspect", "-f", "{{.State.Status}}", "later"])
         .unwrap();
-    assert_eq!(state, "created\n");
+    assert_eq!(state, "created\n", "a copy does not start the container");
+    let out = shim.docker_ok(&["start", "-a", "later"]).unwrap();
+    assert_eq!(out, "hello from the host\nhello from the host\n");
+    let again = shim.docker_ok(&["start", "-a", "later"]).unwrap();
+    assert_eq!(again, out, "and again on the next run");
+    shim.docker_ok(&["rm", "later"]).unwrap();
+    assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -175,6 +175,7 @@ pub fn containers(path: &str) -> Option<Rule> {
         "/berth.v1.Containers/Exec" => Rule::FromMessage(exec),
         "/berth.v1.Containers/Tunnel" => Rule::FromMessage(tunnel),
         "/berth.v1.Containers/Stdin" => Rule::FromMessage(stdin),
+        "/berth.v1.Containers/Upload" => in_namespace!("create", pb::UploadRequest, "Upload"),
         "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
         "/berth.v1.Containers/Events" => in_namespace!("list", pb::EventsRequest, "Events"),
         "/berth.v1.Containers/PruneEnded" => {

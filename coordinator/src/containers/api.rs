@@ -20,7 +20,7 @@ use tracing::{info, warn};
 use super::logs::LogRouter;
 use super::networks;
 use super::pod::{self, MAIN_CONTAINER};
-use super::record::{self, RUN_STARTED_ANNOTATION, RUNS_ANNOTATION, Record};
+use super::record::{self, RUN_STARTED_ANNOTATION, RUNS_ANNOTATION, Record, SPEC_KEY};
 use super::sessions::{self, session_of};
 use super::store::{Space, Spaces};
 use crate::nodes::NodeRegistry;
@@ -187,6 +187,44 @@ impl ContainersApi {
         Api::namespaced(self.spaces.client().clone(), ns)
     }
 
+    /// Replaces a container's spec in its record, and waits for the mirror
+    /// to show it.
+    pub(super) async fn rewrite(
+        &self,
+        space: &Space,
+        record: &Record,
+        spec: pb::ContainerSpec,
+    ) -> Result<Record, Status> {
+        let rv = space
+            .records_object(&record.object_name)
+            .and_then(|cm| cm.metadata.resource_version.clone())
+            .ok_or_else(|| Status::not_found(format!("No such container: {}", record.id)))?;
+        let patch = serde_json::json!({
+            "metadata": {"resourceVersion": rv},
+            "binaryData": {SPEC_KEY: k8s_openapi::ByteString(prost::Message::encode_to_vec(&spec))},
+        });
+        self.records(&space.namespace)
+            .patch(
+                &record.object_name,
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .map_err(|e| match e {
+                kube::Error::Api(ae) if ae.code == 409 => Status::aborted(format!(
+                    "container {} was changed by another call; try again",
+                    record.name
+                )),
+                e => kube_status("recording the container's networks", e),
+            })?;
+        space
+            .wait_for(SEE_WRITE, |s| {
+                s.find(&record.id).ok().filter(|r| r.spec == spec)
+            })
+            .await
+            .ok_or_else(|| Status::unavailable("the change did not show in the watch"))
+    }
+
     async fn start_record(&self, space: &Space, record: Record) -> Result<Record, Status> {
         let run = record.runs + 1;
         let mut next = record.clone();
@@ -314,6 +352,24 @@ impl ContainersApi {
             Ok(_) => {}
             Err(kube::Error::Api(ae)) if ae.code == 404 => {}
             Err(e) => return Err(kube_status("removing the container", e)),
+        }
+        // The files copied in before a start (owned by the record as well).
+        let mut kept: Vec<&str> = record
+            .spec
+            .uploads
+            .iter()
+            .map(|u| u.config_map.as_str())
+            .collect();
+        kept.dedup();
+        for name in kept {
+            if let Err(e) = self
+                .records(&space.namespace)
+                .delete(name, &DeleteParams::default())
+                .await
+                && !matches!(&e, kube::Error::Api(ae) if ae.code == 404)
+            {
+                warn!(config_map = %name, error = %e, "removing copied files failed");
+            }
         }
         let now = DeleteParams {
             grace_period_seconds: Some(0),
@@ -483,6 +539,11 @@ impl pb::containers_server::Containers for ContainersApi {
         spec.name = name.clone();
         if spec.image.is_empty() {
             return Err(Status::invalid_argument("image is required"));
+        }
+        if !spec.uploads.is_empty() {
+            return Err(Status::invalid_argument(
+                "uploads are recorded by Upload only, never in a create",
+            ));
         }
         let space = self
             .space(&req.namespace)
@@ -701,6 +762,48 @@ impl pb::containers_server::Containers for ContainersApi {
         Ok(Response::new(
             self.stdin(session, request.into_inner()).await?,
         ))
+    }
+
+    async fn upload(
+        &self,
+        request: Request<pb::UploadRequest>,
+    ) -> Result<Response<pb::UploadResponse>, Status> {
+        use super::uploads::{self, UploadError};
+        let (space, record) = self
+            .locate(
+                request.metadata(),
+                &request.get_ref().namespace,
+                &request.get_ref().id,
+            )
+            .await?;
+        if space.running_pod(&record).is_ok() {
+            return Err(Status::failed_precondition(format!(
+                "container {} is running: copy into it through Exec (tar)",
+                record.name
+            )));
+        }
+        let req = request.into_inner();
+        let files = uploads::read_tar(&req.path, &req.tar).map_err(|e| match e {
+            UploadError::TooLarge => Status::resource_exhausted(e.to_string()),
+            e => Status::invalid_argument(e.to_string()),
+        })?;
+        let name = format!("berth-upl-{}-{:08x}", record.short_id(), fastrand::u32(..));
+        let (cm, entries) = uploads::config_map_for(&record, &name, &files);
+        self.records(&space.namespace)
+            .create(&PostParams::default(), &cm)
+            .await
+            .map_err(|e| kube_status("keeping the copied files", e))?;
+        let mut spec = record.spec.clone();
+        spec.uploads = uploads::merge(&spec.uploads, entries.clone());
+        if let Err(e) = self.rewrite(&space, &record, spec).await {
+            let _ = self
+                .records(&space.namespace)
+                .delete(&name, &DeleteParams::default())
+                .await;
+            return Err(e);
+        }
+        info!(namespace = %space.namespace, container = %record.name, files = entries.len(), "files copied in before start");
+        Ok(Response::new(pb::UploadResponse { files: entries }))
     }
 
     type EventsStream = Pin<Box<dyn Stream<Item = Result<pb::Event, Status>> + Send>>;

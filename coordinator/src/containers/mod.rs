@@ -15,6 +15,8 @@
 //! - [`tunnel`]: `Containers/Tunnel`, a TCP connection to a container's
 //!   port carried over gRPC (published ports).
 //! - [`images`]: the `Images` service, reading registries.
+//! - [`uploads`]: files copied into a container before it runs, kept in
+//!   a ConfigMap and mounted into each run.
 //! - [`networks`]: Docker's user-defined networks as records and headless
 //!   Services; [`network_api`]: the `Networks` service over them.
 //!
@@ -33,3 +35,4 @@ pub mod record;
 pub mod sessions;
 pub mod store;
 pub mod tunnel;
+pub mod uploads;

@@ -3,16 +3,14 @@
 //! to them.
 
 use berth_proto::api as pb;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use prost::Message;
+use kube::api::{Api, DeleteParams, PostParams};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::api::{ContainersApi, SEE_WRITE, kube_status};
 use super::networks::{self, Network, PREDEFINED};
-use super::record::{self, Record, SPEC_KEY};
+use super::record::{self, Record};
 use super::sessions::session_of;
 use super::store::Space;
 
@@ -42,44 +40,6 @@ impl NetworksApi {
 
     fn config_maps(&self, ns: &str) -> Api<ConfigMap> {
         Api::namespaced(self.containers.client().clone(), ns)
-    }
-
-    /// Replaces a container's spec in its record, and waits for the mirror
-    /// to show it.
-    async fn rewrite(
-        &self,
-        space: &Space,
-        record: &Record,
-        spec: pb::ContainerSpec,
-    ) -> Result<Record, Status> {
-        let rv = space
-            .records_object(&record.object_name)
-            .and_then(|cm| cm.metadata.resource_version.clone())
-            .ok_or_else(|| Status::not_found(format!("No such container: {}", record.id)))?;
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": rv},
-            "binaryData": {SPEC_KEY: ByteString(spec.encode_to_vec())},
-        });
-        self.config_maps(&space.namespace)
-            .patch(
-                &record.object_name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|e| match e {
-                kube::Error::Api(ae) if ae.code == 409 => Status::aborted(format!(
-                    "container {} was changed by another call; try again",
-                    record.name
-                )),
-                e => kube_status("recording the container's networks", e),
-            })?;
-        space
-            .wait_for(SEE_WRITE, |s| {
-                s.find(&record.id).ok().filter(|r| r.spec == spec)
-            })
-            .await
-            .ok_or_else(|| Status::unavailable("the change did not show in the watch"))
     }
 
     /// Makes the names of a connected container resolvable, and waits for
@@ -247,10 +207,10 @@ impl pb::networks_server::Networks for NetworksApi {
             }
         }
         let before = record.clone();
-        let record = self.rewrite(&space, &record, spec).await?;
+        let record = self.containers.rewrite(&space, &record, spec).await?;
         if let Err(e) = self.publish(&space, &record).await {
             // Put the spec back so the container is as it was.
-            let _ = self.rewrite(&space, &record, before.spec).await;
+            let _ = self.containers.rewrite(&space, &record, before.spec).await;
             return Err(e);
         }
         info!(namespace = %space.namespace, network = %network.name, container = %record.name, "connected");
@@ -279,7 +239,7 @@ impl pb::networks_server::Networks for NetworksApi {
             spec.aliases.clear();
         }
         let keep = networks::dns_names(&spec);
-        let record = self.rewrite(&space, &record, spec).await?;
+        let record = self.containers.rewrite(&space, &record, spec).await?;
         networks::drop_services(self.containers.client(), &record, &keep).await?;
         info!(namespace = %space.namespace, network = %network.name, container = %record.name, "disconnected");
         Ok(Response::new(networks::info(&space, &network)))

@@ -277,6 +277,12 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
             )));
         }
     };
+    let (upload_volumes, upload_mounts) = super::uploads::mounts(&spec.uploads);
+    if let Some(v) = base_spec.volumes.as_mut() {
+        v.extend(upload_volumes);
+    } else if !upload_volumes.is_empty() {
+        base_spec.volumes = Some(upload_volumes);
+    }
     let mut env = base.env.clone().unwrap_or_default();
     env.extend(env_of(&spec.env)?);
     let mut container_ports = base.ports.clone().unwrap_or_default();
@@ -297,6 +303,15 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
         ports: Some(container_ports).filter(|p| !p.is_empty()),
         resources: resources_of(spec, base.resources.clone())?,
         readiness_probe: probe_of(spec.health.as_ref())?.or(base.readiness_probe.clone()),
+        volume_mounts: Some(
+            base.volume_mounts
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .chain(upload_mounts)
+                .collect::<Vec<_>>(),
+        )
+        .filter(|m| !m.is_empty()),
         ..base
     };
     if options.active_deadline_seconds < 0 {

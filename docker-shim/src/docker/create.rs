@@ -566,6 +566,7 @@ pub fn to_spec(name: &str, b: &CreateBody) -> Result<ContainerSpec, CreateError>
         tty: b.tty,
         open_stdin: b.open_stdin,
         stdin_once: b.stdin_once,
+        uploads: Vec::new(),
         auto_remove: b.host_config.auto_remove,
         hostname: b.hostname.clone(),
         ports: ports(b)?,

@@ -1,9 +1,11 @@
-//! `docker cp`: `HEAD|GET|PUT /containers/{id}/archive?path=`, done with
-//! `stat` and `tar` run in the container through `Containers/Exec` (so the
-//! image needs them, as busybox and most distributions have). Only running
-//! containers: an upload before start (testcontainers' copy-to-container)
-//! needs the pod to carry the files from its creation, which Berth does not
-//! do yet, and says so.
+//! `docker cp`: `HEAD|GET|PUT /containers/{id}/archive?path=`. With a
+//! running container, done with `stat` and `tar` run in it through
+//! `Containers/Exec` (so the image needs them, as busybox and most
+//! distributions have). Before it runs (testcontainers' copy-to-container,
+//! `docker create` then `docker cp`), a PUT goes to `Containers/Upload`,
+//! which keeps the regular files and mounts them read-only into each run;
+//! HEAD then knows only those files, and paths ending in `/` (taken as
+//! directories); GET needs the container running.
 
 use base64::Engine;
 use berth_proto::agent::LogStream;
@@ -135,9 +137,37 @@ async fn ensure_running(shim: &Shim, id: &str) -> Result<(), ShimError> {
         Ok(())
     } else {
         Err(ShimError::Conflict(format!(
-            "container {id} is not running: Berth copies files from and into running containers only (not before start yet)"
+            "container {id} is not running: Berth reads files from running containers only"
         )))
     }
+}
+
+/// What a container that is not running can say of `path`: an uploaded
+/// file's stat, a directory for a path ending in `/`, else not found.
+fn stat_before_start(
+    info: &berth_proto::api::ContainerInfo,
+    id: &str,
+    path: &str,
+) -> Result<serde_json::Value, ShimError> {
+    let uploads = info
+        .spec
+        .as_ref()
+        .map(|s| s.uploads.as_slice())
+        .unwrap_or(&[]);
+    let wanted = path.trim_end_matches('/');
+    if let Some(u) = uploads.iter().find(|u| u.path == wanted) {
+        let name = wanted.rsplit('/').next().unwrap_or(wanted);
+        return Ok(json!({"name": name, "size": u.size, "mode": u.mode,
+                         "mtime": crate::docker::time::fixed_nanos(0), "linkTarget": ""}));
+    }
+    if path.ends_with('/') {
+        let name = wanted.rsplit('/').find(|s| !s.is_empty()).unwrap_or("/");
+        return Ok(json!({"name": name, "size": 0, "mode": go_mode(0o040755),
+                         "mtime": crate::docker::time::fixed_nanos(0), "linkTarget": ""}));
+    }
+    Err(ShimError::NoSuchPath(format!(
+        "Could not find the file {path} in container {id} (it is not running: Berth sees only files copied in)"
+    )))
 }
 
 async fn stat(shim: &Shim, id: &str, path: &str) -> Result<serde_json::Value, ShimError> {
@@ -164,7 +194,12 @@ fn stat_header(stat: &serde_json::Value) -> Result<HeaderValue, ShimError> {
 /// `HEAD /containers/{id}/archive?path=`: the path's stat, in a header.
 pub async fn head(shim: &Shim, id: &str, query: &Query) -> Result<Response<Body>, ShimError> {
     let path = required_path(query)?;
-    let stat = stat(shim, id, &path).await?;
+    let info = super::containers::fetch(shim, id).await?;
+    let stat = if super::containers::is_running(&info) {
+        stat(shim, id, &path).await?
+    } else {
+        stat_before_start(&info, id, &path)?
+    };
     let mut resp = super::empty(StatusCode::OK);
     resp.headers_mut()
         .insert("X-Docker-Container-Path-Stat", stat_header(&stat)?);
@@ -202,7 +237,8 @@ pub async fn get(shim: &Shim, id: &str, query: &Query) -> Result<Response<Body>,
 }
 
 /// `PUT /containers/{id}/archive?path=DIR`: unpacks the body (a tar) into
-/// the directory, in a running container.
+/// the directory: in a running container with its `tar`, else kept for
+/// every later run (`Containers/Upload`).
 pub async fn put(
     shim: &Shim,
     id: &str,
@@ -210,7 +246,7 @@ pub async fn put(
     body: Incoming,
 ) -> Result<Response<Body>, ShimError> {
     let path = required_path(query)?;
-    ensure_running(shim, id).await?;
+    let running = super::containers::is_running(&super::containers::fetch(shim, id).await?);
     let data = match http_body_util::Limited::new(body, MAX_ARCHIVE)
         .collect()
         .await
@@ -225,6 +261,23 @@ pub async fn put(
             )));
         }
     };
+    if !running {
+        let kept = shim
+            .coordinator
+            .containers
+            .clone()
+            .upload(berth_proto::api::UploadRequest {
+                namespace: shim.coordinator.namespace.clone(),
+                id: id.to_string(),
+                path: path.clone(),
+                tar: data.to_vec(),
+            })
+            .await
+            .map_err(|s| ShimError::grpc(Subject::Container(id.to_string()), s))?
+            .into_inner();
+        tracing::info!(%id, files = kept.files.len(), "copied in before start");
+        return Ok(super::empty(StatusCode::OK));
+    }
     let ran = run(shim, id, &["tar", "xf", "-", "-C", &path], Some(data)).await?;
     if ran.exit_code != 0 {
         return Err(ShimError::BadRequest(format!(

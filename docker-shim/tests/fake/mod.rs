@@ -318,6 +318,13 @@ impl Containers for Fake {
         Err(Status::unimplemented("the fake has no stdin"))
     }
 
+    async fn upload(
+        &self,
+        _req: Request<UploadRequest>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        Err(Status::unimplemented("the fake keeps no files"))
+    }
+
     type EventsStream = BoxStream<Event>;
 
     async fn events(

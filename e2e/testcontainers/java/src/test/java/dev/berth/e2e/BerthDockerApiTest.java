@@ -10,6 +10,7 @@ import org.testcontainers.containers.Container.ExecResult;
 import org.testcontainers.containers.GenericContainer;
 import org.testcontainers.containers.Network;
 import org.testcontainers.containers.wait.strategy.Wait;
+import org.testcontainers.images.builder.Transferable;
 import org.testcontainers.utility.DockerImageName;
 
 /**
@@ -28,6 +29,7 @@ class BerthDockerApiTest {
         new GenericContainer<>(IMAGE)
             .withCommand("sh", "-c", SERVE)
             .withExposedPorts(8080)
+            .withCopyToContainer(Transferable.of("copied before start\n"), "/etc/berth/copied.txt")
             .waitingFor(Wait.forHttp("/").forStatusCode(200))) {
       web.start();
       URI page = URI.create("http://" + web.getHost() + ":" + web.getMappedPort(8080) + "/");
@@ -38,6 +40,9 @@ class BerthDockerApiTest {
       assertEquals(4, r.getExitCode());
       assertEquals("hi\n", r.getStdout());
       assertEquals("oops\n", r.getStderr());
+      assertEquals(
+          "copied before start\n",
+          web.execInContainer("cat", "/etc/berth/copied.txt").getStdout());
     }
   }
 
