@@ -881,3 +881,103 @@ async fn docker_run_i_feeds_stdin_to_the_container_until_end_of_file() {
     );
     assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
 }
+
+/// Whether the coordinator's inventory of `node` shows `image`, and
+/// whether Berth's agent pulled it there (`managed`).
+async fn on_node(
+    api: &mut berth_e2e::ApiClient,
+    node: &str,
+    image: &str,
+) -> anyhow::Result<Option<bool>> {
+    let images = api
+        .list_node_images(berth_proto::api::ListNodeImagesRequest {
+            node: node.to_string(),
+        })
+        .await?
+        .into_inner()
+        .images;
+    Ok(images
+        .iter()
+        .find(|i| i.repo_tags.iter().any(|t| t == image))
+        .map(|i| i.managed))
+}
+
+/// The nodes a container's pod prefers, and the node it runs on.
+fn placement_of(ns: &DockerNamespace<'_>, id: &str) -> (Vec<String>, String) {
+    let pod = ns.pod_json(&format!("berth-{}-1", &id[..12])).unwrap();
+    let spec = &pod["spec"];
+    let preferred = spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+        ["preference"]["matchFields"][0]["values"]
+        .as_array()
+        .map(|v| v.iter().map(|n| n.as_str().unwrap_or("").to_string()).collect())
+        .unwrap_or_default();
+    (
+        preferred,
+        spec["nodeName"].as_str().unwrap_or("").to_string(),
+    )
+}
+
+#[tokio::test]
+async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() {
+    let c = Cluster::from_env().await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-place").unwrap();
+    let shim = ns.shim("ci").await.unwrap();
+    let forward = c.port_forward("berth-coordinator", 7070).unwrap();
+    let api = c.inventory_client(&forward.addr()).await.unwrap();
+
+    // Held by one node only (pulled there directly): the pod prefers it.
+    let held = c.fresh_docker_image("docker-held").await.unwrap();
+    let holder = c.nodes[c.nodes.len() - 1].clone();
+    berth_e2e::bench::direct_pull(&c, std::slice::from_ref(&holder), &held)
+        .await
+        .unwrap();
+    berth_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "the coordinator sees the image on its node",
+        || {
+            let (mut api, holder, held) = (api.clone(), holder.clone(), held.clone());
+            async move { Ok(on_node(&mut api, &holder, &held).await?.map(|_| ())) }
+        },
+    )
+    .await
+    .unwrap();
+    let id = shim
+        .docker_ok(&["run", "-d", &held, "sleep", "600"])
+        .unwrap()
+        .trim()
+        .to_string();
+    assert_eq!(
+        placement_of(&ns, &id),
+        (vec![holder.clone()], holder.clone())
+    );
+
+    // Held nowhere: one node is chosen, its agent pulls the image (Berth's
+    // own pull, so `managed`), and the pod runs there.
+    let fresh = c.fresh_docker_image("docker-warm").await.unwrap();
+    let id = shim
+        .docker_ok(&["run", "-d", &fresh, "sleep", "600"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let (preferred, ran_on) = placement_of(&ns, &id);
+    assert_eq!(
+        preferred,
+        vec![ran_on.clone()],
+        "one chosen node, and the pod is there"
+    );
+    let managed = berth_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        "the chosen node's inventory shows the image",
+        || {
+            let (mut api, node, image) = (api.clone(), ran_on.clone(), fresh.clone());
+            async move { on_node(&mut api, &node, &image).await }
+        },
+    )
+    .await
+    .unwrap();
+    assert!(
+        managed,
+        "the agent pulled it (a warming pull), not only the kubelet"
+    );
+    shim.docker_ok(&["rm", "-f", &id]).unwrap();
+}

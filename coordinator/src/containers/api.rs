@@ -19,6 +19,7 @@ use tracing::{info, warn};
 
 use super::logs::LogRouter;
 use super::networks;
+use super::placement;
 use super::pod::{self, MAIN_CONTAINER};
 use super::record::{self, RUN_STARTED_ANNOTATION, RUNS_ANNOTATION, Record, SPEC_KEY};
 use super::sessions::{self, session_of};
@@ -229,7 +230,18 @@ impl ContainersApi {
         let run = record.runs + 1;
         let mut next = record.clone();
         next.runs = run;
-        let pod = pod::pod_for(&next, run).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut pod =
+            pod::pod_for(&next, run).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        if let Some(spec) = pod.spec.as_mut()
+            && !placement::pod_decides(spec)
+        {
+            let image = spec.containers[0].image.clone().unwrap_or_default();
+            match placement::place(&self.registry, &image) {
+                placement::Placement::Anywhere => {}
+                placement::Placement::Holders(nodes) => placement::prefer(spec, &nodes),
+                placement::Placement::Warm(node) => placement::prefer(spec, &[node]),
+            }
+        }
         // Claim the run first: the resourceVersion makes two racing starts
         // collide here instead of making two pods.
         let rv = space

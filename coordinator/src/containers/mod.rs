@@ -3,6 +3,8 @@
 //!
 //! - [`record`]: a container's durable record, a ConfigMap per container.
 //! - [`pod`]: record → pod, and pod → Docker state; plain functions.
+//! - [`placement`]: which node a pod should prefer (one holding its image,
+//!   else one that starts pulling it at once).
 //! - [`store`]: per-namespace mirrors of records and pods, from watches.
 //! - [`api`]: the `Containers` service over those.
 //! - [`exec`]: `Containers/Exec`, through the pod exec API.
@@ -30,6 +32,7 @@ pub mod images;
 pub mod logs;
 pub mod network_api;
 pub mod networks;
+pub mod placement;
 pub mod pod;
 pub mod record;
 pub mod sessions;
