@@ -89,6 +89,44 @@ struct Args {
     /// dials from its own pod IP).
     #[arg(long, env = "BERTH_MAX_CONNECTIONS_PER_IP", default_value_t = server::Limits::default().connections.max_per_ip)]
     max_connections_per_ip: usize,
+    /// Idle pod sandboxes kept per namespace for Docker API containers that
+    /// start in the pool (`start_mode: sandbox-pool`); 0: no pool.
+    #[arg(long, env = "BERTH_SANDBOX_POOL_SIZE", default_value_t = 2)]
+    sandbox_pool_size: usize,
+    /// Image of the pool's sandboxes (runs `/usr/local/bin/node-agent
+    /// pause`); default: the coordinator's own image.
+    #[arg(long, env = "BERTH_SANDBOX_IMAGE")]
+    sandbox_image: Option<String>,
+}
+
+/// The sandbox pool's settings; its image is this pod's own unless given.
+async fn sandbox_pool(
+    client: &kube::Client,
+    args: &Args,
+) -> berth_coordinator::containers::pool::PoolConfig {
+    let image = match &args.sandbox_image {
+        Some(i) => Some(i.clone()),
+        None => kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(
+            client.clone(),
+            &args.namespace,
+        )
+        .get(&args.pod_name)
+        .await
+        .ok()
+        .and_then(|p| p.spec?.containers.first()?.image.clone()),
+    };
+    match image {
+        Some(image) => berth_coordinator::containers::pool::PoolConfig {
+            size: args.sandbox_pool_size,
+            image,
+        },
+        None => {
+            tracing::warn!(
+                "no sandbox image (--sandbox-image, or this pod's own): no sandbox pool"
+            );
+            Default::default()
+        }
+    }
 }
 
 #[tokio::main]
@@ -162,7 +200,11 @@ async fn main() -> anyhow::Result<()> {
         health: health.clone(),
         leading,
         containers: Some((
-            ContainersApi::new(Spaces::new(client.clone()), registry.clone()),
+            ContainersApi::with_pool(
+                Spaces::new(client.clone()),
+                registry.clone(),
+                sandbox_pool(&client, &args).await,
+            ),
             ImagesApi::new(OciRegistry::new(args.insecure_registries.clone())),
         )),
     };

@@ -58,6 +58,11 @@ use crate::tls::TlsAcceptor;
 pub const MAX_AGENT_MESSAGE: usize = 8 << 20;
 /// Largest request to the public API, health and reflection.
 pub const MAX_PUBLIC_MESSAGE: usize = 16 << 10;
+/// Largest message to the Docker API's services (`Containers`, `Images`,
+/// `Networks`): a chunk of stdin, exec input or a tunnel, an Upload's tar
+/// (at most 700 KiB of files), a create with a pod template. Read only from
+/// callers the apiserver authenticated.
+pub const MAX_CONTAINER_MESSAGE: usize = 1 << 20;
 /// Streams open at once on one connection (agents use one).
 pub const MAX_CONCURRENT_STREAMS: u32 = 32;
 /// Bytes a client may send on a stream before the server reads them.
@@ -240,13 +245,13 @@ where
             ),
         )
         .add_optional_service(containers.map(|c| {
-            guard.layer(ContainersServer::new(c).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
+            guard.layer(ContainersServer::new(c).max_decoding_message_size(MAX_CONTAINER_MESSAGE))
         }))
         .add_optional_service(images.map(|i| {
-            guard.layer(ImagesServer::new(i).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
+            guard.layer(ImagesServer::new(i).max_decoding_message_size(MAX_CONTAINER_MESSAGE))
         }))
         .add_optional_service(networks.map(|n| {
-            guard.layer(NetworksServer::new(n).max_decoding_message_size(MAX_PUBLIC_MESSAGE))
+            guard.layer(NetworksServer::new(n).max_decoding_message_size(MAX_CONTAINER_MESSAGE))
         }))
         .serve_with_incoming_shutdown(incoming, shutdown_signal(stopping))
         .await?;

@@ -96,6 +96,12 @@ pub struct Args {
     /// `berth.dev/run-as-user`.
     #[arg(long, env = "BERTH_RUN_AS_USER", default_value = "")]
     pub run_as_user: String,
+    /// How containers start: `pod` (a fresh pod each) or `sandbox-pool` (in
+    /// a ready sandbox of the coordinator's pool, as an ephemeral container,
+    /// when the container needs nothing an ephemeral container cannot have);
+    /// label `berth.dev/start-mode`.
+    #[arg(long, env = "BERTH_START_MODE", default_value = "pod")]
+    pub start_mode: String,
     /// Remove every container this long after it was created, whatever its
     /// state (`60m`; default: never; the session's end removes them too).
     #[arg(long, env = "BERTH_MAX_AGE", value_parser = humantime::parse_duration)]
@@ -143,6 +149,7 @@ impl Args {
             max_age_seconds: self
                 .max_age
                 .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX)),
+            start_mode: self.start_mode.clone(),
         })
     }
 

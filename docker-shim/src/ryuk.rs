@@ -85,8 +85,8 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
     match unit {
         "ms" => Some(Duration::from_millis(n)),
         "s" => Some(Duration::from_secs(n)),
-        "m" => Some(Duration::from_secs(n * 60)),
-        "h" => Some(Duration::from_secs(n * 3600)),
+        "m" => n.checked_mul(60).map(Duration::from_secs),
+        "h" => n.checked_mul(3600).map(Duration::from_secs),
         _ => None,
     }
 }
@@ -300,10 +300,16 @@ async fn serve(listener: &TcpListener, reaper: &Reaper) -> Vec<Vec<String>> {
     filters.lock().unwrap().clone()
 }
 
+/// Most bytes one client may send (filter lines are short).
+const MAX_CLIENT_BYTES: u64 = 64 << 10;
+/// Most filter sets kept.
+const MAX_SETS: usize = 64;
+
 /// One client: each line is a filter set, acknowledged with `ACK`.
 async fn client(conn: TcpStream, filters: &Mutex<Vec<Vec<String>>>) {
+    use tokio::io::AsyncReadExt;
     let (read, mut write) = conn.into_split();
-    let mut lines = BufReader::new(read).lines();
+    let mut lines = BufReader::new(read.take(MAX_CLIENT_BYTES)).lines();
     while let Ok(Some(line)) = lines.next_line().await {
         let set = parse_filters(&line);
         if set.is_empty() {
@@ -311,7 +317,7 @@ async fn client(conn: TcpStream, filters: &Mutex<Vec<Vec<String>>>) {
         } else {
             tracing::info!(filters = ?set, "Ryuk: will prune what matches");
             let mut all = filters.lock().unwrap();
-            if !all.contains(&set) {
+            if !all.contains(&set) && all.len() < MAX_SETS {
                 all.push(set);
             }
         }
@@ -434,6 +440,8 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Some(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
         assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("99999999999999999999h"), None);
+        assert_eq!(parse_duration(&format!("{}h", u64::MAX)), None);
         assert_eq!(parse_duration("s"), None);
     }
 

@@ -123,6 +123,73 @@ async fn main() -> anyhow::Result<()> {
         Goal::AtMost(1.1),
     )?;
 
+    // Below the floor: a shim whose containers start in the coordinator's
+    // pool of ready sandboxes. The command prints the pod's hostname, so
+    // each run proves it ran in a pool sandbox (not a fresh pod).
+    let pooled = ns
+        .shim_with("ci", &["--start-mode", "sandbox-pool"])
+        .await
+        .context("starting the pool shim")?;
+    let pool_run = || -> anyhow::Result<(Duration, bool)> {
+        let start = Instant::now();
+        let out = pooled.docker(&["run", "--rm", &image, "hostname"])?;
+        let took = start.elapsed();
+        if !out.status.success() {
+            bail!(
+                "docker run --rm (pool): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok((
+            took,
+            String::from_utf8_lossy(&out.stdout).starts_with("berth-pool-"),
+        ))
+    };
+    // Warm-up: the first start fills the pool.
+    pool_run()?;
+    let mut in_pool = 0;
+    let (mut pool, mut floor) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        let name = 2000 + i;
+        let (took, pooled_run) = if i % 2 == 0 {
+            let r = pool_run()?;
+            floor.push(bare_pod(&pods, &image, name).await?);
+            r
+        } else {
+            floor.push(bare_pod(&pods, &image, name).await?);
+            pool_run()?
+        };
+        if pooled_run {
+            in_pool += 1;
+            pool.push(took);
+        }
+    }
+    if pool.is_empty() {
+        bail!(
+            "no run started in a pool sandbox\nshim log:\n{}",
+            pooled.log()
+        );
+    }
+    let (p, f) = (median(pool), median(floor));
+    report(
+        "docker.run_rm_true.runs_in_pool.mode=sandbox-pool",
+        in_pool as f64,
+        "runs",
+        Goal::AtLeast(n as f64),
+    )?;
+    report(
+        "docker.run_rm_true.mode=sandbox-pool",
+        ms(p),
+        "ms",
+        Goal::Baseline,
+    )?;
+    report(
+        "docker.run_rm_true.ratio_to_floor.mode=sandbox-pool",
+        p.as_secs_f64() / f.as_secs_f64(),
+        "x",
+        Goal::AtMost(0.5),
+    )?;
+
     // testcontainers-python: one client process, driven a run at a time.
     let mut client = shim
         .python_command(&["bench", &image])?

@@ -34,6 +34,8 @@ pub fn ms(d: Duration) -> f64 {
 pub enum Goal {
     /// Met when the value is at most this.
     AtMost(f64),
+    /// Met when the value is at least this.
+    AtLeast(f64),
     /// A baseline or context figure: printed for comparison, always "met".
     Baseline,
 }
@@ -43,6 +45,7 @@ pub enum Goal {
 pub fn figure(name: &str, value: f64, unit: &str, goal: Goal) -> String {
     let (goal_text, met) = match goal {
         Goal::AtMost(max) => (format!("<={max}"), value <= max),
+        Goal::AtLeast(min) => (format!(">={min}"), value >= min),
         Goal::Baseline => ("baseline".to_string(), true),
     };
     let verdict = if met { "met" } else { "missed" };

@@ -316,6 +316,10 @@ async fn docker_cp_copies_files_both_ways_and_into_a_container_before_it_starts(
     std::fs::create_dir_all(&dir).unwrap();
     let local = dir.join("greeting.txt");
     std::fs::write(&local, "hello from the host\n").unwrap();
+    // Larger than any one gRPC frame's worth, well within what a copy takes.
+    let big = dir.join("big.txt");
+    let big_text: String = (0..20_000).map(|i| format!("line {i:08}\n")).collect();
+    std::fs::write(&big, &big_text).unwrap();
 
     shim.docker_ok(&["run", "-d", "--name", "box", &image, "sleep", "600"])
         .unwrap();
@@ -325,6 +329,15 @@ async fn docker_cp_copies_files_both_ways_and_into_a_container_before_it_starts(
         .docker_ok(&["exec", "box", "cat", "/tmp/greeting.txt"])
         .unwrap();
     assert_eq!(inside, "hello from the host\n");
+    shim.docker_ok(&["cp", big.to_str().unwrap(), "box:/tmp/"])
+        .unwrap();
+    let size = shim
+        .docker_ok(&["exec", "box", "wc", "-c", "/tmp/big.txt"])
+        .unwrap();
+    assert_eq!(
+        size.split_whitespace().next(),
+        Some(big_text.len().to_string().as_str())
+    );
 
     // And back: a file the container wrote, and a missing one (a 404,
     // which the CLI words as below).
@@ -353,19 +366,27 @@ async fn docker_cp_copies_files_both_ways_and_into_a_container_before_it_starts(
         &image,
         "sh",
         "-c",
-        "cat /tmp/greeting.txt /etc/renamed.txt",
+        "cat /tmp/greeting.txt /etc/renamed.txt; wc -c < /tmp/big.txt",
     ])
     .unwrap();
     shim.docker_ok(&["cp", local.to_str().unwrap(), "later:/tmp/"])
         .unwrap();
     shim.docker_ok(&["cp", local.to_str().unwrap(), "later:/etc/renamed.txt"])
         .unwrap();
+    shim.docker_ok(&["cp", big.to_str().unwrap(), "later:/tmp/"])
+        .unwrap();
     let state = shim
         .docker_ok(&["inspect", "-f", "{{.State.Status}}", "later"])
         .unwrap();
     assert_eq!(state, "created\n", "a copy does not start the container");
     let out = shim.docker_ok(&["start", "-a", "later"]).unwrap();
-    assert_eq!(out, "hello from the host\nhello from the host\n");
+    assert_eq!(
+        out,
+        format!(
+            "hello from the host\nhello from the host\n{}\n",
+            big_text.len()
+        )
+    );
     let again = shim.docker_ok(&["start", "-a", "later"]).unwrap();
     assert_eq!(again, out, "and again on the next run");
     shim.docker_ok(&["rm", "later"]).unwrap();
@@ -866,15 +887,17 @@ async fn docker_run_i_feeds_stdin_to_the_container_until_end_of_file() {
     let ns = DockerNamespace::new(&c, "docker-stdin").unwrap();
     let shim = ns.shim("ci").await.unwrap();
 
+    // Many chunks' worth of lines.
+    let input: String = (0..30_000).map(|i| format!("line {i:08}\n")).collect();
     let out = shim
         .docker_with_stdin(
             &["run", "-i", "--rm", &image, "sh", "-c", "wc -l; echo done"],
-            b"one\ntwo\nthree\n",
+            input.as_bytes(),
         )
         .unwrap();
     assert_eq!(
         (text(&out.stdout), out.status.code()),
-        ("3\ndone\n".into(), Some(0)),
+        ("30000\ndone\n".into(), Some(0)),
         "stderr: {}\nshim log:\n{}",
         text(&out.stderr),
         shim.log()
@@ -906,11 +929,21 @@ async fn on_node(
 fn placement_of(ns: &DockerNamespace<'_>, id: &str) -> (Vec<String>, String) {
     let pod = ns.pod_json(&format!("berth-{}-1", &id[..12])).unwrap();
     let spec = &pod["spec"];
-    let preferred = spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
-        ["preference"]["matchFields"][0]["values"]
-        .as_array()
-        .map(|v| v.iter().map(|n| n.as_str().unwrap_or("").to_string()).collect())
-        .unwrap_or_default();
+    let preferred =
+        spec["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            .as_array()
+            .map(|terms| {
+                terms
+                    .iter()
+                    .map(|t| {
+                        t["preference"]["matchFields"][0]["values"][0]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
     (
         preferred,
         spec["nodeName"].as_str().unwrap_or("").to_string(),
@@ -980,4 +1013,91 @@ async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() 
         "the agent pulled it (a warming pull), not only the kubelet"
     );
     shim.docker_ok(&["rm", "-f", &id]).unwrap();
+}
+
+#[tokio::test]
+async fn a_container_starts_in_a_ready_pool_sandbox_when_it_asks_for_one() {
+    let c = Cluster::from_env().await.unwrap();
+    let image = c.fresh_docker_image("docker-pool").await.unwrap();
+    let ns = DockerNamespace::new(&c, "docker-pool").unwrap();
+    let shim = ns
+        .shim_with("ci", &["--start-mode", "sandbox-pool"])
+        .await
+        .unwrap();
+
+    // The first start finds no pool yet (a fresh pod) and fills it.
+    let first = shim
+        .docker_ok(&["run", "--rm", &image, "hostname"])
+        .unwrap();
+    assert!(!first.starts_with("berth-pool-"), "{first}");
+    let idle = || {
+        let out = c
+            .kubectl(&[
+                "-n",
+                &ns.ns.name,
+                "get",
+                "pods",
+                "-l",
+                "berth.dev/pool=idle",
+                "--field-selector",
+                "status.phase=Running",
+                "-o",
+                "name",
+            ])
+            .unwrap();
+        out.lines().count()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while idle() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pool did not fill"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+
+    // In the pool: the sandbox's hostname, streams apart, the exit code.
+    let out = shim
+        .docker(&[
+            "run",
+            "--rm",
+            &image,
+            "sh",
+            "-c",
+            "hostname; echo err >&2; exit 3",
+        ])
+        .unwrap();
+    assert!(
+        text(&out.stdout).starts_with("berth-pool-"),
+        "{}\n{}",
+        text(&out.stdout),
+        shim.log()
+    );
+    assert_eq!(
+        (text(&out.stderr), out.status.code()),
+        ("err\n".into(), Some(3))
+    );
+
+    // Detached, exec'd into, removed; nothing is left but the pool.
+    let id = shim
+        .docker_ok(&["run", "-d", &image, "sleep", "600"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let host = shim.docker_ok(&["exec", &id, "hostname"]).unwrap();
+    assert!(host.starts_with("berth-pool-"), "{host}");
+    shim.docker_ok(&["rm", "-f", &id]).unwrap();
+
+    // What an ephemeral container cannot have gets a fresh pod.
+    let out = shim
+        .docker_ok(&["run", "--rm", "-p", "8080", &image, "hostname"])
+        .unwrap();
+    assert!(!out.starts_with("berth-pool-"), "{out}");
+    let left: Vec<String> = ns
+        .berth_objects()
+        .unwrap()
+        .into_iter()
+        .filter(|o| !o.starts_with("pod/berth-pool-"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new());
 }

@@ -46,6 +46,10 @@ pub enum Command {
     },
     /// Name and version of the runtime.
     Version,
+    /// Do nothing until SIGTERM or SIGINT, then exit 0: the process that
+    /// keeps a ready pod sandbox of the coordinator's pool alive (Docker API
+    /// containers start in it as ephemeral containers).
+    Pause,
 }
 
 /// `node-agent run …`
@@ -167,13 +171,22 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
             .init();
     }
+    // No runtime needed: a pool sandbox has no CRI socket.
+    if let Command::Pause = args.command {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        return Ok(());
+    }
     let socket = find_socket(args.cri_socket.as_deref())?;
     if let Command::Run(run) = args.command {
         return agent(socket, run).await;
     }
     let cri = CriRuntime::connect(&socket).await?;
     match args.command {
-        Command::Run(_) => unreachable!("handled above"),
+        Command::Run(_) | Command::Pause => unreachable!("handled above"),
         Command::Version => {
             let v = cri.version().await?;
             println!(

@@ -20,9 +20,9 @@ use tonic::server::NamedService;
 use super::policy::{Policy, Rule};
 use super::{AccessError, Authorizer, Caller, Reviewer};
 
-/// The largest first message read to decide: the public API's own decode
-/// limit.
-const MAX_MESSAGE: usize = crate::server::MAX_PUBLIC_MESSAGE;
+/// The largest first message read to decide a call (the largest any guarded
+/// service takes; each service then applies its own limit).
+const MAX_MESSAGE: usize = crate::server::MAX_CONTAINER_MESSAGE;
 
 /// Wraps services in [`Guarded`].
 pub struct AccessLayer<R> {

@@ -147,6 +147,17 @@ macro_rules! in_namespace {
     };
 }
 
+/// A rule reading the namespace of a request of type `M` that needs every
+/// one of several `(verb, resource)` accesses there.
+macro_rules! in_namespace_all {
+    ($message:ty, $method:literal, [$(($verb:literal, $resource:literal)),+]) => {
+        Rule::FromMessageAll(|m| {
+            let ns = decode::<$message>(m, $method)?.namespace;
+            Ok(vec![$(pods($verb, $resource, ns.clone())?),+])
+        })
+    };
+}
+
 /// `berth.v1.Containers` and `berth.v1.Images`: the caller needs, on pods in
 /// the request's namespace, what the call does through Berth — `create` to
 /// create or start a container (Berth makes a pod), `delete` to stop, kill
@@ -178,34 +189,42 @@ pub fn containers(path: &str) -> Option<Rule> {
         "/berth.v1.Containers/Upload" => in_namespace!("create", pb::UploadRequest, "Upload"),
         "/berth.v1.Containers/Session" => in_namespace!("create", pb::SessionRequest, "Session"),
         "/berth.v1.Containers/Events" => in_namespace!("list", pb::EventsRequest, "Events"),
-        "/berth.v1.Containers/PruneEnded" => {
-            in_namespace!("delete", pb::PruneRequest, "PruneEnded")
-        }
+        // Removes containers and the Services of their names.
+        "/berth.v1.Containers/PruneEnded" => in_namespace_all!(
+            pb::PruneRequest,
+            "PruneEnded",
+            [("delete", "pods"), ("delete", "services")]
+        ),
         "/berth.v1.Images/Pull" => in_namespace!("list", pb::ImageRequest, "Pull"),
         "/berth.v1.Images/Inspect" => in_namespace!("list", pb::ImageRequest, "Inspect"),
         "/berth.v1.Networks/Create" => {
             in_namespace!("create", "services", pb::CreateNetworkRequest, "Create")
         }
-        "/berth.v1.Networks/Inspect" => {
-            in_namespace!("get", "services", pb::NetworkRequest, "Inspect")
-        }
-        "/berth.v1.Networks/List" => {
-            in_namespace!("list", "services", pb::ListNetworksRequest, "List")
-        }
+        // A network's answer names its containers and their addresses.
+        "/berth.v1.Networks/Inspect" => in_namespace_all!(
+            pb::NetworkRequest,
+            "Inspect",
+            [("get", "services"), ("list", "pods")]
+        ),
+        "/berth.v1.Networks/List" => in_namespace_all!(
+            pb::ListNetworksRequest,
+            "List",
+            [("list", "services"), ("list", "pods")]
+        ),
         "/berth.v1.Networks/Remove" => {
             in_namespace!("delete", "services", pb::NetworkRequest, "Remove")
         }
-        "/berth.v1.Networks/ConnectContainer" => {
-            in_namespace!("create", "services", pb::ConnectRequest, "ConnectContainer")
-        }
-        "/berth.v1.Networks/DisconnectContainer" => {
-            in_namespace!(
-                "delete",
-                "services",
-                pb::ConnectRequest,
-                "DisconnectContainer"
-            )
-        }
+        // Connecting changes the container's future pods too.
+        "/berth.v1.Networks/ConnectContainer" => in_namespace_all!(
+            pb::ConnectRequest,
+            "ConnectContainer",
+            [("create", "services"), ("create", "pods")]
+        ),
+        "/berth.v1.Networks/DisconnectContainer" => in_namespace_all!(
+            pb::ConnectRequest,
+            "DisconnectContainer",
+            [("delete", "services"), ("create", "pods")]
+        ),
         _ => return None,
     };
     Some(rule)

@@ -450,4 +450,15 @@ fn a_container_on_a_network_needs_services_as_well_as_pods() {
     };
     let needs = rules_for("/berth.v1.Networks/DisconnectContainer", &connect);
     assert_eq!((needs[0].verb, needs[0].resource), ("delete", "services"));
+    // A network's answer names its containers and their addresses.
+    let inspect = pb::NetworkRequest {
+        namespace: "ci".into(),
+        id: "n".into(),
+    };
+    let needs = rules_for("/berth.v1.Networks/Inspect", &inspect);
+    assert!(
+        needs
+            .iter()
+            .any(|a| (a.verb, a.resource) == ("list", "pods"))
+    );
 }

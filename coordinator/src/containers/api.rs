@@ -21,6 +21,7 @@ use super::logs::LogRouter;
 use super::networks;
 use super::placement;
 use super::pod::{self, MAIN_CONTAINER};
+use super::pool;
 use super::record::{self, RUN_STARTED_ANNOTATION, RUNS_ANNOTATION, Record, SPEC_KEY};
 use super::sessions::{self, session_of};
 use super::store::{Space, Spaces};
@@ -40,6 +41,9 @@ pub const WAIT_LIMIT: Duration = Duration::from_secs(24 * 3600);
 pub struct ContainersApi {
     spaces: Spaces,
     registry: Arc<NodeRegistry>,
+    pool: Arc<pool::PoolConfig>,
+    /// Namespaces whose pool is being refilled.
+    filling: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 pub(super) fn kube_status(what: &str, e: kube::Error) -> Status {
@@ -149,7 +153,18 @@ impl ContainersApi {
     /// Serves containers from `spaces`; logs come through the agents'
     /// sessions in `registry`.
     pub fn new(spaces: Spaces, registry: Arc<NodeRegistry>) -> Self {
-        ContainersApi { spaces, registry }
+        Self::with_pool(spaces, registry, pool::PoolConfig::default())
+    }
+
+    /// Like [`ContainersApi::new`], with a sandbox pool for containers that
+    /// ask for one.
+    pub fn with_pool(spaces: Spaces, registry: Arc<NodeRegistry>, pool: pool::PoolConfig) -> Self {
+        ContainersApi {
+            spaces,
+            registry,
+            pool: Arc::new(pool),
+            filling: Arc::default(),
+        }
     }
 
     /// The caller's view of `namespace` and the container `id` names there.
@@ -173,6 +188,19 @@ impl ContainersApi {
             tokio::spawn(self.clone().reap(space.clone()));
         }
         Ok(space)
+    }
+
+    /// Refills the namespace's sandbox pool in the background, one refill
+    /// per namespace at a time.
+    fn refill(&self, space: &Space) {
+        if !self.filling.lock().unwrap().insert(space.namespace.clone()) {
+            return;
+        }
+        let (api, space) = (self.clone(), space.clone());
+        tokio::spawn(async move {
+            pool::fill(api.client(), &space, &api.pool).await;
+            api.filling.lock().unwrap().remove(&space.namespace);
+        });
     }
 
     /// The kube client writes go through.
@@ -232,16 +260,6 @@ impl ContainersApi {
         next.runs = run;
         let mut pod =
             pod::pod_for(&next, run).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        if let Some(spec) = pod.spec.as_mut()
-            && !placement::pod_decides(spec)
-        {
-            let image = spec.containers[0].image.clone().unwrap_or_default();
-            match placement::place(&self.registry, &image) {
-                placement::Placement::Anywhere => {}
-                placement::Placement::Holders(nodes) => placement::prefer(spec, &nodes),
-                placement::Placement::Warm(node) => placement::prefer(spec, &[node]),
-            }
-        }
         // Claim the run first: the resourceVersion makes two racing starts
         // collide here instead of making two pods.
         let rv = space
@@ -268,10 +286,36 @@ impl ContainersApi {
                 )),
                 e => kube_status("recording the start", e),
             })?;
-        if let Err(e) = self
-            .pods(&space.namespace)
-            .create(&PostParams::default(), &pod)
-            .await
+        // Placed (and warmed) only once the run is ours.
+        if let Some(spec) = pod.spec.as_mut()
+            && !placement::pod_decides(spec)
+        {
+            let image = spec.containers[0].image.clone().unwrap_or_default();
+            match placement::place(&self.registry, &image) {
+                placement::Placement::Anywhere => {}
+                placement::Placement::Holders(nodes) => placement::prefer(spec, &nodes),
+                placement::Placement::Warm(node) => placement::prefer(spec, &[node]),
+            }
+        }
+        let pooled = self.pool.size > 0 && pool::eligible(&next.spec);
+        let claimed = if pooled {
+            let claim = pool::claim(self.client(), space, &self.pool, &next, run, &pod).await;
+            self.refill(space);
+            match claim {
+                Ok(claimed) => claimed.is_some(),
+                Err(e) => {
+                    warn!(container = %record.name, error = %e, "the pool sandbox failed; starting a fresh pod");
+                    false
+                }
+            }
+        } else {
+            false
+        };
+        if !claimed
+            && let Err(e) = self
+                .pods(&space.namespace)
+                .create(&PostParams::default(), &pod)
+                .await
         {
             let undo = serde_json::json!({"metadata": {"annotations": {RUNS_ANNOTATION: record.runs.to_string()}}});
             let _ = self
@@ -284,7 +328,12 @@ impl ContainersApi {
                 .await;
             return Err(kube_status("creating the container's pod", e));
         }
-        info!(namespace = %space.namespace, container = %record.name, run, "container started");
+        let how = if claimed {
+            "in a pool sandbox"
+        } else {
+            "in a fresh pod"
+        };
+        info!(namespace = %space.namespace, container = %record.name, run, "container started {how}");
         space
             .wait_for(SEE_WRITE, |s| {
                 let r = s.find(&record.id).ok()?;
@@ -788,9 +837,12 @@ impl pb::containers_server::Containers for ContainersApi {
                 &request.get_ref().id,
             )
             .await?;
-        if space.running_pod(&record).is_ok() {
+        if space
+            .current_pod(&record)
+            .is_some_and(|p| !pod::finished(&p))
+        {
             return Err(Status::failed_precondition(format!(
-                "container {} is running: copy into it through Exec (tar)",
+                "container {} is starting or running: copy into it through Exec (tar) once it runs",
                 record.name
             )));
         }
@@ -807,6 +859,13 @@ impl pb::containers_server::Containers for ContainersApi {
             .map_err(|e| kube_status("keeping the copied files", e))?;
         let mut spec = record.spec.clone();
         spec.uploads = uploads::merge(&spec.uploads, entries.clone());
+        if let Err(e) = uploads::check_paths(&spec.uploads) {
+            let _ = self
+                .records(&space.namespace)
+                .delete(&name, &DeleteParams::default())
+                .await;
+            return Err(Status::invalid_argument(e.to_string()));
+        }
         if let Err(e) = self.rewrite(&space, &record, spec).await {
             let _ = self
                 .records(&space.namespace)
@@ -835,9 +894,11 @@ impl pb::containers_server::Containers for ContainersApi {
             changes.borrow_and_update();
             let mut seen = super::events::Snapshot::of(&space);
             loop {
+                // Health verdicts and vanished pods follow the clock too.
                 tokio::select! {
                     changed = changes.changed() => if changed.is_err() { return },
                     _ = tx.closed() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                 }
                 let now = super::events::Snapshot::of(&space);
                 let at = k8s_openapi::jiff::Timestamp::now().as_nanosecond() as i64;
@@ -860,8 +921,9 @@ impl pb::containers_server::Containers for ContainersApi {
     ) -> Result<Response<pb::PruneResponse>, Status> {
         // Every session's records, not only the caller's.
         let space = self.space(&request.get_ref().namespace).await?;
+        // The reaper's own grace: a live shim's Lease may be a moment late.
         let (ids, networks) = self
-            .remove_ended(&space, sessions::DEFAULT_TTL.as_secs() as i64)
+            .remove_ended(&space, sessions::DEFAULT_TTL.as_secs() as i64 * 3)
             .await;
         Ok(Response::new(pb::PruneResponse {
             containers: ids,

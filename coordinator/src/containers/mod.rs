@@ -3,6 +3,8 @@
 //!
 //! - [`record`]: a container's durable record, a ConfigMap per container.
 //! - [`pod`]: record → pod, and pod → Docker state; plain functions.
+//! - [`pool`]: ready pod sandboxes a container starts in as an ephemeral
+//!   container (`start_mode: sandbox-pool`).
 //! - [`placement`]: which node a pod should prefer (one holding its image,
 //!   else one that starts pulling it at once).
 //! - [`store`]: per-namespace mirrors of records and pods, from watches.
@@ -34,6 +36,7 @@ pub mod network_api;
 pub mod networks;
 pub mod placement;
 pub mod pod;
+pub mod pool;
 pub mod record;
 pub mod sessions;
 pub mod store;

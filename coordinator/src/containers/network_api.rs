@@ -209,7 +209,9 @@ impl pb::networks_server::Networks for NetworksApi {
         let before = record.clone();
         let record = self.containers.rewrite(&space, &record, spec).await?;
         if let Err(e) = self.publish(&space, &record).await {
-            // Put the spec back so the container is as it was.
+            // Put the spec and the names back as they were.
+            let keep = networks::dns_names(&before.spec);
+            let _ = networks::drop_services(self.containers.client(), &record, &keep).await;
             let _ = self.containers.rewrite(&space, &record, before.spec).await;
             return Err(e);
         }

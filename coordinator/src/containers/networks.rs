@@ -248,9 +248,11 @@ pub async fn ensure_services(client: &kube::Client, record: &Record) -> Result<(
                     .await
                     .map_err(|e| kube_status("reading the Service of a name", e))?
                     .and_then(|s| s.metadata.labels?.get(CONTAINER_LABEL).cloned());
-                if holder.as_deref() == Some(record.short_id())
-                    || name == record.spec.name.to_ascii_lowercase()
-                {
+                if holder.as_deref() == Some(record.short_id()) {
+                    continue;
+                }
+                if name == record.spec.name.to_ascii_lowercase() {
+                    tracing::warn!(container = %record.name, %name, "its name is another's Service; it is not resolvable by it");
                     continue;
                 }
                 return Err(Status::already_exists(format!(
@@ -303,6 +305,21 @@ pub async fn drop_services(
 pub async fn wait_resolvable(client: &kube::Client, record: &Record, ip: &str) -> bool {
     let mut pending = dns_names(&record.spec);
     if pending.is_empty() || ip.is_empty() {
+        return true;
+    }
+    // Only the names it holds: its own name may be another's Service.
+    let services: Api<Service> = Api::namespaced(client.clone(), &record.namespace);
+    let held: Vec<String> = match services
+        .list_metadata(
+            &ListParams::default().labels(&format!("{CONTAINER_LABEL}={}", record.short_id())),
+        )
+        .await
+    {
+        Ok(list) => list.into_iter().filter_map(|s| s.metadata.name).collect(),
+        Err(_) => return false,
+    };
+    pending.retain(|n| held.contains(n));
+    if pending.is_empty() {
         return true;
     }
     let api: Api<EndpointSlice> = Api::namespaced(client.clone(), &record.namespace);

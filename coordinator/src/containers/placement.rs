@@ -71,22 +71,26 @@ pub fn pod_decides(spec: &PodSpec) -> bool {
             .is_some_and(|s| !s.is_empty())
 }
 
-/// Adds the preference for `nodes` to the pod.
+/// Adds the preference for `nodes` to the pod: one term per node, of equal
+/// weight (a `metadata.name` field selector takes a single value).
 pub fn prefer(spec: &mut PodSpec, nodes: &[String]) {
-    let term = PreferredSchedulingTerm {
-        weight: 100,
-        preference: NodeSelectorTerm {
-            match_fields: Some(vec![NodeSelectorRequirement {
-                key: "metadata.name".into(),
-                operator: "In".into(),
-                values: Some(nodes.to_vec()),
-            }]),
-            ..Default::default()
-        },
-    };
+    let terms = nodes
+        .iter()
+        .map(|node| PreferredSchedulingTerm {
+            weight: 100,
+            preference: NodeSelectorTerm {
+                match_fields: Some(vec![NodeSelectorRequirement {
+                    key: "metadata.name".into(),
+                    operator: "In".into(),
+                    values: Some(vec![node.clone()]),
+                }]),
+                ..Default::default()
+            },
+        })
+        .collect();
     let affinity = spec.affinity.get_or_insert_with(Affinity::default);
     affinity.node_affinity = Some(NodeAffinity {
-        preferred_during_scheduling_ignored_during_execution: Some(vec![term]),
+        preferred_during_scheduling_ignored_during_execution: Some(terms),
         ..Default::default()
     });
 }

@@ -404,12 +404,15 @@ pub fn start_failure(pod: &Pod) -> Option<String> {
     })
 }
 
+/// The status of the container `main`: the pod's own, or its ephemeral
+/// container's in a pool pod.
 fn main_status(pod: &Pod) -> Option<&ContainerStatus> {
-    pod.status
-        .as_ref()?
+    let status = pod.status.as_ref()?;
+    status
         .container_statuses
-        .as_ref()?
         .iter()
+        .chain(status.ephemeral_container_statuses.iter())
+        .flatten()
         .find(|s| s.name == MAIN_CONTAINER)
 }
 

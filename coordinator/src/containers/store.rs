@@ -167,18 +167,18 @@ impl Space {
     /// The pod of one start of the record, if it exists.
     pub fn pod_of_run(&self, record: &Record, run: u32) -> Option<Arc<Pod>> {
         let run = run.to_string();
-        self.pods.state().into_iter().find(|p| {
-            let labels = p.metadata.labels.as_ref();
-            labels
-                .and_then(|l| l.get(CONTAINER_LABEL))
-                .map(String::as_str)
-                == Some(record.short_id())
-                && labels.and_then(|l| l.get(RUN_LABEL)) == Some(&run)
-        })
+        let mut of_run: Vec<Arc<Pod>> = self
+            .pods_of(record)
+            .into_iter()
+            .filter(|p| p.metadata.labels.as_ref().and_then(|l| l.get(RUN_LABEL)) == Some(&run))
+            .collect();
+        // A pool pod given up on while its fresh replacement runs: the live one.
+        of_run.sort_by_key(|p| p.metadata.deletion_timestamp.is_some());
+        of_run.into_iter().next()
     }
 
-    /// Every pod of the record, any run.
-    pub fn pods_of(&self, record: &Record) -> Vec<Arc<Pod>> {
+    /// The pods whose label `key` is `value`.
+    fn pods_labelled(&self, key: &str, value: &str) -> Vec<Arc<Pod>> {
         self.pods
             .state()
             .into_iter()
@@ -186,11 +186,21 @@ impl Space {
                 p.metadata
                     .labels
                     .as_ref()
-                    .and_then(|l| l.get(CONTAINER_LABEL))
+                    .and_then(|l| l.get(key))
                     .map(String::as_str)
-                    == Some(record.short_id())
+                    == Some(value)
             })
             .collect()
+    }
+
+    /// The idle pods of the sandbox pool ([`super::pool`]).
+    pub fn pool_pods(&self) -> Vec<Arc<Pod>> {
+        self.pods_labelled(super::pool::POOL_LABEL, "idle")
+    }
+
+    /// Every pod of the record, any run.
+    pub fn pods_of(&self, record: &Record) -> Vec<Arc<Pod>> {
+        self.pods_labelled(CONTAINER_LABEL, record.short_id())
     }
 
     /// A receiver that sees every later change of this mirror.

@@ -60,6 +60,31 @@ pub enum UploadError {
     /// No regular file in the tar.
     #[error("the archive holds no regular file to copy")]
     Empty,
+    /// One copied file would sit inside another.
+    #[error("{0} and {1}: a copied file cannot also be a directory")]
+    Conflict(String, String),
+    /// Too many files kept for one container.
+    #[error("a container keeps at most {MAX_FILES} files copied before it runs")]
+    TooMany,
+}
+
+/// Most files kept for one container (each is a mount).
+pub const MAX_FILES: usize = 256;
+
+/// Refuses a set of kept files no pod could mount: too many, or a file
+/// that another one's path goes through.
+pub fn check_paths(files: &[pb::UploadedFile]) -> Result<(), UploadError> {
+    if files.len() > MAX_FILES {
+        return Err(UploadError::TooMany);
+    }
+    for a in files {
+        for b in files {
+            if b.path.starts_with(&format!("{}/", a.path)) {
+                return Err(UploadError::Conflict(a.path.clone(), b.path.clone()));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `dest` joined with `name`, normalised; `None` if a component is `..`.
@@ -292,6 +317,21 @@ mod tests {
         assert_eq!(read_tar("/tmp", &t), Err(UploadError::TooLarge));
         let only_dirs = tar_of(&[("d/", tar::EntryType::Directory, b"", 0o755)]);
         assert_eq!(read_tar("/tmp", &only_dirs), Err(UploadError::Empty));
+    }
+
+    #[test]
+    fn a_file_that_another_goes_through_is_refused() {
+        let f = |path: &str| pb::UploadedFile {
+            path: path.into(),
+            ..Default::default()
+        };
+        assert!(check_paths(&[f("/a/b"), f("/a/c")]).is_ok());
+        assert!(matches!(
+            check_paths(&[f("/a"), f("/a/b")]),
+            Err(UploadError::Conflict(..))
+        ));
+        let many: Vec<pb::UploadedFile> = (0..=MAX_FILES).map(|i| f(&format!("/f{i}"))).collect();
+        assert_eq!(check_paths(&many), Err(UploadError::TooMany));
     }
 
     #[test]

@@ -567,6 +567,7 @@ pub fn to_spec(name: &str, b: &CreateBody) -> Result<ContainerSpec, CreateError>
         open_stdin: b.open_stdin,
         stdin_once: b.stdin_once,
         uploads: Vec::new(),
+        start_mode: String::new(),
         auto_remove: b.host_config.auto_remove,
         hostname: b.hostname.clone(),
         ports: ports(b)?,

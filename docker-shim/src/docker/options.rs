@@ -28,6 +28,8 @@ pub const ACTIVE_DEADLINE: &str = "berth.dev/active-deadline-seconds";
 pub const IMAGE_PULL_SECRETS: &str = "berth.dev/image-pull-secrets";
 /// Label: `uid[:gid]` to run as when the container names no user.
 pub const RUN_AS_USER: &str = "berth.dev/run-as-user";
+/// Label: `pod` or `sandbox-pool`.
+pub const START_MODE: &str = "berth.dev/start-mode";
 
 /// The shim's defaults for every container it creates.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -38,6 +40,8 @@ pub struct PodDefaults {
     pub run_as_user: String,
     /// Remove containers this long after their creation (0: never).
     pub max_age_seconds: i64,
+    /// `pod` (or empty) or `sandbox-pool`.
+    pub start_mode: String,
 }
 
 fn pairs(raw: &str, what: &str) -> Result<HashMap<String, String>, String> {
@@ -103,6 +107,16 @@ pub fn apply(defaults: &PodDefaults, spec: &mut ContainerSpec) -> Result<(), Str
     }
     spec.pod = (o != PodOptions::default()).then_some(o);
     spec.max_age_seconds = defaults.max_age_seconds;
+    let mode = label(START_MODE).unwrap_or_else(|| defaults.start_mode.clone());
+    spec.start_mode = match mode.as_str() {
+        "" | "pod" => String::new(),
+        "sandbox-pool" => mode,
+        other => {
+            return Err(format!(
+                "{START_MODE}: {other:?} is not a start mode (pod or sandbox-pool)"
+            ));
+        }
+    };
     Ok(())
 }
 
@@ -131,6 +145,7 @@ mod tests {
             },
             run_as_user: "1000".into(),
             max_age_seconds: 3600,
+            start_mode: "pod".into(),
         };
         let mut s = spec(&[
             (CPU_REQUEST, "2"),
