@@ -760,6 +760,20 @@ async fn a_health_check_turns_healthy_or_unhealthy_as_its_command_says() {
     let image = c.fresh_docker_image("docker-health").await.unwrap();
     let ns = DockerNamespace::new(&c, "docker-health").unwrap();
     let shim = ns.shim("ci").await.unwrap();
+    let mut events = shim
+        .docker_spawn(&[
+            "events",
+            "--filter",
+            "event=health_status",
+            "--format",
+            "{{.Actor.Attributes.name}} {{.Action}}",
+        ])
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !shim.log().contains("streaming events") {
+        assert!(std::time::Instant::now() < deadline, "{}", shim.log());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 
     let health = |name: &str| {
         shim.docker_ok(&["inspect", "-f", "{{.State.Health.Status}}", name])
@@ -827,6 +841,61 @@ async fn a_health_check_turns_healthy_or_unhealthy_as_its_command_says() {
         listed.contains("(healthy)") && listed.contains("(unhealthy)"),
         "{listed}"
     );
+
+    // The verdict comes from a probe that ran and failed, not from the clock
+    // alone: the kubelet recorded the failure.
+    let id = shim
+        .docker_ok(&["inspect", "-f", "{{.Id}}", "bad"])
+        .unwrap();
+    let pod = format!("berth-{}-1", &id.trim()[..12]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let failed = c
+            .kubectl(&[
+                "-n",
+                &ns.ns.name,
+                "get",
+                "events",
+                "--field-selector",
+                &format!("involvedObject.name={pod},reason=Unhealthy"),
+                "-o",
+                "name",
+            ])
+            .unwrap();
+        if !failed.trim().is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed probe recorded for {pod}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    // And both verdicts were events.
+    use std::io::BufRead;
+    let stdout = events.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.send(line.trim().to_string()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !(seen.iter().any(|l| l == "good health_status: healthy")
+        && seen.iter().any(|l| l == "bad health_status: unhealthy"))
+    {
+        match rx.recv_timeout(std::time::Duration::from_secs(30)) {
+            Ok(line) => seen.push(line),
+            Err(_) => panic!("no health events within 30 s: {seen:?}"),
+        }
+    }
+    let _ = events.kill();
+    let _ = events.wait();
 }
 
 #[tokio::test]
