@@ -99,6 +99,33 @@ struct Args {
     sandbox_image: Option<String>,
 }
 
+/// A mirror of the cluster's nodes without their status (taints and
+/// cordons are in the spec), for placing Docker API containers.
+fn node_specs(
+    client: &kube::Client,
+) -> kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node> {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, reflector, watcher};
+    let (store, writer) = reflector::store();
+    let api = kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone());
+    tokio::spawn(
+        watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|n| {
+                n.status = None;
+                n.metadata.managed_fields = None;
+            })
+            .reflect(writer)
+            .for_each(|e| {
+                if let Err(e) = e {
+                    tracing::warn!(error = %e, "node watch (placement) failed; retrying");
+                }
+                futures::future::ready(())
+            }),
+    );
+    store
+}
+
 /// The sandbox pool's settings; its image is this pod's own unless given.
 async fn sandbox_pool(
     client: &kube::Client,
@@ -204,7 +231,8 @@ async fn main() -> anyhow::Result<()> {
                 Spaces::new(client.clone()),
                 registry.clone(),
                 sandbox_pool(&client, &args).await,
-            ),
+            )
+            .with_nodes(node_specs(&client)),
             ImagesApi::new(OciRegistry::new(args.insecure_registries.clone())),
         )),
     };

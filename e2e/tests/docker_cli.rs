@@ -1053,6 +1053,35 @@ async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() 
         (vec![holder.clone()], holder.clone())
     );
 
+    // Held by every node: each is preferred, one term per node (the
+    // apiserver takes one value per metadata.name selector).
+    let others: Vec<String> = c.nodes.iter().filter(|n| **n != holder).cloned().collect();
+    berth_e2e::bench::direct_pull(&c, &others, &held)
+        .await
+        .unwrap();
+    for node in &others {
+        berth_e2e::eventually(
+            std::time::Duration::from_secs(30),
+            "the coordinator sees the image on every node",
+            || {
+                let (mut api, node, held) = (api.clone(), node.clone(), held.clone());
+                async move { Ok(on_node(&mut api, &node, &held).await?.map(|_| ())) }
+            },
+        )
+        .await
+        .unwrap();
+    }
+    let everywhere = shim
+        .docker_ok(&["run", "-d", &held, "sleep", "600"])
+        .unwrap()
+        .trim()
+        .to_string();
+    let (mut preferred, _) = placement_of(&ns, &everywhere);
+    preferred.sort();
+    let mut all = c.nodes.clone();
+    all.sort();
+    assert_eq!(preferred, all);
+
     // Held nowhere: one node is chosen, its agent pulls the image (Berth's
     // own pull, so `managed`), and the pod runs there.
     let fresh = c.fresh_docker_image("docker-warm").await.unwrap();
@@ -1082,6 +1111,56 @@ async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() 
         "the agent pulled it (a warming pull), not only the kubelet"
     );
     shim.docker_ok(&["rm", "-f", &id]).unwrap();
+
+    // A node the pod could not land on (tainted) is never the one warmed.
+    let tainted = c.nodes[0].clone();
+    let _taint = Taint::new(&c, &tainted, "berth.dev/e2e-placement=x:NoSchedule");
+    for i in 0..4 {
+        let fresh = c
+            .fresh_docker_image(&format!("docker-warm-taint{i}"))
+            .await
+            .unwrap();
+        let id = shim
+            .docker_ok(&["run", "-d", &fresh, "sleep", "600"])
+            .unwrap()
+            .trim()
+            .to_string();
+        let (preferred, ran_on) = placement_of(&ns, &id);
+        assert!(
+            !preferred.contains(&tainted),
+            "{preferred:?} includes the tainted {tainted}"
+        );
+        assert_ne!(ran_on, tainted);
+        shim.docker_ok(&["rm", "-f", &id]).unwrap();
+    }
+}
+
+/// A taint on a node, taken off again when dropped (a failed test too).
+struct Taint<'a> {
+    c: &'a Cluster,
+    node: String,
+    key: String,
+}
+
+impl<'a> Taint<'a> {
+    fn new(c: &'a Cluster, node: &str, taint: &str) -> Self {
+        c.kubectl(&["taint", "node", node, taint, "--overwrite"])
+            .unwrap();
+        let key = taint.split(['=', ':']).next().unwrap_or(taint).to_string();
+        Taint {
+            c,
+            node: node.to_string(),
+            key,
+        }
+    }
+}
+
+impl Drop for Taint<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .c
+            .kubectl(&["taint", "node", &self.node, &format!("{}-", self.key)]);
+    }
 }
 
 #[tokio::test]

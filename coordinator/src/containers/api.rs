@@ -44,6 +44,8 @@ pub struct ContainersApi {
     pool: Arc<pool::PoolConfig>,
     /// Namespaces whose pool is being refilled.
     filling: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
+    /// The cluster's nodes (without status), for placement.
+    nodes: Option<kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>>,
 }
 
 pub(super) fn kube_status(what: &str, e: kube::Error) -> Status {
@@ -164,7 +166,17 @@ impl ContainersApi {
             registry,
             pool: Arc::new(pool),
             filling: Arc::default(),
+            nodes: None,
         }
+    }
+
+    /// Places pods only on nodes they could land on, as `nodes` shows them.
+    pub fn with_nodes(
+        mut self,
+        nodes: kube::runtime::reflector::Store<k8s_openapi::api::core::v1::Node>,
+    ) -> Self {
+        self.nodes = Some(nodes);
+        self
     }
 
     /// The caller's view of `namespace` and the container `id` names there.
@@ -291,7 +303,7 @@ impl ContainersApi {
             && !placement::pod_decides(spec)
         {
             let image = spec.containers[0].image.clone().unwrap_or_default();
-            match placement::place(&self.registry, &image) {
+            match placement::place(&self.registry, self.nodes.as_ref(), spec, &image) {
                 placement::Placement::Anywhere => {}
                 placement::Placement::Holders(nodes) => placement::prefer(spec, &nodes),
                 placement::Placement::Warm(node) => placement::prefer(spec, &[node]),

@@ -4,15 +4,18 @@
 //! still being scheduled and its sandbox made. The choice is a scheduling
 //! preference (the scheduler still decides, honouring capacity), and is left
 //! out when the pod names its own placement (a node selector, an affinity)
-//! or pulls with secrets the agent would not have.
+//! or pulls with secrets the agent would not have. Only nodes the pod could
+//! land on are chosen: not cordoned, and every `NoSchedule`/`NoExecute`
+//! taint tolerated by the pod ([`admits`]).
 
 use std::time::{Duration, Instant};
 
 use berth_proto::agent as agent_pb;
 use k8s_openapi::api::core::v1::{
-    Affinity, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
-    PreferredSchedulingTerm,
+    Affinity, Node, NodeAffinity, NodeSelectorRequirement, NodeSelectorTerm, PodSpec,
+    PreferredSchedulingTerm, Taint, Toleration,
 };
+use kube::runtime::reflector::Store;
 
 use crate::domain::{AgentView, TaskRecord};
 use crate::nodes::NodeRegistry;
@@ -95,13 +98,57 @@ pub fn prefer(spec: &mut PodSpec, nodes: &[String]) {
     });
 }
 
-/// Decides for `image` from the registry's agents, starts the warming pull
-/// if that is the choice, and answers it.
-pub fn place(registry: &NodeRegistry, image: &str) -> Placement {
+fn tolerates(t: &Toleration, taint: &Taint) -> bool {
+    let key_ok = match t.key.as_deref() {
+        None | Some("") => t.operator.as_deref() == Some("Exists"),
+        Some(k) => k == taint.key,
+    };
+    let effect_ok = t
+        .effect
+        .as_deref()
+        .is_none_or(|e| e.is_empty() || e == taint.effect);
+    let value_ok = t.operator.as_deref() == Some("Exists")
+        || t.value.as_deref().unwrap_or("") == taint.value.as_deref().unwrap_or("");
+    key_ok && effect_ok && value_ok
+}
+
+/// Whether a pod with `spec` could be scheduled to `node`: it is not
+/// cordoned, and every taint that keeps pods off is tolerated.
+pub fn admits(node: &Node, spec: &PodSpec) -> bool {
+    let Some(ns) = node.spec.as_ref() else {
+        return true;
+    };
+    if ns.unschedulable == Some(true) {
+        return false;
+    }
+    let tolerations = spec.tolerations.as_deref().unwrap_or(&[]);
+    ns.taints.iter().flatten().all(|taint| {
+        !matches!(taint.effect.as_str(), "NoSchedule" | "NoExecute")
+            || tolerations.iter().any(|t| tolerates(t, taint))
+    })
+}
+
+/// Decides for `image` from the registry's agents on the nodes `spec` could
+/// land on (as `nodes` knows them; all, before it has filled), starts the
+/// warming pull if that is the choice, and answers it.
+pub fn place(
+    registry: &NodeRegistry,
+    nodes: Option<&Store<Node>>,
+    spec: &PodSpec,
+    image: &str,
+) -> Placement {
     let now = Instant::now();
+    let fits = |name: &str| {
+        nodes.is_none_or(|store| {
+            store
+                .get(&kube::runtime::reflector::ObjectRef::new(name))
+                .is_none_or(|n| admits(&n, spec))
+        })
+    };
     let agents: Vec<(String, AgentView)> = registry
         .list()
         .into_iter()
+        .filter(|n| fits(&n.name))
         .filter_map(|n| Some((n.name.clone(), registry.agent_view(&n.name, now)?)))
         .collect();
     let placement = decide(&agents, image, |n| fastrand::usize(..n));
@@ -174,6 +221,62 @@ mod tests {
         assert_eq!(decide(&[], img, |_| 0), Placement::Anywhere);
         let away = vec![("n3".to_string(), agent(&[img], false))];
         assert_eq!(decide(&away, img, |_| 0), Placement::Anywhere);
+    }
+
+    #[test]
+    fn cordoned_and_tainted_nodes_admit_only_pods_that_tolerate_them() {
+        let node = |unschedulable: bool, taints: Vec<Taint>| Node {
+            spec: Some(k8s_openapi::api::core::v1::NodeSpec {
+                unschedulable: Some(unschedulable),
+                taints: Some(taints),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let taint = |key: &str, effect: &str| Taint {
+            key: key.into(),
+            effect: effect.into(),
+            value: Some("x".into()),
+            ..Default::default()
+        };
+        let plain = PodSpec::default();
+        assert!(admits(&node(false, vec![]), &plain));
+        assert!(!admits(&node(true, vec![]), &plain));
+        assert!(!admits(
+            &node(false, vec![taint("gpu", "NoSchedule")]),
+            &plain
+        ));
+        assert!(admits(
+            &node(false, vec![taint("gpu", "PreferNoSchedule")]),
+            &plain
+        ));
+        let tolerant = PodSpec {
+            tolerations: Some(vec![Toleration {
+                key: Some("gpu".into()),
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(admits(
+            &node(false, vec![taint("gpu", "NoSchedule")]),
+            &tolerant
+        ));
+        assert!(!admits(
+            &node(false, vec![taint("disk", "NoExecute")]),
+            &tolerant
+        ));
+        let everything = PodSpec {
+            tolerations: Some(vec![Toleration {
+                operator: Some("Exists".into()),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        };
+        assert!(admits(
+            &node(false, vec![taint("disk", "NoExecute")]),
+            &everything
+        ));
     }
 
     #[test]

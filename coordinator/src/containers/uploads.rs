@@ -136,10 +136,8 @@ pub fn read_tar(dest: &str, tar: &[u8]) -> Result<Vec<File>, UploadError> {
         if path == "/" {
             return Err(refuse("a file needs a name"));
         }
-        let size = entry
-            .header()
-            .size()
-            .map_err(|e| UploadError::Tar(e.to_string()))?;
+        // The entry's size as the reader sees it (a PAX record may set it).
+        let size = entry.size();
         total = total.saturating_add(size);
         if total > MAX_UPLOAD {
             return Err(UploadError::TooLarge);
