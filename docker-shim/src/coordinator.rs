@@ -89,6 +89,70 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
+    /// Removes this session's containers (forcibly), then its networks,
+    /// that carry every label of `labels` (`key` or `key=value`; none: all).
+    /// `who` names the caller in the log; failures are logged and skipped.
+    pub async fn remove_labelled(&self, labels: &[String], who: &str) {
+        use berth_proto::api::{
+            ListContainersRequest, ListNetworksRequest, NetworkRequest, RemoveContainerRequest,
+        };
+        let namespace = self.namespace.clone();
+        let listed = self
+            .containers
+            .clone()
+            .list(ListContainersRequest {
+                namespace: namespace.clone(),
+                all: true,
+                label_filters: labels.to_vec(),
+                ..Default::default()
+            })
+            .await;
+        let containers = listed
+            .map(|r| r.into_inner().containers)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e.message(), "{who}: cannot list containers");
+                Vec::new()
+            });
+        for c in containers {
+            let req = RemoveContainerRequest {
+                namespace: namespace.clone(),
+                id: c.id.clone(),
+                force: true,
+            };
+            match self.containers.clone().remove(req).await {
+                Ok(_) => tracing::info!(container = %c.name, "{who}: removed"),
+                Err(e) => {
+                    tracing::warn!(container = %c.name, error = %e.message(), "{who}: removal failed")
+                }
+            }
+        }
+        let listed = self
+            .networks
+            .clone()
+            .list(ListNetworksRequest {
+                namespace: namespace.clone(),
+                label_filters: labels.to_vec(),
+                ..Default::default()
+            })
+            .await;
+        let networks = listed.map(|r| r.into_inner().networks).unwrap_or_else(|e| {
+            tracing::warn!(error = %e.message(), "{who}: cannot list networks");
+            Vec::new()
+        });
+        for n in networks {
+            let req = NetworkRequest {
+                namespace: namespace.clone(),
+                id: n.id.clone(),
+            };
+            match self.networks.clone().remove(req).await {
+                Ok(_) => tracing::info!(network = %n.name, "{who}: removed"),
+                Err(e) => {
+                    tracing::warn!(network = %n.name, error = %e.message(), "{who}: removal failed")
+                }
+            }
+        }
+    }
+
     /// Clients over `channel`, sending `token` and naming `namespace`,
     /// outside any session.
     pub fn new(channel: Channel, token: TokenSource, namespace: &str) -> Self {

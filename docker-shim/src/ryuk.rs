@@ -21,10 +21,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use berth_proto::api::{
-    ContainerInfo, ContainerSpec, ContainerState, ListContainersRequest, ListNetworksRequest,
-    NetworkRequest, PortBinding, RemoveContainerRequest,
-};
+use berth_proto::api::{ContainerInfo, ContainerSpec, ContainerState, PortBinding};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -329,63 +326,8 @@ async fn client(conn: TcpStream, filters: &Mutex<Vec<Vec<String>>>) {
 
 /// Removes every container, then every network, matching any set.
 async fn prune(coordinator: &Coordinator, filters: &[Vec<String>]) {
-    let namespace = coordinator.namespace.clone();
     for set in filters {
-        let listed = coordinator
-            .containers
-            .clone()
-            .list(ListContainersRequest {
-                namespace: namespace.clone(),
-                all: true,
-                label_filters: set.clone(),
-                ..Default::default()
-            })
-            .await;
-        for c in listed
-            .map(|r| r.into_inner().containers)
-            .unwrap_or_default()
-        {
-            let gone = coordinator
-                .containers
-                .clone()
-                .remove(RemoveContainerRequest {
-                    namespace: namespace.clone(),
-                    id: c.id.clone(),
-                    force: true,
-                })
-                .await;
-            match gone {
-                Ok(_) => tracing::info!(container = %c.name, "Ryuk: removed"),
-                Err(e) => {
-                    tracing::warn!(container = %c.name, error = %e.message(), "Ryuk: removal failed")
-                }
-            }
-        }
-        let listed = coordinator
-            .networks
-            .clone()
-            .list(ListNetworksRequest {
-                namespace: namespace.clone(),
-                label_filters: set.clone(),
-                ..Default::default()
-            })
-            .await;
-        for n in listed.map(|r| r.into_inner().networks).unwrap_or_default() {
-            let gone = coordinator
-                .networks
-                .clone()
-                .remove(NetworkRequest {
-                    namespace: namespace.clone(),
-                    id: n.id.clone(),
-                })
-                .await;
-            match gone {
-                Ok(_) => tracing::info!(network = %n.name, "Ryuk: removed"),
-                Err(e) => {
-                    tracing::warn!(network = %n.name, error = %e.message(), "Ryuk: removal failed")
-                }
-            }
-        }
+        coordinator.remove_labelled(set, "Ryuk").await;
     }
 }
 

@@ -109,45 +109,6 @@ pub async fn prune_ended(coordinator: &crate::coordinator::Coordinator) {
 /// Removes this session's containers, then its networks
 /// (`--cleanup-on-exit`, on SIGTERM or ctrl-c).
 pub async fn clean_up(coordinator: &crate::coordinator::Coordinator) {
-    let namespace = coordinator.namespace.clone();
-    let listed = coordinator
-        .containers
-        .clone()
-        .list(pb::ListContainersRequest {
-            namespace: namespace.clone(),
-            all: true,
-            ..Default::default()
-        })
-        .await;
-    for c in listed
-        .map(|r| r.into_inner().containers)
-        .unwrap_or_default()
-    {
-        let req = pb::RemoveContainerRequest {
-            namespace: namespace.clone(),
-            id: c.id,
-            force: true,
-        };
-        if let Err(e) = coordinator.containers.clone().remove(req).await {
-            tracing::warn!(container = %c.name, error = %e.message(), "cannot remove on exit");
-        }
-    }
-    let listed = coordinator
-        .networks
-        .clone()
-        .list(pb::ListNetworksRequest {
-            namespace: namespace.clone(),
-            ..Default::default()
-        })
-        .await;
-    for n in listed.map(|r| r.into_inner().networks).unwrap_or_default() {
-        let req = pb::NetworkRequest {
-            namespace: namespace.clone(),
-            id: n.id,
-        };
-        if let Err(e) = coordinator.networks.clone().remove(req).await {
-            tracing::warn!(network = %n.name, error = %e.message(), "cannot remove on exit");
-        }
-    }
+    coordinator.remove_labelled(&[], "on exit").await;
     tracing::info!("removed this shim's containers and networks");
 }

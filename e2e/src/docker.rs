@@ -116,12 +116,13 @@ subjects:
     }
 
     /// Names of the objects Berth made here (container and network
-    /// records, pods, the Services of names).
+    /// records, pods, the Services of names, copied files).
     pub fn berth_objects(&self) -> anyhow::Result<Vec<String>> {
         let mut all = Vec::new();
         for (kinds, label) in [
             ("configmaps,pods,services", "berth.dev/container"),
             ("configmaps", "berth.dev/network"),
+            ("configmaps", "berth.dev/upload-of"),
         ] {
             let out =
                 self.c

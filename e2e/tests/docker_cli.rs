@@ -974,24 +974,29 @@ async fn docker_run_i_feeds_stdin_to_the_container_until_end_of_file() {
     assert_eq!(ns.berth_objects().unwrap(), Vec::<String>::new());
 }
 
-/// Whether the coordinator's inventory of `node` shows `image`, and
-/// whether Berth's agent pulled it there (`managed`).
-async fn on_node(
-    api: &mut berth_e2e::ApiClient,
-    node: &str,
-    image: &str,
-) -> anyhow::Result<Option<bool>> {
-    let images = api
-        .list_node_images(berth_proto::api::ListNodeImagesRequest {
-            node: node.to_string(),
-        })
-        .await?
-        .into_inner()
-        .images;
-    Ok(images
-        .iter()
-        .find(|i| i.repo_tags.iter().any(|t| t == image))
-        .map(|i| i.managed))
+/// Waits (at most 30 s) until the coordinator's inventory of `node` shows
+/// `image`; answers whether Berth's agent pulled it there (`managed`).
+async fn until_on_node(api: &berth_e2e::ApiClient, node: &str, image: &str) -> bool {
+    berth_e2e::eventually(
+        std::time::Duration::from_secs(30),
+        &format!("the coordinator sees {image} on {node}"),
+        || {
+            let (mut api, node, image) = (api.clone(), node.to_string(), image.to_string());
+            async move {
+                let images = api
+                    .list_node_images(berth_proto::api::ListNodeImagesRequest { node })
+                    .await?
+                    .into_inner()
+                    .images;
+                Ok(images
+                    .iter()
+                    .find(|i| i.repo_tags.contains(&image))
+                    .map(|i| i.managed))
+            }
+        },
+    )
+    .await
+    .unwrap()
 }
 
 /// The nodes a container's pod prefers, and the node it runs on.
@@ -1033,16 +1038,7 @@ async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() 
     berth_e2e::bench::direct_pull(&c, std::slice::from_ref(&holder), &held)
         .await
         .unwrap();
-    berth_e2e::eventually(
-        std::time::Duration::from_secs(30),
-        "the coordinator sees the image on its node",
-        || {
-            let (mut api, holder, held) = (api.clone(), holder.clone(), held.clone());
-            async move { Ok(on_node(&mut api, &holder, &held).await?.map(|_| ())) }
-        },
-    )
-    .await
-    .unwrap();
+    until_on_node(&api, &holder, &held).await;
     let id = shim
         .docker_ok(&["run", "-d", &held, "sleep", "600"])
         .unwrap()
@@ -1060,16 +1056,7 @@ async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() 
         .await
         .unwrap();
     for node in &others {
-        berth_e2e::eventually(
-            std::time::Duration::from_secs(30),
-            "the coordinator sees the image on every node",
-            || {
-                let (mut api, node, held) = (api.clone(), node.clone(), held.clone());
-                async move { Ok(on_node(&mut api, &node, &held).await?.map(|_| ())) }
-            },
-        )
-        .await
-        .unwrap();
+        until_on_node(&api, node, &held).await;
     }
     let everywhere = shim
         .docker_ok(&["run", "-d", &held, "sleep", "600"])
@@ -1096,16 +1083,7 @@ async fn a_container_goes_where_its_image_is_or_warms_the_node_it_will_run_on() 
         vec![ran_on.clone()],
         "one chosen node, and the pod is there"
     );
-    let managed = berth_e2e::eventually(
-        std::time::Duration::from_secs(30),
-        "the chosen node's inventory shows the image",
-        || {
-            let (mut api, node, image) = (api.clone(), ran_on.clone(), fresh.clone());
-            async move { on_node(&mut api, &node, &image).await }
-        },
-    )
-    .await
-    .unwrap();
+    let managed = until_on_node(&api, &ran_on, &fresh).await;
     assert!(
         managed,
         "the agent pulled it (a warming pull), not only the kubelet"

@@ -65,6 +65,14 @@ pub(super) fn kube_status(what: &str, e: kube::Error) -> Status {
     }
 }
 
+/// `r` with "not found" taken as done: for deletes of what may be gone.
+pub(super) fn ignore_missing<T>(r: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match r {
+        Err(kube::Error::Api(ae)) if ae.code == 404 => Ok(()),
+        r => r.map(|_| ()),
+    }
+}
+
 fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
@@ -88,9 +96,9 @@ pub fn info(space: &Space, record: &Record) -> pb::ContainerInfo {
         state.error = "the container's pod is gone".into();
     }
     let status = pod.as_ref().and_then(|p| p.status.as_ref());
-    let image_id = status
-        .and_then(|s| s.container_statuses.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.name == MAIN_CONTAINER))
+    let image_id = pod
+        .as_deref()
+        .and_then(pod::main_status)
         .map(|c| c.image_id.clone())
         .unwrap_or_default();
     pb::ContainerInfo {
@@ -179,6 +187,18 @@ impl ContainersApi {
         self
     }
 
+    /// The caller's view of `namespace`: its session's, if the call names one.
+    pub(super) async fn session_space(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        namespace: &str,
+    ) -> Result<Space, Status> {
+        Ok(self
+            .space(namespace)
+            .await?
+            .for_session(session_of(metadata)?))
+    }
+
     /// The caller's view of `namespace` and the container `id` names there.
     async fn locate(
         &self,
@@ -186,10 +206,7 @@ impl ContainersApi {
         namespace: &str,
         id: &str,
     ) -> Result<(Space, Record), Status> {
-        let space = self
-            .space(namespace)
-            .await?
-            .for_session(session_of(metadata)?);
+        let space = self.session_space(metadata, namespace).await?;
         let record = space.find(id)?;
         Ok((space, record))
     }
@@ -228,22 +245,20 @@ impl ContainersApi {
         Api::namespaced(self.spaces.client().clone(), ns)
     }
 
-    /// Replaces a container's spec in its record, and waits for the mirror
-    /// to show it.
-    pub(super) async fn rewrite(
+    /// Merges `patch` into the record as last seen by the mirror: a record
+    /// changed since by another call is refused, never overwritten.
+    async fn patch_record(
         &self,
         space: &Space,
         record: &Record,
-        spec: pb::ContainerSpec,
-    ) -> Result<Record, Status> {
+        mut patch: serde_json::Value,
+        what: &str,
+    ) -> Result<(), Status> {
         let rv = space
             .records_object(&record.object_name)
             .and_then(|cm| cm.metadata.resource_version.clone())
             .ok_or_else(|| Status::not_found(format!("No such container: {}", record.id)))?;
-        let patch = serde_json::json!({
-            "metadata": {"resourceVersion": rv},
-            "binaryData": {SPEC_KEY: k8s_openapi::ByteString(prost::Message::encode_to_vec(&spec))},
-        });
+        patch["metadata"]["resourceVersion"] = rv.into();
         self.records(&space.namespace)
             .patch(
                 &record.object_name,
@@ -256,8 +271,24 @@ impl ContainersApi {
                     "container {} was changed by another call; try again",
                     record.name
                 )),
-                e => kube_status("recording the container's networks", e),
+                e => kube_status(what, e),
             })?;
+        Ok(())
+    }
+
+    /// Replaces a container's spec in its record, and waits for the mirror
+    /// to show it.
+    pub(super) async fn rewrite(
+        &self,
+        space: &Space,
+        record: &Record,
+        spec: pb::ContainerSpec,
+    ) -> Result<Record, Status> {
+        let patch = serde_json::json!({
+            "binaryData": {SPEC_KEY: k8s_openapi::ByteString(prost::Message::encode_to_vec(&spec))},
+        });
+        self.patch_record(space, record, patch, "recording the container's spec")
+            .await?;
         space
             .wait_for(SEE_WRITE, |s| {
                 s.find(&record.id).ok().filter(|r| r.spec == spec)
@@ -274,30 +305,14 @@ impl ContainersApi {
             pod::pod_for(&next, run).map_err(|e| Status::invalid_argument(e.to_string()))?;
         // Claim the run first: the resourceVersion makes two racing starts
         // collide here instead of making two pods.
-        let rv = space
-            .records_object(&record.object_name)
-            .and_then(|cm| cm.metadata.resource_version.clone())
-            .ok_or_else(|| Status::not_found(format!("No such container: {}", record.id)))?;
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": rv, "annotations": {
+            "metadata": {"annotations": {
                 RUNS_ANNOTATION: run.to_string(),
                 RUN_STARTED_ANNOTATION: now_rfc3339(),
             }}
         });
-        self.records(&space.namespace)
-            .patch(
-                &record.object_name,
-                &PatchParams::default(),
-                &Patch::Merge(&patch),
-            )
-            .await
-            .map_err(|e| match e {
-                kube::Error::Api(ae) if ae.code == 409 => Status::aborted(format!(
-                    "container {} was changed by another call; try again",
-                    record.name
-                )),
-                e => kube_status("recording the start", e),
-            })?;
+        self.patch_record(space, &record, patch, "recording the start")
+            .await?;
         // Placed (and warmed) only once the run is ours.
         if let Some(spec) = pod.spec.as_mut()
             && !placement::pod_decides(spec)
@@ -311,7 +326,7 @@ impl ContainersApi {
         }
         let pooled = self.pool.size > 0 && pool::eligible(&next.spec);
         let claimed = if pooled {
-            let claim = pool::claim(self.client(), space, &self.pool, &next, run, &pod).await;
+            let claim = pool::claim(self.client(), space, &self.pool, &pod).await;
             self.refill(space);
             match claim {
                 Ok(claimed) => claimed.is_some(),
@@ -417,30 +432,23 @@ impl ContainersApi {
         networks::drop_services(self.client(), record, &[]).await?;
         // The record first: once it is gone the container is, and no one
         // sees it as a run whose pod vanished while its pods go.
-        match self
-            .records(&space.namespace)
-            .delete(&record.object_name, &DeleteParams::background())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => return Err(kube_status("removing the container", e)),
-        }
-        // The files copied in before a start (owned by the record as well).
-        let mut kept: Vec<&str> = record
+        let records = self.records(&space.namespace);
+        ignore_missing(
+            records
+                .delete(&record.object_name, &DeleteParams::background())
+                .await,
+        )
+        .map_err(|e| kube_status("removing the container", e))?;
+        // What the record owns goes with it anyway; these go at once. A
+        // failure is left to the garbage collector.
+        let kept: std::collections::BTreeSet<&str> = record
             .spec
             .uploads
             .iter()
             .map(|u| u.config_map.as_str())
             .collect();
-        kept.dedup();
         for name in kept {
-            if let Err(e) = self
-                .records(&space.namespace)
-                .delete(name, &DeleteParams::default())
-                .await
-                && !matches!(&e, kube::Error::Api(ae) if ae.code == 404)
-            {
+            if let Err(e) = ignore_missing(records.delete(name, &DeleteParams::default()).await) {
                 warn!(config_map = %name, error = %e, "removing copied files failed");
             }
         }
@@ -448,20 +456,34 @@ impl ContainersApi {
             grace_period_seconds: Some(0),
             ..Default::default()
         };
-        for p in space.pods_of(record) {
-            if let Some(name) = &p.metadata.name {
-                match self.pods(&space.namespace).delete(name, &now).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-                    // The garbage collector takes what is left.
-                    Err(e) => warn!(pod = %name, error = %e, "removing a container's pod failed"),
-                }
+        let pods = self.pods(&space.namespace);
+        for name in space
+            .pods_of(record)
+            .iter()
+            .filter_map(|p| p.metadata.name.as_deref())
+        {
+            if let Err(e) = ignore_missing(pods.delete(name, &now).await) {
+                warn!(pod = %name, error = %e, "removing a container's pod failed");
             }
         }
         space
             .wait_for(SEE_WRITE, |s| (!s.exists(&record.id)).then_some(()))
             .await
             .ok_or_else(|| Status::unavailable("the removal did not show in the watch"))
+    }
+
+    /// Deletes a network's record (gone already is fine).
+    pub(super) async fn delete_network(
+        &self,
+        space: &Space,
+        network: &networks::Network,
+    ) -> Result<(), Status> {
+        ignore_missing(
+            self.records(&space.namespace)
+                .delete(&network.object_name, &DeleteParams::default())
+                .await,
+        )
+        .map_err(|e| kube_status("removing the network", e))
     }
 
     /// Removes the containers, then the networks, of client sessions that
@@ -499,15 +521,11 @@ impl ContainersApi {
             if members.contains(&n.name) || !ended(&n.session, &n.created) {
                 continue;
             }
-            let gone = Api::<ConfigMap>::namespaced(self.client().clone(), &space.namespace)
-                .delete(&n.object_name, &DeleteParams::default())
-                .await;
-            match gone {
-                Ok(_) => {
+            match self.delete_network(space, &n).await {
+                Ok(()) => {
                     info!(namespace = %space.namespace, network = %n.name, session = %n.session, "removed: its client session ended");
                     removed.push(n.name);
                 }
-                Err(kube::Error::Api(ae)) if ae.code == 404 => {}
                 Err(e) => warn!(network = %n.name, error = %e, "removal failed; will retry"),
             }
         }
@@ -865,19 +883,13 @@ impl pb::containers_server::Containers for ContainersApi {
         })?;
         let name = format!("berth-upl-{}-{:08x}", record.short_id(), fastrand::u32(..));
         let (cm, entries) = uploads::config_map_for(&record, &name, &files);
+        let mut spec = record.spec.clone();
+        spec.uploads = uploads::merge(&spec.uploads, entries.clone());
+        uploads::check_paths(&spec.uploads).map_err(|e| Status::invalid_argument(e.to_string()))?;
         self.records(&space.namespace)
             .create(&PostParams::default(), &cm)
             .await
             .map_err(|e| kube_status("keeping the copied files", e))?;
-        let mut spec = record.spec.clone();
-        spec.uploads = uploads::merge(&spec.uploads, entries.clone());
-        if let Err(e) = uploads::check_paths(&spec.uploads) {
-            let _ = self
-                .records(&space.namespace)
-                .delete(&name, &DeleteParams::default())
-                .await;
-            return Err(Status::invalid_argument(e.to_string()));
-        }
         if let Err(e) = self.rewrite(&space, &record, spec).await {
             let _ = self
                 .records(&space.namespace)

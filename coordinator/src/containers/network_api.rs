@@ -4,14 +4,13 @@
 
 use berth_proto::api as pb;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, DeleteParams, PostParams};
+use kube::api::{Api, PostParams};
 use tonic::{Request, Response, Status};
 use tracing::info;
 
 use super::api::{ContainersApi, SEE_WRITE, kube_status};
 use super::networks::{self, Network, PREDEFINED};
 use super::record::{self, Record};
-use super::sessions::session_of;
 use super::store::Space;
 
 /// The `Networks` service; it shares the containers' mirrors.
@@ -24,18 +23,6 @@ impl NetworksApi {
     /// Serves networks next to `containers`.
     pub fn new(containers: ContainersApi) -> Self {
         NetworksApi { containers }
-    }
-
-    async fn space(
-        &self,
-        metadata: &tonic::metadata::MetadataMap,
-        namespace: &str,
-    ) -> Result<Space, Status> {
-        Ok(self
-            .containers
-            .space(namespace)
-            .await?
-            .for_session(session_of(metadata)?))
     }
 
     fn config_maps(&self, ns: &str) -> Api<ConfigMap> {
@@ -65,9 +52,9 @@ impl pb::networks_server::Networks for NetworksApi {
         &self,
         request: Request<pb::CreateNetworkRequest>,
     ) -> Result<Response<pb::NetworkInfo>, Status> {
-        let session = session_of(request.metadata())?;
         let space = self
-            .space(request.metadata(), &request.get_ref().namespace)
+            .containers
+            .session_space(request.metadata(), &request.get_ref().namespace)
             .await?;
         let req = request.into_inner();
         if PREDEFINED.contains(&req.name.as_str()) {
@@ -93,7 +80,7 @@ impl pb::networks_server::Networks for NetworksApi {
             },
             created: k8s_openapi::jiff::Timestamp::now().to_string(),
             labels: req.labels.into_iter().collect(),
-            session: session.unwrap_or_default(),
+            session: space.session().unwrap_or_default().to_string(),
             object_name: String::new(),
         };
         self.config_maps(&req.namespace)
@@ -119,7 +106,8 @@ impl pb::networks_server::Networks for NetworksApi {
         request: Request<pb::NetworkRequest>,
     ) -> Result<Response<pb::NetworkInfo>, Status> {
         let space = self
-            .space(request.metadata(), &request.get_ref().namespace)
+            .containers
+            .session_space(request.metadata(), &request.get_ref().namespace)
             .await?;
         let network = space.find_network(&request.get_ref().id)?;
         Ok(Response::new(networks::info(&space, &network)))
@@ -130,7 +118,8 @@ impl pb::networks_server::Networks for NetworksApi {
         request: Request<pb::ListNetworksRequest>,
     ) -> Result<Response<pb::ListNetworksResponse>, Status> {
         let space = self
-            .space(request.metadata(), &request.get_ref().namespace)
+            .containers
+            .session_space(request.metadata(), &request.get_ref().namespace)
             .await?;
         let req = request.into_inner();
         let networks = space
@@ -147,7 +136,8 @@ impl pb::networks_server::Networks for NetworksApi {
         request: Request<pb::NetworkRequest>,
     ) -> Result<Response<pb::RemoveNetworkResponse>, Status> {
         let space = self
-            .space(request.metadata(), &request.get_ref().namespace)
+            .containers
+            .session_space(request.metadata(), &request.get_ref().namespace)
             .await?;
         let network = space.find_network(&request.get_ref().id)?;
         let members = networks::info(&space, &network).members;
@@ -160,15 +150,7 @@ impl pb::networks_server::Networks for NetworksApi {
                 names.join(", ")
             )));
         }
-        match self
-            .config_maps(&space.namespace)
-            .delete(&network.object_name, &DeleteParams::default())
-            .await
-        {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => return Err(kube_status("removing the network", e)),
-        }
+        self.containers.delete_network(&space, &network).await?;
         space
             .wait_for(SEE_WRITE, |s| {
                 s.find_network(&network.id).is_err().then_some(())
@@ -183,7 +165,8 @@ impl pb::networks_server::Networks for NetworksApi {
         request: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::NetworkInfo>, Status> {
         let space = self
-            .space(request.metadata(), &request.get_ref().namespace)
+            .containers
+            .session_space(request.metadata(), &request.get_ref().namespace)
             .await?;
         let req = request.into_inner();
         let network = space.find_network(&req.network)?;
@@ -224,7 +207,8 @@ impl pb::networks_server::Networks for NetworksApi {
         request: Request<pb::ConnectRequest>,
     ) -> Result<Response<pb::NetworkInfo>, Status> {
         let space = self
-            .space(request.metadata(), &request.get_ref().namespace)
+            .containers
+            .session_space(request.metadata(), &request.get_ref().namespace)
             .await?;
         let req = request.into_inner();
         let network = space.find_network(&req.network)?;

@@ -21,14 +21,15 @@ use berth_proto::api as pb;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceSpec};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, PostParams};
 use kube::runtime::watcher;
 use sha2::{Digest, Sha256};
 use tonic::Status;
 
-use super::api::kube_status;
-use super::record::{CONTAINER_LABEL, CREATED_ANNOTATION, Record, SESSION_LABEL};
+use super::api::{ignore_missing, kube_status};
+use super::record::{
+    CONTAINER_LABEL, CREATED_ANNOTATION, Record, SESSION_LABEL, berth_labels, label,
+};
 use super::store::Space;
 
 /// Label on every network record: the network's 12-digit short ID.
@@ -77,16 +78,7 @@ pub fn network_object_name(session: &str, name: &str) -> String {
 
 /// The ConfigMap recording a new network.
 pub fn to_config_map(n: &Network) -> ConfigMap {
-    let mut labels = BTreeMap::from([
-        (NETWORK_LABEL.to_string(), n.id[..12].to_string()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "berth".to_string(),
-        ),
-    ]);
-    if !n.session.is_empty() {
-        labels.insert(SESSION_LABEL.to_string(), n.session.clone());
-    }
+    let labels = berth_labels(NETWORK_LABEL, &n.id[..12], &n.session);
     ConfigMap {
         metadata: ObjectMeta {
             name: Some(network_object_name(&n.session, &n.name)),
@@ -133,12 +125,7 @@ pub fn from_config_map(cm: &ConfigMap) -> Option<Network> {
             .get(CREATED_ANNOTATION)
             .cloned()
             .unwrap_or_default(),
-        session: meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SESSION_LABEL))
-            .cloned()
-            .unwrap_or_default(),
+        session: label(meta, SESSION_LABEL).unwrap_or_default().to_string(),
         object_name: meta.name.clone()?,
         labels,
         id,
@@ -193,28 +180,12 @@ pub fn dns_names(spec: &pb::ContainerSpec) -> Vec<String> {
 
 /// The headless Service that makes `name` resolve to the record's pods.
 pub fn service_for(record: &Record, name: &str) -> Service {
-    let mut labels = BTreeMap::from([
-        (CONTAINER_LABEL.to_string(), record.short_id().to_string()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "berth".to_string(),
-        ),
-    ]);
-    if !record.session.is_empty() {
-        labels.insert(SESSION_LABEL.to_string(), record.session.clone());
-    }
     Service {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(record.namespace.clone()),
-            labels: Some(labels),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "v1".into(),
-                kind: "ConfigMap".into(),
-                name: record.object_name.clone(),
-                uid: record.uid.clone(),
-                ..Default::default()
-            }]),
+            labels: Some(record.labels(CONTAINER_LABEL)),
+            owner_references: Some(vec![record.owner()]),
             ..Default::default()
         },
         spec: Some(ServiceSpec {
@@ -270,6 +241,15 @@ pub async fn ensure_services(client: &kube::Client, record: &Record) -> Result<(
     Ok(())
 }
 
+/// The names whose Services the record holds.
+async fn held_names(api: &Api<Service>, record: &Record) -> Result<Vec<String>, kube::Error> {
+    let selector = format!("{CONTAINER_LABEL}={}", record.short_id());
+    let mine = api
+        .list_metadata(&ListParams::default().labels(&selector))
+        .await?;
+    Ok(mine.into_iter().filter_map(|s| s.metadata.name).collect())
+}
+
 /// Deletes the record's Services whose names are not in `keep`.
 pub async fn drop_services(
     client: &kube::Client,
@@ -277,24 +257,12 @@ pub async fn drop_services(
     keep: &[String],
 ) -> Result<(), Status> {
     let api: Api<Service> = Api::namespaced(client.clone(), &record.namespace);
-    let mine = api
-        .list_metadata(
-            &ListParams::default().labels(&format!("{CONTAINER_LABEL}={}", record.short_id())),
-        )
+    let held = held_names(&api, record)
         .await
         .map_err(|e| kube_status("listing the container's Services", e))?;
-    for s in mine {
-        let Some(name) = s.metadata.name else {
-            continue;
-        };
-        if keep.contains(&name) {
-            continue;
-        }
-        match api.delete(&name, &DeleteParams::default()).await {
-            Ok(_) => {}
-            Err(kube::Error::Api(ae)) if ae.code == 404 => {}
-            Err(e) => return Err(kube_status("removing the Service of a name", e)),
-        }
+    for name in held.iter().filter(|n| !keep.contains(n)) {
+        ignore_missing(api.delete(name, &DeleteParams::default()).await)
+            .map_err(|e| kube_status("removing the Service of a name", e))?;
     }
     Ok(())
 }
@@ -309,14 +277,8 @@ pub async fn wait_resolvable(client: &kube::Client, record: &Record, ip: &str) -
     }
     // Only the names it holds: its own name may be another's Service.
     let services: Api<Service> = Api::namespaced(client.clone(), &record.namespace);
-    let held: Vec<String> = match services
-        .list_metadata(
-            &ListParams::default().labels(&format!("{CONTAINER_LABEL}={}", record.short_id())),
-        )
-        .await
-    {
-        Ok(list) => list.into_iter().filter_map(|s| s.metadata.name).collect(),
-        Err(_) => return false,
+    let Ok(held) = held_names(&services, record).await else {
+        return false;
     };
     pending.retain(|n| held.contains(n));
     if pending.is_empty() {

@@ -10,10 +10,9 @@ use k8s_openapi::api::core::v1::{
     PodSecurityContext, PodSpec, Probe, ResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 
-use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, SESSION_LABEL, pod_name};
+use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, pod_name};
 
 /// Name of the one container in every pod.
 pub const MAIN_CONTAINER: &str = "main";
@@ -278,11 +277,8 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
         }
     };
     let (upload_volumes, upload_mounts) = super::uploads::mounts(&spec.uploads);
-    if let Some(v) = base_spec.volumes.as_mut() {
-        v.extend(upload_volumes);
-    } else if !upload_volumes.is_empty() {
-        base_spec.volumes = Some(upload_volumes);
-    }
+    let mut volumes = base_spec.volumes.take().unwrap_or_default();
+    volumes.extend(upload_volumes);
     let mut env = base.env.clone().unwrap_or_default();
     env.extend(env_of(&spec.env)?);
     let mut container_ports = base.ports.clone().unwrap_or_default();
@@ -320,17 +316,8 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
         ));
     }
     let mut labels = template.metadata.labels.clone().unwrap_or_default();
-    labels.extend([
-        (CONTAINER_LABEL.to_string(), record.short_id().to_string()),
-        (RUN_LABEL.to_string(), run.to_string()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "berth".to_string(),
-        ),
-    ]);
-    if !record.session.is_empty() {
-        labels.insert(SESSION_LABEL.to_string(), record.session.clone());
-    }
+    labels.extend(record.labels(CONTAINER_LABEL));
+    labels.insert(RUN_LABEL.to_string(), run.to_string());
     let mut node_selector = base_spec.node_selector.take().unwrap_or_default();
     node_selector.extend(options.node_selector.clone());
     let mut pull_secrets = base_spec.image_pull_secrets.take().unwrap_or_default();
@@ -353,13 +340,7 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
             namespace: Some(record.namespace.clone()),
             labels: Some(labels),
             annotations: template.metadata.annotations.clone(),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "v1".into(),
-                kind: "ConfigMap".into(),
-                name: record.object_name.clone(),
-                uid: record.uid.clone(),
-                ..Default::default()
-            }]),
+            owner_references: Some(vec![record.owner()]),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -371,6 +352,7 @@ pub fn pod_for(record: &Record, run: u32) -> Result<Pod, SpecError> {
             hostname: hostname_of(&spec.hostname).or(base_spec.hostname.take()),
             security_context: Some(security).filter(|s| *s != PodSecurityContext::default()),
             node_selector: Some(node_selector).filter(|n| !n.is_empty()),
+            volumes: Some(volumes).filter(|v| !v.is_empty()),
             image_pull_secrets: Some(pull_secrets).filter(|p| !p.is_empty()),
             service_account_name: Some(options.service_account.clone())
                 .filter(|s| !s.is_empty())
@@ -406,7 +388,7 @@ pub fn start_failure(pod: &Pod) -> Option<String> {
 
 /// The status of the container `main`: the pod's own, or its ephemeral
 /// container's in a pool pod.
-fn main_status(pod: &Pod) -> Option<&ContainerStatus> {
+pub fn main_status(pod: &Pod) -> Option<&ContainerStatus> {
     let status = pod.status.as_ref()?;
     status
         .container_statuses

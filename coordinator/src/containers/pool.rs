@@ -18,13 +18,14 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ObjectMeta, Patch, PatchParams, PostParams};
 use tonic::Status;
 use tracing::{info, warn};
 
 use super::pod::{self, MAIN_CONTAINER};
-use super::record::{CONTAINER_LABEL, RUN_LABEL, Record, SESSION_LABEL};
+use super::record::CONTAINER_LABEL;
+#[cfg(test)]
+use super::record::Record;
 use super::store::Space;
 
 /// The start mode that uses the pool.
@@ -260,8 +261,6 @@ pub async fn claim(
     client: &kube::Client,
     space: &Space,
     config: &PoolConfig,
-    record: &Record,
-    run: u32,
     fresh: &Pod,
 ) -> Result<Option<String>, Status> {
     let api: Api<Pod> = Api::namespaced(client.clone(), &space.namespace);
@@ -276,23 +275,16 @@ pub async fn claim(
         ) else {
             continue;
         };
+        // The labels and owner a fresh pod of the run would have.
         let mut labels = fresh.metadata.labels.clone().unwrap_or_default();
         labels.insert(POOL_LABEL.to_string(), "claimed".to_string());
-        labels.insert(CONTAINER_LABEL.to_string(), record.short_id().to_string());
-        labels.insert(RUN_LABEL.to_string(), run.to_string());
-        if !record.session.is_empty() {
-            labels.insert(SESSION_LABEL.to_string(), record.session.clone());
-        }
-        let owner = OwnerReference {
-            api_version: "v1".into(),
-            kind: "ConfigMap".into(),
-            name: record.object_name.clone(),
-            uid: record.uid.clone(),
-            ..Default::default()
-        };
         // The resourceVersion makes two claims of one pod collide.
         let patch = serde_json::json!({
-            "metadata": {"resourceVersion": rv, "labels": labels, "ownerReferences": [owner]}
+            "metadata": {
+                "resourceVersion": rv,
+                "labels": labels,
+                "ownerReferences": fresh.metadata.owner_references,
+            }
         });
         match api
             .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
@@ -320,7 +312,7 @@ pub async fn claim(
                 e,
             ));
         }
-        info!(namespace = %space.namespace, container = %record.name, pod = %name, "started in a pool sandbox");
+        info!(namespace = %space.namespace, pod = %name, "started in a pool sandbox");
         return Ok(Some(name));
     }
     Ok(None)

@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use berth_proto::api as pb;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 use prost::Message;
 use sha2::{Digest, Sha256};
@@ -67,6 +68,46 @@ impl Record {
     pub fn short_id(&self) -> &str {
         &self.id[..12]
     }
+
+    /// The reference that makes an object the record's own, so that it goes
+    /// with the record (pods, the Services of its names, copied files).
+    pub fn owner(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            name: self.object_name.clone(),
+            uid: self.uid.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// The labels of the objects the record owns: its short ID under `key`
+    /// ([`CONTAINER_LABEL`] for what the mirror must see), Berth as manager,
+    /// and its session.
+    pub fn labels(&self, key: &str) -> BTreeMap<String, String> {
+        berth_labels(key, self.short_id(), &self.session)
+    }
+}
+
+/// Labels of an object Berth keeps for a client: `key: value`, Berth as the
+/// manager, and the session (when there is one).
+pub fn berth_labels(key: &str, value: &str, session: &str) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::from([
+        (key.to_string(), value.to_string()),
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            "berth".to_string(),
+        ),
+    ]);
+    if !session.is_empty() {
+        labels.insert(SESSION_LABEL.to_string(), session.to_string());
+    }
+    labels
+}
+
+/// The value of label `key` of an object.
+pub fn label<'a>(meta: &'a ObjectMeta, key: &str) -> Option<&'a str> {
+    meta.labels.as_ref()?.get(key).map(String::as_str)
 }
 
 /// Name of the ConfigMap recording the container called `name` in
@@ -108,16 +149,7 @@ pub fn to_config_map(
     spec: &pb::ContainerSpec,
     created: &str,
 ) -> ConfigMap {
-    let mut labels = BTreeMap::from([
-        (CONTAINER_LABEL.to_string(), id[..12].to_string()),
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            "berth".to_string(),
-        ),
-    ]);
-    if !session.is_empty() {
-        labels.insert(SESSION_LABEL.to_string(), session.to_string());
-    }
+    let labels = berth_labels(CONTAINER_LABEL, &id[..12], session);
     let annotations = BTreeMap::from([
         (ID_ANNOTATION.to_string(), id.to_string()),
         (NAME_ANNOTATION.to_string(), spec.name.clone()),
@@ -165,12 +197,7 @@ pub fn from_config_map(cm: &ConfigMap) -> Option<Record> {
             .unwrap_or_default(),
         uid: meta.uid.clone()?,
         object_name: meta.name.clone()?,
-        session: meta
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(SESSION_LABEL))
-            .cloned()
-            .unwrap_or_default(),
+        session: label(meta, SESSION_LABEL).unwrap_or_default().to_string(),
         id,
         spec,
     })

@@ -84,22 +84,12 @@ impl Space {
     /// The network `key` names: a full ID, a name, or an ID prefix only one
     /// network has.
     pub fn find_network(&self, key: &str) -> Result<Network, Status> {
-        let all = self.networks();
-        if let Some(n) = all.iter().find(|n| n.id == key || n.name == key) {
-            return Ok(n.clone());
-        }
-        let hex = !key.is_empty() && key.bytes().all(|b| b.is_ascii_hexdigit());
-        let matches: Vec<&Network> = all
-            .iter()
-            .filter(|n| hex && n.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(Status::not_found(format!("network {key} not found"))),
-            _ => Err(Status::invalid_argument(format!(
-                "multiple networks match the ID prefix {key}"
-            ))),
-        }
+        find_by(self.networks(), key, |n| (&n.id, &n.name)).map_err(|e| match e {
+            Lookup::None => Status::not_found(format!("network {key} not found")),
+            Lookup::Many => {
+                Status::invalid_argument(format!("multiple networks match the ID prefix {key}"))
+            }
+        })
     }
 
     /// The Lease of a client session, as last seen.
@@ -118,22 +108,12 @@ impl Space {
     /// `/`), or an ID prefix only one container has.
     pub fn find(&self, key: &str) -> Result<Record, Status> {
         let key = key.strip_prefix('/').unwrap_or(key);
-        let records = self.records();
-        if let Some(r) = records.iter().find(|r| r.id == key || r.name == key) {
-            return Ok(r.clone());
-        }
-        let hex = !key.is_empty() && key.bytes().all(|b| b.is_ascii_hexdigit());
-        let matches: Vec<&Record> = records
-            .iter()
-            .filter(|r| hex && r.id.starts_with(key))
-            .collect();
-        match matches.as_slice() {
-            [one] => Ok((*one).clone()),
-            [] => Err(Status::not_found(format!("No such container: {key}"))),
-            _ => Err(Status::invalid_argument(format!(
-                "multiple containers match the ID prefix {key}"
-            ))),
-        }
+        find_by(self.records(), key, |r| (&r.id, &r.name)).map_err(|e| match e {
+            Lookup::None => Status::not_found(format!("No such container: {key}")),
+            Lookup::Many => {
+                Status::invalid_argument(format!("multiple containers match the ID prefix {key}"))
+            }
+        })
     }
 
     /// The record's ConfigMap as last seen.
@@ -227,6 +207,34 @@ impl Space {
                 Ok(Err(_)) | Err(_) => return done(self),
             }
         }
+    }
+}
+
+/// Why a lookup by ID, name or ID prefix found no single object.
+enum Lookup {
+    None,
+    Many,
+}
+
+/// The one of `all` that `key` names: by full ID or name, else by an ID
+/// prefix only one has. `id_name` reads an object's ID and name.
+fn find_by<T>(
+    all: Vec<T>,
+    key: &str,
+    id_name: impl Fn(&T) -> (&String, &String),
+) -> Result<T, Lookup> {
+    let exact = all.iter().position(|t| {
+        let (id, name) = id_name(t);
+        id == key || name == key
+    });
+    let hex = !key.is_empty() && key.bytes().all(|b| b.is_ascii_hexdigit());
+    let mut by_prefix = all.into_iter().enumerate().filter(|(i, t)| {
+        Some(*i) == exact || (exact.is_none() && hex && id_name(t).0.starts_with(key))
+    });
+    match (by_prefix.next(), by_prefix.next()) {
+        (Some((_, one)), None) => Ok(one),
+        (None, _) => Err(Lookup::None),
+        (Some(_), Some(_)) => Err(Lookup::Many),
     }
 }
 

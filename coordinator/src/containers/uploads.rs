@@ -15,10 +15,14 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, KeyToPath, Volume, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::ObjectMeta;
 
-use super::record::{CONTAINER_LABEL, Record};
+use super::record::Record;
+
+/// Label on the ConfigMaps of copied files: the container's short ID. Not
+/// [`super::record::CONTAINER_LABEL`], so that the namespace's mirror of
+/// records does not hold every file copied in.
+pub const UPLOAD_LABEL: &str = "berth.dev/upload-of";
 
 /// Most bytes of files one upload carries (a ConfigMap holds at most 1 MiB,
 /// base64 included).
@@ -183,17 +187,8 @@ pub fn config_map_for(
         metadata: ObjectMeta {
             name: Some(name.to_string()),
             namespace: Some(record.namespace.clone()),
-            labels: Some(BTreeMap::from([(
-                CONTAINER_LABEL.to_string(),
-                record.short_id().to_string(),
-            )])),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "v1".into(),
-                kind: "ConfigMap".into(),
-                name: record.object_name.clone(),
-                uid: record.uid.clone(),
-                ..Default::default()
-            }]),
+            labels: Some(record.labels(UPLOAD_LABEL)),
+            owner_references: Some(vec![record.owner()]),
             ..Default::default()
         },
         binary_data: Some(data),

@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use berth_proto::api::Event;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 /// What a client asked to see; empty lists match everything.
@@ -27,26 +26,7 @@ pub struct EventFilters {
 /// Parses the `filters` query value.
 pub fn parse_filters(raw: &str) -> Result<EventFilters, String> {
     let mut f = EventFilters::default();
-    if raw.trim().is_empty() {
-        return Ok(f);
-    }
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Values {
-        Map(BTreeMap<String, bool>),
-        List(Vec<String>),
-    }
-    let map: BTreeMap<String, Values> =
-        serde_json::from_str(raw).map_err(|e| format!("invalid filters {raw:?}: {e}"))?;
-    for (key, values) in map {
-        let values: Vec<String> = match values {
-            Values::Map(m) => m
-                .into_iter()
-                .filter(|(_, on)| *on)
-                .map(|(v, _)| v)
-                .collect(),
-            Values::List(l) => l,
-        };
+    for (key, values) in super::filters::entries(raw)? {
         let into = match key.as_str() {
             "type" => &mut f.types,
             "event" => &mut f.events,
@@ -86,10 +66,10 @@ pub fn matches(f: &EventFilters, e: &Event) -> bool {
         "network" => names_it(&f.networks, e) && f.containers.is_empty(),
         _ => true,
     };
-    let labels_ok = f.labels.iter().all(|l| match l.split_once('=') {
-        Some((k, v)) => e.attributes.get(k).is_some_and(|have| have == v),
-        None => e.attributes.contains_key(l),
-    });
+    let labels_ok = f
+        .labels
+        .iter()
+        .all(|l| super::filters::label_holds(l, |k| e.attributes.get(k)));
     let image_ok = f.images.is_empty()
         || e.attributes
             .get("image")

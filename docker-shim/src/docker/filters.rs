@@ -41,23 +41,43 @@ enum Values {
     List(Vec<String>),
 }
 
-/// Parses the `filters` query value (empty: no filters).
-pub fn parse(raw: &str) -> Result<ListFilters, String> {
-    let mut out = ListFilters::default();
+/// The entries of any `filters` query value, in either of Docker's forms
+/// (empty: none): each key with the values it names.
+pub fn entries(raw: &str) -> Result<Vec<(String, Vec<String>)>, String> {
     if raw.trim().is_empty() {
-        return Ok(out);
+        return Ok(Vec::new());
     }
     let map: BTreeMap<String, Values> =
         serde_json::from_str(raw).map_err(|e| format!("invalid filters {raw:?}: {e}"))?;
-    for (key, values) in map {
-        let values: Vec<String> = match values {
-            Values::Map(m) => m
-                .into_iter()
-                .filter(|(_, on)| *on)
-                .map(|(v, _)| v)
-                .collect(),
-            Values::List(l) => l,
-        };
+    Ok(map
+        .into_iter()
+        .map(|(key, values)| {
+            let values = match values {
+                Values::Map(m) => m
+                    .into_iter()
+                    .filter(|(_, on)| *on)
+                    .map(|(v, _)| v)
+                    .collect(),
+                Values::List(l) => l,
+            };
+            (key, values)
+        })
+        .collect())
+}
+
+/// Whether a `label` filter (`key` present, or `key=value`) holds for the
+/// labels `get` reads.
+pub fn label_holds<'a>(filter: &str, get: impl Fn(&str) -> Option<&'a String>) -> bool {
+    match filter.split_once('=') {
+        Some((k, v)) => get(k).is_some_and(|have| have == v),
+        None => get(filter).is_some(),
+    }
+}
+
+/// Parses the `filters` query value (empty: no filters).
+pub fn parse(raw: &str) -> Result<ListFilters, String> {
+    let mut out = ListFilters::default();
+    for (key, values) in entries(raw)? {
         match key.as_str() {
             "label" => out.labels.extend(values),
             "status" => {
@@ -102,14 +122,10 @@ pub fn parse(raw: &str) -> Result<ListFilters, String> {
 pub fn matches(f: &ListFilters, all: bool, c: &berth_proto::api::ContainerInfo) -> bool {
     let state = c.state.clone().unwrap_or_default();
     let labels = c.spec.as_ref().map(|s| &s.labels);
-    let label_ok = f.labels.iter().all(|l| {
-        let (k, v) = l
-            .split_once('=')
-            .map_or((l.as_str(), None), |(k, v)| (k, Some(v)));
-        labels
-            .and_then(|m| m.get(k))
-            .is_some_and(|have| v.is_none_or(|v| v == have))
-    });
+    let label_ok = f
+        .labels
+        .iter()
+        .all(|l| label_holds(l, |k| labels.and_then(|m| m.get(k))));
     let status_ok = if f.statuses.is_empty() {
         all || state.running
     } else {

@@ -130,26 +130,7 @@ pub fn parse_filters(raw: &str, namespace: &str) -> Result<NetworkFilters, Strin
         ..Default::default()
     };
     let (mut bridge, mut custom) = (true, true);
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Values {
-        Map(BTreeMap<String, bool>),
-        List(Vec<String>),
-    }
-    let map: BTreeMap<String, Values> = if raw.trim().is_empty() {
-        BTreeMap::new()
-    } else {
-        serde_json::from_str(raw).map_err(|e| format!("invalid filters {raw:?}: {e}"))?
-    };
-    for (key, values) in map {
-        let values: Vec<String> = match values {
-            Values::Map(m) => m
-                .into_iter()
-                .filter(|(_, on)| *on)
-                .map(|(v, _)| v)
-                .collect(),
-            Values::List(l) => l,
-        };
+    for (key, values) in super::filters::entries(raw)? {
         match key.as_str() {
             "label" => {
                 bridge = false;
