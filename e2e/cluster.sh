@@ -24,6 +24,9 @@ BR=berth0
 BR_IP=172.31.250.1
 REG=$BR_IP:5000          # plain registry
 REG_AUTH=$BR_IP:5001     # htpasswd registry
+# Ports the tests start registries of their own on (plain HTTP to the nodes),
+# e.g. a source registry a backup test stops.
+SCRATCH_PORTS="5002 5003 5004 5005 5006 5007 5008 5009"
 AUTH_USER=berth
 AUTH_PASSWORD=berth-e2e-secret
 SVC_CIDR=10.96.0.0/16
@@ -300,7 +303,9 @@ node_config() {
   n=$(node_name "$i"); N=$D/nodes/$n; ip=$(node_ip "$i")
   mkdir -p "$N"/{run,root,opt,kubelet,pods-logs,containers-logs,netns,cni-net,cni-ipam,cni-cache,cgtmp,certs.d,berth}
   local host
-  for host in $REG $REG_AUTH; do
+  local scratch=() p
+  for p in $SCRATCH_PORTS; do scratch+=("$BR_IP:$p"); done
+  for host in $REG $REG_AUTH "${scratch[@]}"; do
     mkdir -p "$N/certs.d/$host"
     printf 'server = "http://%s"\n[host."http://%s"]\n  capabilities = ["pull", "resolve"]\n' "$host" "$host" >"$N/certs.d/$host/hosts.toml"
   done
@@ -584,6 +589,8 @@ write_env() {
     echo "BERTH_AUTH_REGISTRY=$REG_AUTH"
     echo "BERTH_AUTH_USER=$AUTH_USER"
     echo "BERTH_AUTH_PASSWORD=$AUTH_PASSWORD"
+    echo "BERTH_SCRATCH_PORTS=\"$SCRATCH_PORTS\""
+    echo "BERTH_REGISTRY_IP=$BR_IP"
     echo "BERTH_BIN=$BIN"
     echo "BERTH_E2E_DIR=$D"
     echo "BERTH_AUDIT_LOG=$D/logs/audit.log"

@@ -19,10 +19,12 @@ say kubectl apply -f manifests
 kubectl apply -f manifests
 # Run exactly this build: the tag may be cached on the nodes from an earlier one.
 image=$(cat "$D/berth-image")
-# The local registries speak plain HTTP (the nodes' containerd knows; the
-# coordinator, resolving tracked tags, must be told).
-kubectl -n berth-system set env deploy/berth-coordinator \
-  "BERTH_INSECURE_REGISTRIES=$BERTH_REGISTRY,$BERTH_AUTH_REGISTRY" >/dev/null
+# The local registries (and the tests' own, on the scratch ports) speak plain
+# HTTP: the nodes' containerd knows; the coordinator, resolving tracked tags
+# and handing out copies, must be told.
+plain=$BERTH_REGISTRY,$BERTH_AUTH_REGISTRY
+for p in ${BERTH_SCRATCH_PORTS:-}; do plain+=",$BERTH_REGISTRY_IP:$p"; done
+kubectl -n berth-system set env deploy/berth-coordinator "BERTH_INSECURE_REGISTRIES=$plain" >/dev/null
 # The harness's kubelets never collect images (imageGCHighThresholdPercent
 # 100), and the disk guard counts use as they do, root-reserved blocks as
 # used (on these VMs that alone is over half the disk): refuse pulls only

@@ -270,19 +270,32 @@ async fn main() -> anyhow::Result<()> {
     leading_tx.send_replace(true);
     let pulse = Pulse::new();
     role_tx.send_replace(Role::Leader(pulse.clone()));
-    let mut controller = tokio::spawn(pulse.clone().watch(imagecache::controller::run(
+    let backups = berth_coordinator::backup::controller::run(
+        client.clone(),
+        registry.clone(),
+        args.insecure_registries.clone(),
+        args.namespace.clone(),
+    );
+    let caches = pulse.clone().watch(imagecache::controller::run(
         client,
         registry,
         details,
         args.insecure_registries.clone(),
         pulse,
-    )));
+    ));
+    // Both controllers run while this replica leads; either ending ends it.
+    let mut controller = tokio::spawn(async move {
+        tokio::select! {
+            () = caches => {}
+            () = backups => {}
+        }
+    });
     let mut server_ended = false;
     let outcome = tokio::select! {
         lost = election.lost() => Err(anyhow!("stepping down: {lost}")),
         ended = &mut controller => Err(match ended {
-            Ok(()) => anyhow!("the ImageCache controller ended; stepping down"),
-            Err(e) => anyhow!("the ImageCache controller failed ({e}); stepping down"),
+            Ok(()) => anyhow!("a controller ended; stepping down"),
+            Err(e) => anyhow!("a controller failed ({e}); stepping down"),
         }),
         _ = term.recv() => {
             tracing::info!("shutting down: controller stopped, Lease released, agent sessions closed");

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_proto::agent as pb;
 use tokio::sync::{Notify, mpsc};
 
+use crate::backup::copies::CopyRouter;
 use crate::containers::logs::LogRouter;
 use crate::metrics::METRICS;
 
@@ -114,6 +115,7 @@ pub struct NodeRegistry {
     inner: RwLock<Inner>,
     changed: Arc<Notify>,
     logs: LogRouter,
+    copies: CopyRouter,
 }
 
 #[derive(Debug, Default)]
@@ -247,6 +249,11 @@ impl NodeRegistry {
         &self.logs
     }
 
+    /// The registry copies running on agents.
+    pub fn copies(&self) -> &CopyRouter {
+        &self.copies
+    }
+
     /// Passes a batch of log lines from `node`'s agent to its reader, and
     /// cancels the stream at the agent if the reader fell behind.
     pub fn deliver_log(&self, node: &str, data: pb::LogData) {
@@ -355,8 +362,9 @@ impl NodeRegistry {
             // a deleted cache must wait for what they leave behind.
         });
         if current {
-            // Its log streams ended with it.
+            // Its log streams and copies ended with it.
             self.logs.node_gone(node);
+            self.copies.node_gone(node);
         }
         current
     }

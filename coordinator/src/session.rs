@@ -194,7 +194,11 @@ async fn pump(
                 registry.update_inventory(node, session, inv, now)
             }
             Some(pb::agent_message::Kind::TaskUpdate(u)) => {
-                registry.task_update(node, session, &u, std::time::Instant::now())
+                if registry.copies().deliver(node, &u) {
+                    registry.touch(node, session, now)
+                } else {
+                    registry.task_update(node, session, &u, std::time::Instant::now())
+                }
             }
             Some(pb::agent_message::Kind::LogData(data)) => {
                 registry.deliver_log(node, data);

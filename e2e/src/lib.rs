@@ -21,6 +21,7 @@ pub mod bench;
 pub mod docker;
 pub mod registry;
 mod scope;
+pub mod scratch;
 
 pub use scope::{RegistryLog, TestNamespace, phase};
 

@@ -20,6 +20,7 @@ use sha2::{Digest, Sha256};
 
 const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
@@ -194,7 +195,8 @@ impl Registry {
         .map(|_| ())
     }
 
-    async fn get_blob(&self, repo: &str, digest: &str) -> anyhow::Result<Bytes> {
+    /// The bytes of blob `digest` of `repo`.
+    pub async fn get_blob(&self, repo: &str, digest: &str) -> anyhow::Result<Bytes> {
         Ok(self
             .expect(
                 Method::GET,
@@ -224,6 +226,56 @@ impl Registry {
             .unwrap_or(MANIFEST)
             .to_string();
         Ok((media_type, b))
+    }
+
+    /// The manifest or index `repo:reference` (tag or digest) names, raw,
+    /// exactly as the registry stores it.
+    pub async fn get_any_manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Bytes> {
+        let accept =
+            format!("{ACCEPT}, {INDEX}, application/vnd.docker.distribution.manifest.list.v2+json");
+        Ok(self
+            .expect(
+                Method::GET,
+                &format!("/v2/{repo}/manifests/{reference}"),
+                &[(header::ACCEPT.as_str(), &accept)],
+                vec![],
+                StatusCode::OK,
+            )
+            .await?
+            .1)
+    }
+
+    /// Whether blob `digest` is in `repo`.
+    pub async fn has_blob(&self, repo: &str, digest: &str) -> anyhow::Result<bool> {
+        let (status, _, _) = self
+            .call(
+                Method::HEAD,
+                &format!("/v2/{repo}/blobs/{digest}"),
+                &[],
+                vec![],
+            )
+            .await?;
+        Ok(status == StatusCode::OK)
+    }
+
+    /// Pushes an index of `manifests` (digest, size, architecture; all
+    /// linux, in this repository) as `repo:tag`; returns its digest.
+    pub async fn push_index(
+        &self,
+        repo: &str,
+        tag: &str,
+        manifests: &[(String, usize, &str)],
+    ) -> anyhow::Result<String> {
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": INDEX,
+            "manifests": manifests.iter().map(|(d, size, arch)| serde_json::json!({
+                "mediaType": MANIFEST, "digest": d, "size": size,
+                "platform": {"os": "linux", "architecture": arch},
+            })).collect::<Vec<_>>(),
+        });
+        self.put_manifest(repo, tag, INDEX, serde_json::to_vec(&index)?)
+            .await
     }
 
     /// Stores `manifest` as `repo:tag`; returns the manifest's digest.
@@ -269,9 +321,24 @@ impl Registry {
         extra: Vec<Vec<u8>>,
         run: Option<serde_json::Value>,
     ) -> anyhow::Result<String> {
+        self.push_image_for("amd64", repo, tag, base, extra, run)
+            .await
+    }
+
+    /// [`Registry::push_image_as`] for architecture `arch` (without a base,
+    /// whose configuration names its own).
+    pub async fn push_image_for(
+        &self,
+        arch: &str,
+        repo: &str,
+        tag: &str,
+        base: Option<(&str, &str)>,
+        extra: Vec<Vec<u8>>,
+        run: Option<serde_json::Value>,
+    ) -> anyhow::Result<String> {
         let mut layers = Vec::new();
         let mut config = serde_json::json!({
-            "architecture": "amd64",
+            "architecture": arch,
             "os": "linux",
             "config": {"Env": ["PATH=/usr/local/bin:/bin:/usr/bin"], "Entrypoint": ["/bin/sh"]},
             "rootfs": {"type": "layers", "diff_ids": []},

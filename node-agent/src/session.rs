@@ -37,7 +37,7 @@ use crate::runtime::{ContainerLookup, ImageRuntime};
 use crate::tasks::TaskRunner;
 
 /// Capabilities this agent offers the coordinator.
-pub const CAPABILITIES: &[&str] = &["inventory", "pull", "remove", "logs"];
+pub const CAPABILITIES: &[&str] = &["inventory", "pull", "remove", "logs", "copy"];
 
 /// How the agent reaches and talks to the coordinator.
 #[derive(Debug, Clone)]

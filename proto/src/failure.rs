@@ -23,6 +23,9 @@ impl FailureReason {
             FailureReason::NotManaged => "NotManaged",
             FailureReason::DiskPressure => "DiskPressure",
             FailureReason::SharedImage => "SharedImage",
+            FailureReason::SourceAuthFailed => "SourceAuthFailed",
+            FailureReason::TargetAuthFailed => "TargetAuthFailed",
+            FailureReason::TargetFailed => "TargetFailed",
         }
     }
 

@@ -5,6 +5,7 @@
 //! - [`backoff`]: the one retry backoff policy (doubling, capped, jittered).
 //! - [`docker_config`]: registry credentials from Docker config files and Secrets.
 //! - [`failure`]: the names of failure reasons, shared by statuses, the API and metrics.
+//! - `oci` (feature `oci`): Berth's references and registry errors in `oci-client`'s terms.
 //! - [`reference`]: the container image reference grammar, so that every component
 //!   accepts and normalises `busybox`, `host:5000/a/b:tag` and `…@sha256:…` alike.
 //! - [`FILE_DESCRIPTOR_SET`]: the compiled descriptors, for gRPC reflection.
@@ -14,6 +15,8 @@
 pub mod backoff;
 pub mod docker_config;
 pub mod failure;
+#[cfg(feature = "oci")]
+pub mod oci;
 pub mod reference;
 
 /// Generated code, nested as the proto packages are so cross-package paths resolve.

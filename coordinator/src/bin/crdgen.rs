@@ -2,5 +2,5 @@
 //! the source of `manifests/05-crds.yaml`.
 
 fn main() {
-    print!("{}", berth_coordinator::imagecache::crd_yaml());
+    print!("{}", berth_coordinator::crd_yaml());
 }

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use berth_proto::docker_config::RegistryAuth;
+use berth_proto::oci::{oci_reference, refused};
 use berth_proto::reference::Reference;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
@@ -172,36 +173,6 @@ impl Registry for OciRegistry {
             .iter()
             .map(|l| u64::try_from(l.size).unwrap_or_default())
             .sum())
-    }
-}
-
-/// `reference` for `oci-client`: by digest when it has one (as containerd
-/// pulls it), else by tag.
-pub fn oci_reference(reference: &Reference) -> oci_client::Reference {
-    let (registry, repository) = (reference.domain.clone(), reference.path.clone());
-    match (&reference.digest, &reference.tag) {
-        (Some(digest), _) => {
-            oci_client::Reference::with_digest(registry, repository, digest.clone())
-        }
-        (None, tag) => oci_client::Reference::with_tag(
-            registry,
-            repository,
-            tag.clone().unwrap_or_else(|| "latest".into()),
-        ),
-    }
-}
-
-/// Whether the registry refused the credentials.
-fn refused(e: &oci_client::errors::OciDistributionError) -> bool {
-    use oci_client::errors::{OciDistributionError as E, OciErrorCode as C};
-    match e {
-        E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => true,
-        E::ServerError { code, .. } => *code == 401 || *code == 403,
-        E::RegistryError { envelope, .. } => envelope
-            .errors
-            .iter()
-            .any(|e| matches!(e.code, C::Unauthorized | C::Denied)),
-        _ => false,
     }
 }
 

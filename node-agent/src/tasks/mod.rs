@@ -13,8 +13,12 @@
 //!   container uses and that carry no reference Berth did not pull (CRI
 //!   removes an image with every reference to it).
 //!
+//! - [`copy`]: registry-to-registry copies for ImageBackup, at most
+//!   [`COPIES_AT_ONCE`] at a time, with byte progress as they go.
+//!
 //! Every outcome goes back as a `TaskUpdate` on the channel the session forwards.
 
+pub mod copy;
 mod pull;
 mod remove;
 #[cfg(test)]
@@ -82,12 +86,16 @@ impl Managed {
     }
 }
 
+/// Copies one agent runs at once.
+pub const COPIES_AT_ONCE: usize = 2;
+
 /// Runs tasks; cheap to clone.
 pub struct TaskRunner<R> {
     rt: Arc<R>,
     /// The node this agent runs on, for the task spans.
     node: Arc<str>,
     pulls: Arc<Semaphore>,
+    copies: Arc<Semaphore>,
     /// Image → ids of the tasks waiting for its pull.
     inflight: Arc<Mutex<HashMap<String, Vec<String>>>>,
     managed: Arc<Managed>,
@@ -102,6 +110,7 @@ impl<R> Clone for TaskRunner<R> {
             rt: self.rt.clone(),
             node: self.node.clone(),
             pulls: self.pulls.clone(),
+            copies: self.copies.clone(),
             inflight: self.inflight.clone(),
             managed: self.managed.clone(),
             disk: self.disk.clone(),
@@ -158,6 +167,7 @@ impl<R: ImageRuntime> TaskRunner<R> {
             rt,
             node: node.into(),
             pulls: Arc::new(Semaphore::new(max_pulls.max(1))),
+            copies: Arc::new(Semaphore::new(COPIES_AT_ONCE)),
             inflight: Arc::default(),
             managed: Arc::new(managed),
             disk: Arc::new(DiskGuard::disabled()),
@@ -193,12 +203,14 @@ impl<R: ImageRuntime> TaskRunner<R> {
         let image = match &task.kind {
             Some(pb::task::Kind::Pull(p)) => p.image.as_str(),
             Some(pb::task::Kind::Remove(r)) => r.image.as_str(),
+            Some(pb::task::Kind::Copy(c)) => c.source.as_str(),
             None => "",
         };
         let span =
             tracing::info_span!("task", task_id = %task.id, node = %self.node, image = %image);
         match task.kind {
             Some(pb::task::Kind::Pull(p)) => self.pull(task.id, p, span),
+            Some(pb::task::Kind::Copy(c)) => self.copy(task.id, c, span),
             Some(pb::task::Kind::Remove(r)) => {
                 let this = self.clone();
                 tokio::spawn(async move { this.remove(task.id, r).await }.instrument(span));

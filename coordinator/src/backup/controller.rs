@@ -1,0 +1,788 @@
+//! The ImageBackup controller: produces one ImageBackup per image the covered
+//! workloads use, hands the copies to agents, and rolls each workload onto
+//! its copies once all of them are in the target registry.
+//!
+//! One pass, level-triggered (on a watch event, at most every [`RESYNC`]):
+//! 1. restores the workloads whose owners asked (`berth.dev/backup-restore`);
+//! 2. creates the missing ImageBackups of ready workloads' images (the name is
+//!    a function of the image, so racing passes and replicas create one);
+//! 3. writes each ImageBackup's users, and deletes those unused past the
+//!    policy's `expireAfter` (never the registry content);
+//! 4. starts copies, at most the policy's bound at once, each on an agent
+//!    ([`super::copies`] brings its progress back), retrying a failure with
+//!    backoff up to [`MAX_ATTEMPTS`] times;
+//! 5. rolls a workload when every image it uses is `Done` and a manifest
+//!    HEAD on the target, with the target's credentials, answers the very
+//!    digest that was copied: a cached belief is not enough.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use berth_proto::agent as pb;
+use berth_proto::docker_config::{DockerCredentials, RegistryAuth};
+use berth_proto::reference::Reference;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::Store;
+use serde_json::json;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+use super::crd::{BackupPolicy, BackupPolicySpec, ImageBackup, ImageBackupSpec};
+use super::naming::{
+    backup_name, copy_reference, in_target, kinds, namespace_selected, reason_name, rolled_image,
+};
+use super::workloads::{Workload, restore_patch, roll_patch};
+use crate::imagecache::tags::{OciRegistry, Registry};
+use crate::imagecache::watch::{any_change, mirror};
+use crate::nodes::NodeRegistry;
+
+/// A pass runs at least this often (retries fall due without an event).
+const RESYNC: Duration = Duration::from_secs(2);
+/// Failed attempts of one copy before it stays Failed.
+pub const MAX_ATTEMPTS: u32 = 5;
+/// Copies at once when the policy names no bound.
+const DEFAULT_CONCURRENCY: usize = 4;
+/// Deadline of one copy.
+const COPY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// Repositories of earlier copies offered to an agent for blob mounts.
+const MOUNT_CANDIDATES: usize = 4;
+/// Default `expireAfter`.
+const DEFAULT_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Progress is written to a status at most this often.
+const PROGRESS_WRITES: Duration = Duration::from_secs(1);
+
+/// The controller's state across passes.
+struct Controller {
+    client: kube::Client,
+    registry: Arc<NodeRegistry>,
+    oci: OciRegistry,
+    plain_http: Vec<String>,
+    own_ns: String,
+    policies: Store<BackupPolicy>,
+    backups: Store<ImageBackup>,
+    deployments: Store<Deployment>,
+    daemonsets: Store<DaemonSet>,
+    statefulsets: Store<StatefulSet>,
+    inflight: Mutex<HashSet<String>>,
+    /// Copies that ended, by ImageBackup: the phase their end wrote. Until
+    /// the mirror shows that phase, its view of the ImageBackup is older
+    /// than the end, and starts nothing.
+    ended: Mutex<HashMap<String, &'static str>>,
+    wake: Arc<Notify>,
+    next_task: AtomicU64,
+    next_node: AtomicUsize,
+}
+
+/// Runs the controller until its task is aborted.
+pub async fn run(
+    client: kube::Client,
+    registry: Arc<NodeRegistry>,
+    plain_http: Vec<String>,
+    own_ns: String,
+) {
+    let wake = Arc::new(Notify::new());
+    let c = Arc::new(Controller {
+        policies: mirror(&client, wake.clone(), any_change),
+        backups: mirror(&client, wake.clone(), any_change),
+        deployments: mirror(&client, wake.clone(), any_change),
+        daemonsets: mirror(&client, wake.clone(), any_change),
+        statefulsets: mirror(&client, wake.clone(), any_change),
+        oci: OciRegistry::new(plain_http.clone()),
+        client,
+        registry,
+        plain_http,
+        own_ns,
+        inflight: Mutex::default(),
+        ended: Mutex::default(),
+        wake: wake.clone(),
+        next_task: AtomicU64::new(0),
+        next_node: AtomicUsize::new(0),
+    });
+    for store in [
+        c.policies.wait_until_ready().await.err(),
+        c.backups.wait_until_ready().await.err(),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        warn!(error = %store, "a backup mirror never filled");
+    }
+    let _ = c.deployments.wait_until_ready().await;
+    let _ = c.daemonsets.wait_until_ready().await;
+    let _ = c.statefulsets.wait_until_ready().await;
+    loop {
+        c.clone().pass().await;
+        tokio::select! {
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(RESYNC) => {}
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    Timestamp::now().to_string()
+}
+
+fn parse_time(s: &Option<String>) -> Option<Timestamp> {
+    s.as_deref().and_then(|s| s.parse().ok())
+}
+
+fn ready_condition(status: bool, reason: &str, message: &str) -> Condition {
+    Condition {
+        type_: "Ready".into(),
+        status: if status { "True" } else { "False" }.into(),
+        reason: reason.into(),
+        message: message.into(),
+        last_transition_time: Time(Timestamp::now()),
+        observed_generation: None,
+    }
+}
+
+impl Controller {
+    fn policies(&self) -> Vec<Arc<BackupPolicy>> {
+        let mut p = self.policies.state();
+        p.sort_by_key(|p| p.name_any());
+        p
+    }
+
+    fn workloads(&self) -> Vec<Workload> {
+        let mut w: Vec<Workload> = Vec::new();
+        w.extend(
+            self.deployments
+                .state()
+                .iter()
+                .map(|d| Workload::deployment(d)),
+        );
+        w.extend(
+            self.daemonsets
+                .state()
+                .iter()
+                .map(|d| Workload::daemonset(d)),
+        );
+        w.extend(
+            self.statefulsets
+                .state()
+                .iter()
+                .map(|s| Workload::statefulset(s)),
+        );
+        w
+    }
+
+    /// The first policy (by name) that covers `w`.
+    fn policy_for<'a>(
+        &self,
+        policies: &'a [Arc<BackupPolicy>],
+        w: &Workload,
+    ) -> Option<&'a Arc<BackupPolicy>> {
+        policies.iter().find(|p| {
+            kinds(&p.spec).contains(&w.kind)
+                && namespace_selected(&p.spec, &w.namespace, &self.own_ns)
+        })
+    }
+
+    async fn pass(self: Arc<Self>) {
+        let policies = self.policies();
+        if policies.is_empty() {
+            return;
+        }
+        let workloads = self.workloads();
+        // Source image → (policy, users); users include rolled workloads,
+        // through the originals they keep.
+        let mut users: BTreeMap<String, (Arc<BackupPolicy>, BTreeSet<String>, bool)> =
+            BTreeMap::new();
+        for w in &workloads {
+            let Some(policy) = self.policy_for(&policies, w) else {
+                continue;
+            };
+            if w.opted_out() {
+                continue;
+            }
+            if w.restore_asked() {
+                self.restore(w).await;
+                continue;
+            }
+            for (init, name, image) in &w.containers {
+                let Ok(r) = Reference::parse(image) else {
+                    continue;
+                };
+                let source = if in_target(&policy.spec, &r) {
+                    match w
+                        .original_image(*init, name)
+                        .and_then(|o| Reference::parse(&o).ok())
+                    {
+                        Some(o) => o,
+                        None => continue,
+                    }
+                } else {
+                    r
+                };
+                let e = users
+                    .entry(source.to_string())
+                    .or_insert_with(|| (policy.clone(), BTreeSet::new(), false));
+                e.1.insert(w.key());
+                e.2 |= w.ready;
+            }
+        }
+        let backups: HashMap<String, Arc<ImageBackup>> = self
+            .backups
+            .state()
+            .into_iter()
+            .map(|b| (b.name_any(), b))
+            .collect();
+        // Producers: one ImageBackup per image a ready workload uses.
+        for (source, (policy, _, ready)) in &users {
+            let Ok(r) = Reference::parse(source) else {
+                continue;
+            };
+            let name = backup_name(&r);
+            if *ready && !backups.contains_key(&name) {
+                self.create_backup(&name, &r, policy).await;
+            }
+        }
+        // Users, expiry.
+        let by_source: HashMap<String, &BTreeSet<String>> =
+            users.iter().map(|(s, (_, u, _))| (s.clone(), u)).collect();
+        for b in backups.values() {
+            self.track_users(b, &policies, by_source.get(&b.spec.source).copied())
+                .await;
+        }
+        // Copies.
+        self.clone().start_copies(&policies, &backups).await;
+        // Rollouts.
+        for w in &workloads {
+            if let Some(policy) = self.policy_for(&policies, w)
+                && !policy.spec.copy_only
+                && !w.opted_out()
+                && !w.restore_asked()
+            {
+                self.roll(w, policy, &backups).await;
+            }
+        }
+    }
+
+    async fn create_backup(&self, name: &str, source: &Reference, policy: &BackupPolicy) {
+        let b = ImageBackup::new(
+            name,
+            ImageBackupSpec {
+                source: source.to_string(),
+                target: copy_reference(&policy.spec, source),
+                policy: policy.name_any(),
+            },
+        );
+        match Api::<ImageBackup>::all(self.client.clone())
+            .create(&PostParams::default(), &b)
+            .await
+        {
+            Ok(_) => info!(backup = name, source = %source, "ImageBackup created"),
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => warn!(backup = name, error = %e, "cannot create ImageBackup"),
+        }
+    }
+
+    async fn patch_status(&self, name: &str, status: serde_json::Value) {
+        if let Err(e) = Api::<ImageBackup>::all(self.client.clone())
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
+            .await
+        {
+            warn!(backup = name, error = %e, "cannot write ImageBackup status");
+        }
+    }
+
+    /// Writes who uses the image; deletes a finished ImageBackup nobody has
+    /// used for the policy's `expireAfter`.
+    async fn track_users(
+        &self,
+        b: &ImageBackup,
+        policies: &[Arc<BackupPolicy>],
+        users: Option<&BTreeSet<String>>,
+    ) {
+        let name = b.name_any();
+        let status = b.status.clone().unwrap_or_default();
+        let now: Vec<String> = users
+            .map(|u| u.iter().cloned().collect())
+            .unwrap_or_default();
+        let unused_since = if now.is_empty() {
+            status.unused_since.clone().or_else(|| Some(now_rfc3339()))
+        } else {
+            None
+        };
+        if now != status.workloads || unused_since != status.unused_since {
+            self.patch_status(
+                &name,
+                json!({"workloads": now, "unusedSince": unused_since}),
+            )
+            .await;
+        }
+        let Some(policy) = policies.iter().find(|p| p.name_any() == b.spec.policy) else {
+            return;
+        };
+        let expiry = policy
+            .spec
+            .expire_after
+            .as_deref()
+            .and_then(|s| humantime::parse_duration(s).ok())
+            .unwrap_or(DEFAULT_EXPIRY);
+        let finished = matches!(status.phase.as_str(), "Done" | "Failed");
+        if finished
+            && now.is_empty()
+            && let Some(since) = parse_time(&status.unused_since)
+            && Timestamp::now().duration_since(since)
+                > SignedDuration::try_from(expiry).unwrap_or(SignedDuration::MAX)
+        {
+            info!(backup = %name, "expired: unused since {since}");
+            let _ = Api::<ImageBackup>::all(self.client.clone())
+                .delete(&name, &Default::default())
+                .await;
+        }
+    }
+
+    /// Whether the mirror has not yet seen the end of `b`'s last copy.
+    fn stale(&self, b: &ImageBackup) -> bool {
+        let mut ended = self.ended.lock().unwrap();
+        let Some(phase) = ended.get(&b.name_any()) else {
+            return false;
+        };
+        if b.status.as_ref().is_some_and(|s| s.phase == *phase) {
+            ended.remove(&b.name_any());
+            return false;
+        }
+        true
+    }
+
+    /// The ImageBackups that may start a copy now.
+    fn due(b: &ImageBackup) -> bool {
+        let s = b.status.clone().unwrap_or_default();
+        match s.phase.as_str() {
+            "" | "Pending" | "Copying" => true,
+            "Failed" if s.attempts < MAX_ATTEMPTS => {
+                let delay = crate::nodes::retry_delay(s.attempts);
+                parse_time(&s.finished_at).is_none_or(|t| {
+                    Timestamp::now().duration_since(t)
+                        >= SignedDuration::try_from(delay).unwrap_or_default()
+                })
+            }
+            _ => false,
+        }
+    }
+
+    async fn start_copies(
+        self: Arc<Self>,
+        policies: &[Arc<BackupPolicy>],
+        backups: &HashMap<String, Arc<ImageBackup>>,
+    ) {
+        let mut names: Vec<&String> = backups.keys().collect();
+        names.sort();
+        for name in names {
+            let b = &backups[name];
+            if self.inflight.lock().unwrap().contains(name) || self.stale(b) || !Self::due(b) {
+                continue;
+            }
+            let Some(policy) = policies.iter().find(|p| p.name_any() == b.spec.policy) else {
+                continue;
+            };
+            let bound = policy
+                .spec
+                .max_concurrent_copies
+                .map_or(DEFAULT_CONCURRENCY, |n| n as usize);
+            if self.inflight.lock().unwrap().len() >= bound {
+                return;
+            }
+            let Some(node) = self.pick_node() else {
+                return;
+            };
+            self.clone()
+                .start_copy(b.clone(), policy.clone(), node, backups)
+                .await;
+        }
+    }
+
+    /// A connected agent that copies, taking turns.
+    fn pick_node(&self) -> Option<String> {
+        let nodes: Vec<String> = self
+            .registry
+            .list()
+            .into_iter()
+            .filter(|n| n.connected && n.hello.capabilities.iter().any(|c| c == "copy"))
+            .map(|n| n.name)
+            .collect();
+        if nodes.is_empty() {
+            return None;
+        }
+        let i = self.next_node.fetch_add(1, Ordering::Relaxed);
+        Some(nodes[i % nodes.len()].clone())
+    }
+
+    async fn start_copy(
+        self: Arc<Self>,
+        b: Arc<ImageBackup>,
+        policy: Arc<BackupPolicy>,
+        node: String,
+        backups: &HashMap<String, Arc<ImageBackup>>,
+    ) {
+        let name = b.name_any();
+        let status = b.status.clone().unwrap_or_default();
+        let (Ok(source), Ok(target)) = (
+            Reference::parse(&b.spec.source),
+            Reference::parse(&b.spec.target),
+        ) else {
+            self.patch_status(
+                &name,
+                json!({"phase": "Failed", "reason": "BadImage", "attempts": MAX_ATTEMPTS,
+                "message": "source or target is not an image reference"}),
+            )
+            .await;
+            return;
+        };
+        let source_credentials = self.source_credentials(&source, &status.workloads).await;
+        let target_credentials = match self.target_credentials(&policy.spec, &target).await {
+            Ok(c) => c,
+            Err(message) => {
+                self.patch_status(&name, json!({"phase": "Failed", "reason": "TargetCredentialsUnreadable",
+                    "message": message, "attempts": status.attempts + 1, "finishedAt": now_rfc3339()})).await;
+                return;
+            }
+        };
+        let mut mount_from: Vec<String> = backups
+            .values()
+            .filter(|o| {
+                o.name_any() != name && o.status.as_ref().is_some_and(|s| s.phase == "Done")
+            })
+            .filter_map(|o| Reference::parse(&o.spec.target).ok())
+            .filter(|o| o.domain == target.domain && o.path != target.path)
+            .map(|o| o.path)
+            .collect();
+        mount_from.sort();
+        mount_from.dedup();
+        mount_from.truncate(MOUNT_CANDIDATES);
+        let id = format!(
+            "copy-{}",
+            self.next_task.fetch_add(1, Ordering::Relaxed) + 1
+        );
+        let task = pb::Task {
+            id: id.clone(),
+            kind: Some(pb::task::Kind::Copy(pb::CopyTask {
+                source: source.to_string(),
+                target: target.to_string(),
+                source_credentials,
+                target_credentials,
+                timeout_seconds: COPY_TIMEOUT.as_secs() as u32,
+                plain_http_registries: self.plain_http.clone(),
+                mount_from,
+            })),
+        };
+        let rx = self.registry.copies().open(&id, &node);
+        let msg = pb::CoordinatorMessage {
+            kind: Some(pb::coordinator_message::Kind::Task(task)),
+        };
+        if !self.registry.send(&node, msg) {
+            self.registry.copies().close(&id);
+            return;
+        }
+        info!(backup = %name, node = %node, source = %source, target = %target, "copy started");
+        self.inflight.lock().unwrap().insert(name.clone());
+        self.patch_status(&name, json!({
+            "phase": "Copying", "node": node,
+            "conditions": [ready_condition(false, "Copying", &format!("copying on node {node}"))],
+        })).await;
+        let this = self.clone();
+        tokio::spawn(async move {
+            let phase = this.follow(&name, &id, rx, status.attempts).await;
+            this.ended.lock().unwrap().insert(name.clone(), phase);
+            this.registry.copies().close(&id);
+            this.inflight.lock().unwrap().remove(&name);
+            this.wake.notify_one();
+        });
+    }
+
+    /// Writes a copy's progress and outcome into its ImageBackup; returns
+    /// the phase it ended in.
+    async fn follow(
+        &self,
+        name: &str,
+        id: &str,
+        mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::TaskUpdate>,
+        attempts: u32,
+    ) -> &'static str {
+        let mut last_write = tokio::time::Instant::now();
+        let deadline = tokio::time::Instant::now() + COPY_TIMEOUT + Duration::from_secs(60);
+        loop {
+            let u = match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(u)) => u,
+                Ok(None) | Err(_) => {
+                    warn!(
+                        backup = name,
+                        task = id,
+                        "the agent went away during the copy"
+                    );
+                    self.patch_status(
+                        name,
+                        json!({
+                            "phase": "Failed", "reason": "AgentLost", "attempts": attempts + 1,
+                            "message": "the agent running the copy disconnected or went silent",
+                            "finishedAt": now_rfc3339(),
+                        }),
+                    )
+                    .await;
+                    return "Failed";
+                }
+            };
+            let p = u.copy.clone().unwrap_or_default();
+            let bytes = json!({"bytesCopied": p.bytes_copied, "bytesSkipped": p.bytes_skipped, "bytesTotal": p.bytes_total});
+            match pb::TaskState::try_from(u.state).unwrap_or_default() {
+                pb::TaskState::Done => {
+                    let took =
+                        humantime::format_duration(Duration::from_millis(u.elapsed_ms)).to_string();
+                    info!(backup = name, digest = %p.digest, copied = p.bytes_copied, skipped = p.bytes_skipped, "copy done");
+                    let mut s = bytes;
+                    s["phase"] = "Done".into();
+                    s["digest"] = p.digest.clone().into();
+                    s["platforms"] = p.platforms.clone().into();
+                    s["duration"] = took.into();
+                    s["attempts"] = 0.into();
+                    s["reason"] = serde_json::Value::Null;
+                    s["message"] = serde_json::Value::Null;
+                    s["finishedAt"] = now_rfc3339().into();
+                    s["conditions"] = json!([ready_condition(
+                        true,
+                        "Copied",
+                        &format!("{} in the target registry", p.digest)
+                    )]);
+                    self.patch_status(name, s).await;
+                    return "Done";
+                }
+                pb::TaskState::Failed => {
+                    let reason = reason_name(pb::FailureReason::from_wire(u.reason));
+                    warn!(backup = name, reason, message = %u.message, "copy failed");
+                    let mut s = bytes;
+                    s["phase"] = "Failed".into();
+                    s["reason"] = reason.into();
+                    s["message"] = u.message.clone().into();
+                    s["attempts"] = (attempts + 1).into();
+                    s["finishedAt"] = now_rfc3339().into();
+                    s["conditions"] = json!([ready_condition(false, reason, &u.message)]);
+                    self.patch_status(name, s).await;
+                    return "Failed";
+                }
+                _ => {
+                    if u.copy.is_some() && last_write.elapsed() >= PROGRESS_WRITES {
+                        last_write = tokio::time::Instant::now();
+                        self.patch_status(name, bytes).await;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read_docker_secret(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> Result<Option<DockerCredentials>, String> {
+        match Api::<Secret>::namespaced(self.client.clone(), ns)
+            .get_opt(name)
+            .await
+        {
+            Ok(Some(s)) => match s.data.as_ref().and_then(|d| d.get(".dockerconfigjson")) {
+                Some(b) => DockerCredentials::parse(&b.0, &format!("Secret {ns}/{name}"))
+                    .map(Some)
+                    .map_err(|e| e.to_string()),
+                None => Err(format!("Secret {ns}/{name} has no .dockerconfigjson")),
+            },
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!("cannot read Secret {ns}/{name}: {e}")),
+        }
+    }
+
+    /// Credentials for `source` from the pull Secrets of the workloads that
+    /// use it and of their ServiceAccounts; only those for its registry.
+    async fn source_credentials(
+        &self,
+        source: &Reference,
+        users: &[String],
+    ) -> Option<pb::RegistryCredentials> {
+        let workloads = self.workloads();
+        for key in users {
+            let Some(w) = workloads.iter().find(|w| &w.key() == key) else {
+                continue;
+            };
+            let mut secrets = w.pull_secrets.clone();
+            if let Ok(Some(sa)) =
+                Api::<ServiceAccount>::namespaced(self.client.clone(), &w.namespace)
+                    .get_opt(&w.service_account)
+                    .await
+            {
+                secrets.extend(
+                    sa.image_pull_secrets
+                        .iter()
+                        .flatten()
+                        .map(|r| r.name.clone()),
+                );
+            }
+            for s in secrets {
+                match self.read_docker_secret(&w.namespace, &s).await {
+                    Ok(Some(d)) => {
+                        if let Some(a) = d.for_reference(source) {
+                            return Some(pb::RegistryCredentials {
+                                username: a.username.clone(),
+                                password: a.password.clone(),
+                            });
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(workload = %key, "{e}"),
+                }
+            }
+        }
+        None
+    }
+
+    /// Credentials for the target registry from the policy's Secret.
+    async fn target_credentials(
+        &self,
+        policy: &BackupPolicySpec,
+        target: &Reference,
+    ) -> Result<Option<pb::RegistryCredentials>, String> {
+        let Some(secret) = &policy.target.credentials_secret else {
+            return Ok(None);
+        };
+        let ns = secret
+            .namespace
+            .clone()
+            .unwrap_or_else(|| self.own_ns.clone());
+        match self.read_docker_secret(&ns, &secret.name).await? {
+            None => Err(format!(
+                "the policy's credentials Secret {ns}/{} does not exist",
+                secret.name
+            )),
+            Some(d) => Ok(d.for_reference(target).map(|a| pb::RegistryCredentials {
+                username: a.username.clone(),
+                password: a.password.clone(),
+            })),
+        }
+    }
+
+    /// Rolls `w` onto its copies if every image it uses outside the target
+    /// is copied and verified there now.
+    async fn roll(
+        &self,
+        w: &Workload,
+        policy: &BackupPolicy,
+        backups: &HashMap<String, Arc<ImageBackup>>,
+    ) {
+        let mut images = Vec::new();
+        let mut originals = w.originals().unwrap_or_default();
+        for (init, name, image) in &w.containers {
+            let Ok(r) = Reference::parse(image) else {
+                return;
+            };
+            if in_target(&policy.spec, &r) {
+                continue;
+            }
+            let Some(b) = backups.get(&backup_name(&r)) else {
+                return;
+            };
+            let Some(s) = b.status.as_ref().filter(|s| s.phase == "Done") else {
+                return;
+            };
+            let Some(digest) = s.digest.clone() else {
+                return;
+            };
+            let Ok(copy) = Reference::parse(&b.spec.target) else {
+                return;
+            };
+            // The gate: the target has it now, under the digest copied.
+            let auth = self
+                .target_credentials(&policy.spec, &copy)
+                .await
+                .ok()
+                .flatten()
+                .map(|c| RegistryAuth {
+                    username: c.username,
+                    password: c.password,
+                });
+            match self.oci.resolve(&b.spec.target, auth).await {
+                Ok(d) if d == digest => {}
+                Ok(d) => {
+                    warn!(workload = %w.key(), target = %b.spec.target, "target holds {d}, not the copied {digest}; not rolling");
+                    return;
+                }
+                Err(e) => {
+                    warn!(workload = %w.key(), target = %b.spec.target, error = %e, "copy not verified in the target; not rolling");
+                    return;
+                }
+            }
+            let map = if *init {
+                &mut originals.init_containers
+            } else {
+                &mut originals.containers
+            };
+            map.entry(name.clone()).or_insert_with(|| image.clone());
+            images.push((
+                *init,
+                name.clone(),
+                rolled_image(&copy, &digest, policy.spec.rewrite),
+            ));
+        }
+        if images.is_empty() {
+            return;
+        }
+        self.patch_workload(
+            w,
+            roll_patch(w, &images, &originals),
+            "rolled onto the backup copies",
+        )
+        .await;
+    }
+
+    async fn restore(&self, w: &Workload) {
+        let originals = w.originals().unwrap_or_default();
+        self.patch_workload(
+            w,
+            restore_patch(w, &originals),
+            "restored to the original images",
+        )
+        .await;
+    }
+
+    async fn patch_workload(&self, w: &Workload, patch: serde_json::Value, what: &str) {
+        let pp = PatchParams::default();
+        let p = Patch::Strategic(patch);
+        let result = match w.kind {
+            super::crd::WorkloadKind::Deployment => {
+                Api::<Deployment>::namespaced(self.client.clone(), &w.namespace)
+                    .patch(&w.name, &pp, &p)
+                    .await
+                    .map(|_| ())
+            }
+            super::crd::WorkloadKind::DaemonSet => {
+                Api::<DaemonSet>::namespaced(self.client.clone(), &w.namespace)
+                    .patch(&w.name, &pp, &p)
+                    .await
+                    .map(|_| ())
+            }
+            super::crd::WorkloadKind::StatefulSet => {
+                Api::<StatefulSet>::namespaced(self.client.clone(), &w.namespace)
+                    .patch(&w.name, &pp, &p)
+                    .await
+                    .map(|_| ())
+            }
+        };
+        match result {
+            Ok(()) => info!(workload = %w.key(), "{what}"),
+            // Changed since read: the next pass sees the new version.
+            Err(kube::Error::Api(e)) if e.code == 409 => {}
+            Err(e) => warn!(workload = %w.key(), error = %e, "cannot patch the workload"),
+        }
+    }
+}
