@@ -1,4 +1,4 @@
-//! Compiles Berth's protos with protoc and writes a file descriptor set for
+//! Compiles Berth's protos (and the subset of containerd's it calls) with protoc and writes a file descriptor set for
 //! the coordinator's gRPC reflection service.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,5 +13,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ],
             &["."],
         )?;
+    // containerd's own API (a subset), for reading a node's content store:
+    // not Berth's, so not in the reflection descriptor set.
+    tonic_prost_build::configure().compile_protos(
+        &[
+            "containerd/services/content/v1/content.proto",
+            "containerd/services/images/v1/images.proto",
+        ],
+        &["."],
+    )?;
     Ok(())
 }

@@ -245,6 +245,37 @@ async fn image_in(c: &Cluster, reg: &ScratchRegistry, name: &str) -> String {
     format!("{}/{repo}:1", reg.host)
 }
 
+/// An index of two platforms in `reg`, `REPO:multi`: amd64 runs here
+/// (busybox and a marker), arm64 is a layer of its own. Returns the
+/// repository, both platform manifests and the index's digest.
+async fn two_platform_index(
+    c: &Cluster,
+    reg: &ScratchRegistry,
+) -> (String, bytes::Bytes, bytes::Bytes, String) {
+    let amd = image_in(c, reg, "multi").await;
+    let (repo, _) = split(&amd);
+    let client = reg.client();
+    let amd_raw = client.get_any_manifest(&repo, "1").await.unwrap();
+    let arm_layer = tar_layer(&[("etc/arch", format!("arm64 {repo}").as_bytes())]).unwrap();
+    client
+        .push_image_for("arm64", &repo, "arm64", None, vec![arm_layer], None)
+        .await
+        .unwrap();
+    let arm_raw = client.get_any_manifest(&repo, "arm64").await.unwrap();
+    let index_digest = client
+        .push_index(
+            &repo,
+            "multi",
+            &[
+                (sha256(&amd_raw), amd_raw.len(), "amd64"),
+                (sha256(&arm_raw), arm_raw.len(), "arm64"),
+            ],
+        )
+        .await
+        .unwrap();
+    (repo, amd_raw, arm_raw, index_digest)
+}
+
 fn sha256(b: &[u8]) -> String {
     format!(
         "sha256:{}",
@@ -400,27 +431,8 @@ async fn a_multi_arch_index_and_a_digest_pinned_image_are_copied_whole() {
             target.host
         ),
     );
-    // Two platforms: amd64 runs here (busybox); arm64 is a layer of its own.
-    let amd = image_in(&c, &source, "multi").await;
-    let (repo, _) = split(&amd);
+    let (repo, amd_raw, arm_raw, index_digest) = two_platform_index(&c, &source).await;
     let reg = source.client();
-    let amd_raw = reg.get_any_manifest(&repo, "1").await.unwrap();
-    let arm_layer = tar_layer(&[("etc/arch", format!("arm64 {repo}").as_bytes())]).unwrap();
-    reg.push_image_for("arm64", &repo, "arm64", None, vec![arm_layer], None)
-        .await
-        .unwrap();
-    let arm_raw = reg.get_any_manifest(&repo, "arm64").await.unwrap();
-    let index_digest = reg
-        .push_index(
-            &repo,
-            "multi",
-            &[
-                (sha256(&amd_raw), amd_raw.len(), "amd64"),
-                (sha256(&arm_raw), arm_raw.len(), "arm64"),
-            ],
-        )
-        .await
-        .unwrap();
     let multi = format!("{}/{repo}:multi", source.host);
     // A digest-pinned reference of another image.
     let pinned_tagged = image_in(&c, &source, "pinned").await;
@@ -618,4 +630,202 @@ async fn wrong_target_credentials_fail_and_leave_workloads_alone_and_opt_outs_ar
             .to_string();
         assert!(err.contains(reason), "{spec}: {err}");
     }
+}
+
+#[tokio::test]
+async fn a_gone_source_is_copied_from_a_node_that_holds_the_image() {
+    let c = Cluster::from_env().await.unwrap();
+    let mut source = ScratchRegistry::start(&c, None).await.unwrap();
+    let target = ScratchRegistry::start(&c, None).await.unwrap();
+    // The workload runs (so its node holds the image) before any policy.
+    let (repo, amd_raw, _, _) = two_platform_index(&c, &source).await;
+    let multi = format!("{}/{repo}:multi", source.host);
+    let ns = TestNamespace::new(&c, "bk-node");
+    c.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: app}}}}\n  template:\n    metadata: {{labels: {{app: app}}}}\n    spec:\n      terminationGracePeriodSeconds: 0\n      containers:\n      - {{name: main, image: \"{multi}\", command: [sleep, \"3600\"]}}\n",
+        ns = ns.name
+    ))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns.name);
+    let holder = eventually(WAIT, "the workload running", || async {
+        let list = pods.list(&ListParams::default().labels("app=app")).await?;
+        Ok(list.items.into_iter().find_map(|p| {
+            let ready = p
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            ready.then(|| p.spec?.node_name).flatten()
+        }))
+    })
+    .await
+    .unwrap();
+    // The source registry goes away; only then is a policy made.
+    source.stop();
+    let policy = ns.name.clone();
+    c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: BackupPolicy\nmetadata: {{name: {policy}}}\nspec:\n  target: {{registry: \"{}\"}}\n  namespaces: {{include: [{policy}]}}\n",
+        target.host
+    ))
+    .unwrap();
+    let api: Api<ImageBackup> = Api::all(c.client.clone());
+    let b = eventually(WAIT, "the copy from a node Done", || async {
+        let list = api.list(&ListParams::default()).await?;
+        Ok(list.items.into_iter().find(|b| {
+            b.spec.source == multi && b.status.as_ref().is_some_and(|s| s.phase == "Done")
+        }))
+    })
+    .await
+    .unwrap();
+    let st = b.status.clone().unwrap();
+    assert_eq!(
+        st.copied_from.as_deref(),
+        Some(format!("node/{holder}").as_str()),
+        "{st:?}"
+    );
+    assert_eq!(
+        st.platforms,
+        ["linux/amd64"],
+        "the platform the node held, and only it"
+    );
+    assert_eq!(st.digest.as_deref(), Some(sha256(&amd_raw).as_str()));
+    // The target serves the node's platform manifest, byte for byte, and its blobs.
+    let (copy_repo, tag) = split(&b.spec.target);
+    let dst = target.client();
+    assert_eq!(
+        dst.get_any_manifest(&copy_repo, &tag).await.unwrap(),
+        amd_raw
+    );
+    let m: serde_json::Value = serde_json::from_slice(&amd_raw).unwrap();
+    for l in m["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        assert_eq!(sha256(&dst.get_blob(&copy_repo, d).await.unwrap()), d);
+    }
+    // Rolled, and the pods come back from the copy with the source gone.
+    let copy = b.spec.target.clone();
+    eventually(WAIT, "the workload rolled", || async {
+        let d: Deployment = Api::namespaced(c.client.clone(), &ns.name)
+            .get("app")
+            .await?;
+        let image = d
+            .spec
+            .and_then(|s| s.template.spec)
+            .and_then(|s| s.containers[0].image.clone());
+        Ok((image.as_deref() == Some(copy.as_str())).then_some(()))
+    })
+    .await
+    .unwrap();
+    remove_everywhere(&c, &[&copy]).await;
+    c.kubectl(&["-n", &ns.name, "delete", "pods", "--all", "--wait=false"])
+        .unwrap();
+    eventually(WAIT, "a pod of the copy running", || async {
+        let list = pods.list(&ListParams::default().labels("app=app")).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|p| {
+                p.metadata.deletion_timestamp.is_none()
+                    && p.spec
+                        .as_ref()
+                        .is_some_and(|s| s.containers[0].image.as_deref() == Some(copy.as_str()))
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+            })
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let _ = c.kubectl(&["delete", "backuppolicy", &policy, "--wait=false"]);
+    let _ = c.kubectl(&[
+        "delete",
+        "imagebackup",
+        &b.metadata.name.unwrap(),
+        "--wait=false",
+    ]);
+}
+
+#[tokio::test]
+async fn a_private_source_is_read_with_the_service_accounts_pull_secret_only() {
+    let c = Cluster::from_env().await.unwrap();
+    // Each registry accepts only its own credentials: a copy that sent
+    // either registry the other's would be refused.
+    let password = unique_suffix();
+    let target = ScratchRegistry::start(&c, Some(("backup", &password)))
+        .await
+        .unwrap();
+    let s = Scope::new(
+        &c,
+        "private",
+        &target.host,
+        Some(("backup", &password)),
+        &format!(
+            "  target:\n    registry: {}/priv\n  copyOnly: true\n",
+            target.host
+        ),
+    );
+    let image = c.fresh_private_image("priv").await.unwrap();
+    let ns = s.ns.name.as_str();
+    c.kubectl(&[
+        "-n",
+        ns,
+        "create",
+        "secret",
+        "docker-registry",
+        "source-pull",
+        &format!("--docker-server={}", c.auth_registry()),
+        &format!("--docker-username={}", c.var("BERTH_AUTH_USER")),
+        &format!("--docker-password={}", c.var("BERTH_AUTH_PASSWORD")),
+    ])
+    .unwrap();
+    c.kubectl(&[
+        "-n",
+        ns,
+        "create",
+        "rolebinding",
+        "berth-pull-secret-reader",
+        "--clusterrole=berth-pull-secret-reader",
+        &format!("--serviceaccount={NAMESPACE}:berth-coordinator"),
+    ])
+    .unwrap();
+    // The secret is the ServiceAccount's, not the workload's.
+    c.kubectl(&["-n", ns, "create", "serviceaccount", "runner"])
+        .unwrap();
+    c.kubectl(&[
+        "-n",
+        ns,
+        "patch",
+        "serviceaccount",
+        "runner",
+        "-p",
+        r#"{"imagePullSecrets": [{"name": "source-pull"}]}"#,
+    ])
+    .unwrap();
+    c.apply(&format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: app, namespace: {ns}}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: app}}}}\n  template:\n    metadata: {{labels: {{app: app}}}}\n    spec:\n      serviceAccountName: runner\n      terminationGracePeriodSeconds: 0\n      containers:\n      - {{name: main, image: \"{image}\", command: [sleep, \"3600\"]}}\n"
+    ))
+    .unwrap();
+    let b = s
+        .wait_backup(&image, "the private image copied", |b| {
+            b.status.as_ref().is_some_and(|s| s.phase == "Done")
+        })
+        .await;
+    let (repo, tag) = split(&image);
+    let (copy_repo, copy_tag) = split(&b.spec.target);
+    assert_eq!(
+        target
+            .client()
+            .get_any_manifest(&copy_repo, &copy_tag)
+            .await
+            .unwrap(),
+        c.private_registry()
+            .get_any_manifest(&repo, &tag)
+            .await
+            .unwrap()
+    );
 }

@@ -263,10 +263,12 @@ async fn agent(socket: PathBuf, run: RunArgs) -> anyhow::Result<()> {
     let managed = crate::tasks::Managed::load(Some(run.state_dir));
     let (runner, updates) =
         crate::tasks::TaskRunner::new(cri, &run.node_name, run.max_pulls, managed);
-    let runner = runner.with_disk_guard(crate::disk::DiskGuard::new(
-        run.imagefs_path,
-        run.disk_threshold,
-    ));
+    let runner = runner
+        .with_disk_guard(crate::disk::DiskGuard::new(
+            run.imagefs_path,
+            run.disk_threshold,
+        ))
+        .with_runtime_socket(socket.clone());
     session::run_while_reachable(runner, updates, cfg, health.reachable()).await;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Berth's wire contracts, shared by every binary of the workspace.
 //!
 //! - [`agent`]: `berth.agent.v1`, the session between a node agent and the coordinator.
+//! - [`containerd`]: the subset of containerd's own API the agent calls.
 //! - [`api`]: `berth.v1`, the public API the coordinator serves (grpcurl, docker-shim).
 //! - [`backoff`]: the one retry backoff policy (doubling, capped, jittered).
 //! - [`docker_config`]: registry credentials from Docker config files and Secrets.
@@ -32,6 +33,33 @@ pub mod berth {
     /// `berth.v1`
     pub mod v1 {
         tonic::include_proto!("berth.v1");
+    }
+}
+
+/// containerd's own API, the subset Berth calls (content and image
+/// services), nested as its packages are.
+#[allow(missing_docs, clippy::all)]
+pub mod containerd {
+    /// `containerd.types`
+    pub mod types {
+        tonic::include_proto!("containerd.types");
+    }
+    /// `containerd.services.*`
+    pub mod services {
+        /// `containerd.services.content`
+        pub mod content {
+            /// `containerd.services.content.v1`
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.content.v1");
+            }
+        }
+        /// `containerd.services.images`
+        pub mod images {
+            /// `containerd.services.images.v1`
+            pub mod v1 {
+                tonic::include_proto!("containerd.services.images.v1");
+            }
+        }
     }
 }
 

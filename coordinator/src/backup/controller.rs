@@ -398,13 +398,42 @@ impl Controller {
             if self.inflight.lock().unwrap().len() >= bound {
                 return;
             }
-            let Some(node) = self.pick_node() else {
+            // After the source registry could not be reached, a node whose
+            // runtime holds the image is the source.
+            let unreachable = b
+                .status
+                .as_ref()
+                .is_some_and(|s| s.reason.as_deref() == Some("SourceUnreachable"));
+            let holder = if unreachable {
+                self.holder_of(&b.spec.source)
+            } else {
+                None
+            };
+            let from_runtime = holder.is_some();
+            let Some(node) = holder.or_else(|| self.pick_node()) else {
                 return;
             };
             self.clone()
-                .start_copy(b.clone(), policy.clone(), node, backups)
+                .start_copy(b.clone(), policy.clone(), node, from_runtime, backups)
                 .await;
         }
+    }
+
+    /// A connected agent that copies whose runtime holds `source`.
+    fn holder_of(&self, source: &str) -> Option<String> {
+        let source = Reference::parse(source).ok()?.to_string();
+        self.registry
+            .list()
+            .into_iter()
+            .filter(|n| n.connected && n.hello.capabilities.iter().any(|c| c == "copy"))
+            .find(|n| {
+                n.inventory.as_ref().is_some_and(|inv| {
+                    inv.images
+                        .iter()
+                        .any(|i| i.repo_tags.contains(&source) || i.repo_digests.contains(&source))
+                })
+            })
+            .map(|n| n.name)
     }
 
     /// A connected agent that copies, taking turns.
@@ -428,6 +457,7 @@ impl Controller {
         b: Arc<ImageBackup>,
         policy: Arc<BackupPolicy>,
         node: String,
+        from_runtime: bool,
         backups: &HashMap<String, Arc<ImageBackup>>,
     ) {
         let name = b.name_any();
@@ -479,6 +509,7 @@ impl Controller {
                 timeout_seconds: COPY_TIMEOUT.as_secs() as u32,
                 plain_http_registries: self.plain_http.clone(),
                 mount_from,
+                from_runtime,
             })),
         };
         let rx = self.registry.copies().open(&id, &node);
@@ -489,7 +520,7 @@ impl Controller {
             self.registry.copies().close(&id);
             return;
         }
-        info!(backup = %name, node = %node, source = %source, target = %target, "copy started");
+        info!(backup = %name, node = %node, source = %source, target = %target, from_runtime, "copy started");
         self.inflight.lock().unwrap().insert(name.clone());
         self.patch_status(&name, json!({
             "phase": "Copying", "node": node,
@@ -497,7 +528,7 @@ impl Controller {
         })).await;
         let this = self.clone();
         tokio::spawn(async move {
-            let phase = this.follow(&name, &id, rx, status.attempts).await;
+            let phase = this.follow(&name, &node, &id, rx, status.attempts).await;
             this.ended.lock().unwrap().insert(name.clone(), phase);
             this.registry.copies().close(&id);
             this.inflight.lock().unwrap().remove(&name);
@@ -510,6 +541,7 @@ impl Controller {
     async fn follow(
         &self,
         name: &str,
+        node: &str,
         id: &str,
         mut rx: tokio::sync::mpsc::UnboundedReceiver<pb::TaskUpdate>,
         attempts: u32,
@@ -549,6 +581,12 @@ impl Controller {
                     s["digest"] = p.digest.clone().into();
                     s["platforms"] = p.platforms.clone().into();
                     s["duration"] = took.into();
+                    s["copiedFrom"] = if p.from_runtime {
+                        format!("node/{node}")
+                    } else {
+                        "registry".to_string()
+                    }
+                    .into();
                     s["attempts"] = 0.into();
                     s["reason"] = serde_json::Value::Null;
                     s["message"] = serde_json::Value::Null;
@@ -711,7 +749,14 @@ impl Controller {
                     username: c.username,
                     password: c.password,
                 });
-            match self.oci.resolve(&b.spec.target, auth).await {
+            // A digest target is checked at the digest that was pushed (a
+            // node's own platform when the copy came from a node).
+            let at = if copy.digest.is_some() {
+                format!("{}@{digest}", copy.repository())
+            } else {
+                b.spec.target.clone()
+            };
+            match self.oci.resolve(&at, auth).await {
                 Ok(d) if d == digest => {}
                 Ok(d) => {
                     warn!(workload = %w.key(), target = %b.spec.target, "target holds {d}, not the copied {digest}; not rolling");

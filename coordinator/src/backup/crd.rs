@@ -212,6 +212,11 @@ pub struct ImageBackupStatus {
     /// The node whose agent ran the last attempt.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Where the copy was read from: `registry`, or `node/<name>` (that
+    /// node's runtime, when the source registry could not be reached; then
+    /// `platforms` names the one platform it held).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied_from: Option<String>,
     /// Workloads using the image: `Kind/namespace/name`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workloads: Vec<String>,

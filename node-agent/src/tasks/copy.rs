@@ -12,19 +12,29 @@
 //!
 //! The two registries get two clients: each sees only its own credentials.
 //! Every failure says which side failed and why ([`CopyError`]).
+//!
+//! With `from_runtime`, the source is the node's own containerd instead of
+//! the registry (which may be gone): the image's record in the CRI's
+//! namespace names the top manifest, and its blobs are read from the content
+//! store. A node holds only its own platform of an index, so then that
+//! platform's manifest alone is pushed, and the result says so.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use berth_proto::agent as pb;
+use berth_proto::containerd::services::content::v1 as content;
+use berth_proto::containerd::services::images::v1 as images;
 use berth_proto::oci::{client, not_found, oci_reference, refused};
 use berth_proto::reference::Reference;
 use bytes::Bytes;
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use oci_client::errors::OciDistributionError;
 use oci_client::manifest::OciDescriptor;
 use oci_client::secrets::RegistryAuth;
+use tonic::transport::Channel;
 use tracing::{Instrument, Span, info};
 
 use super::{TaskRunner, failed, update};
@@ -218,13 +228,235 @@ fn parse(raw: &[u8]) -> Result<(String, Parsed), CopyError> {
     Ok((t, Parsed::Image(blobs)))
 }
 
-/// One copy: the two clients and what they need.
+/// Containerd's namespace of the CRI's images.
+const CRI_NAMESPACE: &str = "k8s.io";
+
+/// Where a copy reads from.
+enum Source {
+    /// The source registry.
+    Registry {
+        client: oci_client::Client,
+        reference: oci_client::Reference,
+        auth: RegistryAuth,
+    },
+    /// The node's containerd (its content and image services).
+    Runtime {
+        content: content::content_client::ContentClient<Channel>,
+        images: images::images_client::ImagesClient<Channel>,
+        name: String,
+    },
+}
+
+fn sha256_of(data: &[u8]) -> String {
+    use sha2::Digest;
+    let hex: String = sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+fn in_namespace<T>(message: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(message);
+    r.metadata_mut().insert(
+        "containerd-namespace",
+        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
+    );
+    r
+}
+
+fn runtime_error(what: &str, s: tonic::Status) -> CopyError {
+    match s.code() {
+        tonic::Code::NotFound => CopyError::NotFound(format!("{what}: not on this node")),
+        tonic::Code::Unimplemented => CopyError::Source(format!(
+            "{what}: the runtime does not serve containerd's content API (CRI-O?)"
+        )),
+        _ => CopyError::Source(format!("{what}: {}", s.message())),
+    }
+}
+
+impl Source {
+    fn is_runtime(&self) -> bool {
+        matches!(self, Source::Runtime { .. })
+    }
+
+    /// All of one object's bytes.
+    async fn read_all(&self, digest: &str) -> Result<Bytes, CopyError> {
+        let mut stream = self.read(digest).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(
+                &chunk.map_err(|e| CopyError::Source(format!("reading {digest}: {e}")))?,
+            );
+        }
+        Ok(out.into())
+    }
+
+    /// A runtime object's bytes as a stream.
+    async fn read(
+        &self,
+        digest: &str,
+    ) -> Result<BoxStream<'static, Result<Bytes, OciDistributionError>>, CopyError> {
+        let Source::Runtime { content, .. } = self else {
+            unreachable!("read is for the runtime source");
+        };
+        let stream = content
+            .clone()
+            .read(in_namespace(content::ReadContentRequest {
+                digest: digest.to_string(),
+                offset: 0,
+                size: 0,
+            }))
+            .await
+            .map_err(|s| runtime_error(&format!("reading {digest}"), s))?
+            .into_inner();
+        Ok(stream
+            .map_ok(|r| Bytes::from(r.data))
+            .map_err(|s| OciDistributionError::GenericError(Some(format!("runtime read: {s}"))))
+            .boxed())
+    }
+
+    /// The manifest (or index) the source reference names.
+    async fn top(&self) -> Result<Manifest, CopyError> {
+        match self {
+            Source::Registry { reference, .. } => self.registry_manifest(reference).await,
+            Source::Runtime { images, name, .. } => {
+                let image = images
+                    .clone()
+                    .get(in_namespace(images::GetImageRequest { name: name.clone() }))
+                    .await
+                    .map_err(|s| runtime_error(&format!("image {name}"), s))?
+                    .into_inner()
+                    .image
+                    .and_then(|i| i.target)
+                    .ok_or_else(|| CopyError::NotFound(format!("image {name} has no target")))?;
+                let m = self.manifest(&image.digest).await?;
+                m.ok_or_else(|| {
+                    CopyError::NotFound(format!(
+                        "{name}: manifest {} not on this node",
+                        image.digest
+                    ))
+                })
+            }
+        }
+    }
+
+    /// The manifest `digest` in the source's repository; `None` when the
+    /// node does not hold it (another platform's).
+    async fn manifest(&self, digest: &str) -> Result<Option<Manifest>, CopyError> {
+        match self {
+            Source::Registry { reference, .. } => {
+                let at = oci_client::Reference::with_digest(
+                    reference.registry().to_string(),
+                    reference.repository().to_string(),
+                    digest.to_string(),
+                );
+                let m = self.registry_manifest(&at).await?;
+                if m.digest != digest {
+                    return Err(CopyError::Malformed(format!(
+                        "the source served {} for {digest}",
+                        m.digest
+                    )));
+                }
+                Ok(Some(m))
+            }
+            Source::Runtime { content, .. } => {
+                match content
+                    .clone()
+                    .info(in_namespace(content::InfoRequest {
+                        digest: digest.to_string(),
+                    }))
+                    .await
+                {
+                    Err(s) if s.code() == tonic::Code::NotFound => return Ok(None),
+                    Err(s) => return Err(runtime_error(&format!("manifest {digest}"), s)),
+                    Ok(_) => {}
+                }
+                let raw = self.read_all(digest).await?;
+                let got = sha256_of(&raw);
+                if got != digest {
+                    return Err(CopyError::Malformed(format!(
+                        "the node's content store holds {got} under {digest}"
+                    )));
+                }
+                let (media_type, _) = parse(&raw)?;
+                Ok(Some(Manifest {
+                    raw,
+                    digest: digest.to_string(),
+                    media_type,
+                }))
+            }
+        }
+    }
+
+    async fn registry_manifest(&self, r: &oci_client::Reference) -> Result<Manifest, CopyError> {
+        let Source::Registry { client, auth, .. } = self else {
+            unreachable!("registry_manifest is for the registry source");
+        };
+        let accept: Vec<&str> = INDEX_TYPES.iter().chain(&MANIFEST_TYPES).copied().collect();
+        let (raw, digest) = client
+            .pull_manifest_raw(r, auth, &accept)
+            .await
+            .map_err(|e| CopyError::source(&format!("reading the manifest of {r}"), e))?;
+        let (media_type, _) = parse(&raw)?;
+        Ok(Manifest {
+            raw,
+            digest,
+            media_type,
+        })
+    }
+
+    /// `os/architecture[/variant]` of an image configuration blob, if it says.
+    async fn platform_of(&self, config: &Blob) -> Result<Option<String>, CopyError> {
+        if config.size > 1 << 20 {
+            return Ok(None);
+        }
+        let mut stream = self.blob(config).await?;
+        let mut raw = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            raw.extend_from_slice(
+                &chunk.map_err(|e| CopyError::Source(format!("reading the configuration: {e}")))?,
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap_or_default();
+        Ok(match (v["os"].as_str(), v["architecture"].as_str()) {
+            (Some(os), Some(arch)) => Some(match v["variant"].as_str() {
+                Some(variant) => format!("{os}/{arch}/{variant}"),
+                None => format!("{os}/{arch}"),
+            }),
+            _ => None,
+        })
+    }
+
+    /// A blob's bytes, streamed.
+    async fn blob(
+        &self,
+        b: &Blob,
+    ) -> Result<BoxStream<'static, Result<Bytes, OciDistributionError>>, CopyError> {
+        match self {
+            Source::Registry {
+                client, reference, ..
+            } => {
+                let stream = client
+                    .pull_blob_stream(reference, &b.descriptor())
+                    .await
+                    .map_err(|e| CopyError::source(&format!("reading blob {}", b.digest), e))?;
+                Ok(stream
+                    .map_err(|e| {
+                        OciDistributionError::GenericError(Some(format!("source stream: {e}")))
+                    })
+                    .boxed())
+            }
+            Source::Runtime { .. } => self.read(&b.digest).await,
+        }
+    }
+}
+
+/// One copy: the source, the target's client and what they need.
 struct Copier {
-    src: oci_client::Client,
+    source: Source,
     dst: oci_client::Client,
-    src_ref: oci_client::Reference,
     dst_ref: oci_client::Reference,
-    src_auth: RegistryAuth,
     mount_from: Vec<String>,
     progress: Arc<Progress>,
 }
@@ -239,33 +471,10 @@ fn auth_of(c: Option<&pb::RegistryCredentials>) -> RegistryAuth {
 }
 
 impl Copier {
-    async fn manifest(&self, r: &oci_client::Reference) -> Result<Manifest, CopyError> {
-        let accept: Vec<&str> = INDEX_TYPES.iter().chain(&MANIFEST_TYPES).copied().collect();
-        let (raw, digest) = self
-            .src
-            .pull_manifest_raw(r, &self.src_auth, &accept)
-            .await
-            .map_err(|e| CopyError::source(&format!("reading the manifest of {r}"), e))?;
-        let (media_type, _) = parse(&raw)?;
-        Ok(Manifest {
-            raw,
-            digest,
-            media_type,
-        })
-    }
-
     fn dst_at(&self, digest: &str) -> oci_client::Reference {
         oci_client::Reference::with_digest(
             self.dst_ref.registry().to_string(),
             self.dst_ref.repository().to_string(),
-            digest.to_string(),
-        )
-    }
-
-    fn src_at(&self, digest: &str) -> oci_client::Reference {
-        oci_client::Reference::with_digest(
-            self.src_ref.registry().to_string(),
-            self.src_ref.repository().to_string(),
             digest.to_string(),
         )
     }
@@ -290,30 +499,31 @@ impl Copier {
                 repo.clone(),
                 "latest".into(),
             );
+            // A HEAD first: a mount of a blob the repository lacks opens an
+            // upload the registry keeps until it expires.
             if self
                 .dst
-                .mount_blob(&self.dst_ref, &from, &b.digest)
+                .blob_exists(&from, &b.digest)
                 .await
-                .is_ok()
+                .unwrap_or(false)
+                && self
+                    .dst
+                    .mount_blob(&self.dst_ref, &from, &b.digest)
+                    .await
+                    .is_ok()
             {
                 p.skipped.fetch_add(b.size, Ordering::Relaxed);
                 p.blobs_mounted.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
         }
-        let stream = self
-            .src
-            .pull_blob_stream(&self.src_ref, &b.descriptor())
-            .await
-            .map_err(|e| CopyError::source(&format!("reading blob {}", b.digest), e))?;
+        let stream = self.source.blob(&b).await?;
         let counter = self.progress.clone();
-        let body = stream
-            .inspect_ok(move |chunk: &Bytes| {
-                counter
-                    .copied
-                    .fetch_add(chunk.len() as u64, Ordering::Relaxed);
-            })
-            .map_err(|e| OciDistributionError::GenericError(Some(format!("source stream: {e}"))));
+        let body = stream.inspect_ok(move |chunk: &Bytes| {
+            counter
+                .copied
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        });
         self.dst
             .push_blob_stream(&self.dst_ref, body, &b.digest, Some(b.size))
             .await
@@ -338,35 +548,70 @@ impl Copier {
         Ok(())
     }
 
+    /// Where the top manifest goes: the target's tag, or (a digest target)
+    /// the digest of what is pushed.
+    fn dst_top(&self, digest: &str) -> oci_client::Reference {
+        match self.dst_ref.digest() {
+            Some(_) => self.dst_at(digest),
+            None => self.dst_ref.clone(),
+        }
+    }
+
     /// The whole copy; the result's `digest` and `platforms` say what went.
     async fn run(&self) -> Result<pb::CopyProgress, CopyError> {
-        let top = self.manifest(&self.src_ref).await?;
+        let mut top = self.source.top().await?;
         let mut platforms = Vec::new();
         let mut children = Vec::new();
         let mut blobs: Vec<Blob> = Vec::new();
+        if let Parsed::Index(list) = parse(&top.raw)?.1 {
+            let whole = list.len();
+            for (digest, platform) in list {
+                let Some(child) = self.source.manifest(&digest).await? else {
+                    continue;
+                };
+                children.push((child, platform));
+            }
+            if children.is_empty() {
+                return Err(CopyError::NotFound(format!(
+                    "no platform of index {} is on this node",
+                    top.digest
+                )));
+            }
+            if children.len() < whole {
+                // A node's partial index cannot be pushed (its other
+                // platforms are nowhere): its first platform stands alone.
+                info!(
+                    "the node holds {} of the index's {whole} platforms; copying the first",
+                    children.len()
+                );
+                let (child, platform) = children.swap_remove(0);
+                children.clear();
+                platforms.extend(platform);
+                top = child;
+            }
+        }
         match parse(&top.raw)?.1 {
             Parsed::Image(b) => blobs = b,
-            Parsed::Index(list) => {
-                for (digest, platform) in list {
-                    let child = self.manifest(&self.src_at(&digest)).await?;
-                    if child.digest != digest {
-                        return Err(CopyError::Malformed(format!(
-                            "the source served {} for {digest}",
-                            child.digest
-                        )));
-                    }
+            Parsed::Index(_) => {
+                for (child, platform) in &children {
                     match parse(&child.raw)?.1 {
                         Parsed::Image(b) => blobs.extend(b),
                         Parsed::Index(_) => {
                             return Err(CopyError::Malformed(format!(
-                                "nested index {digest} (not supported)"
+                                "nested index {} (not supported)",
+                                child.digest
                             )));
                         }
                     }
-                    platforms.extend(platform);
-                    children.push(child);
+                    platforms.extend(platform.clone());
                 }
             }
+        }
+        if platforms.is_empty()
+            && let Some(config) = blobs.first()
+        {
+            // A lone manifest names its platform in its configuration.
+            platforms.extend(self.source.platform_of(config).await?);
         }
         let mut seen = std::collections::HashSet::new();
         blobs.retain(|b| seen.insert(b.digest.clone()));
@@ -376,28 +621,32 @@ impl Copier {
         info!(
             manifests = children.len() + 1,
             blobs = blobs.len(),
+            from_runtime = self.source.is_runtime(),
             "copying"
         );
         futures::stream::iter(blobs.into_iter().map(|b| self.blob(b)))
             .buffer_unordered(BLOBS_AT_ONCE)
             .try_collect::<Vec<()>>()
             .await?;
-        for child in &children {
+        for (child, _) in &children {
             self.push_manifest(&self.dst_at(&child.digest), child)
                 .await?;
         }
-        self.push_manifest(&self.dst_ref, &top).await?;
+        self.push_manifest(&self.dst_top(&top.digest), &top).await?;
         Ok(pb::CopyProgress {
             digest: top.digest,
             platforms,
+            from_runtime: self.source.is_runtime(),
             ..self.progress.snapshot()
         })
     }
 }
 
-/// Copies `task.source` to `task.target`, counting into `progress`.
+/// Copies `task.source` to `task.target`, counting into `progress`; with
+/// `from_runtime`, reads from the containerd at `runtime_socket`.
 pub async fn copy(
     task: &pb::CopyTask,
+    runtime_socket: Option<&std::path::Path>,
     progress: Arc<Progress>,
 ) -> Result<pb::CopyProgress, CopyError> {
     let parse = |r: &str| {
@@ -410,12 +659,29 @@ pub async fn copy(
             task.target
         )));
     }
+    let source = if task.from_runtime {
+        let Some(socket) = runtime_socket else {
+            return Err(CopyError::Source(
+                "this agent has no runtime socket to read the image from".into(),
+            ));
+        };
+        let channel = crate::cri::unix_channel(socket.to_path_buf());
+        Source::Runtime {
+            content: content::content_client::ContentClient::new(channel.clone()),
+            images: images::images_client::ImagesClient::new(channel),
+            name: source.to_string(),
+        }
+    } else {
+        Source::Registry {
+            client: client(&task.plain_http_registries),
+            reference: oci_reference(&source),
+            auth: auth_of(task.source_credentials.as_ref()),
+        }
+    };
     let copier = Copier {
-        src: client(&task.plain_http_registries),
+        source,
         dst: client(&task.plain_http_registries),
-        src_ref: oci_reference(&source),
         dst_ref: oci_reference(&target),
-        src_auth: auth_of(task.source_credentials.as_ref()),
         mount_from: task.mount_from.clone(),
         progress,
     };
@@ -445,7 +711,9 @@ impl<R: ImageRuntime> TaskRunner<R> {
                     0 => DEFAULT_TIMEOUT,
                     s => Duration::from_secs(s.into()),
                 };
-                let work = tokio::time::timeout(timeout, copy(&task, progress.clone()));
+                let socket = this.runtime_socket.clone();
+                let work =
+                    tokio::time::timeout(timeout, copy(&task, socket.as_deref(), progress.clone()));
                 tokio::pin!(work);
                 let mut tick = tokio::time::interval(PROGRESS_EVERY);
                 tick.tick().await;

@@ -96,6 +96,8 @@ pub struct TaskRunner<R> {
     node: Arc<str>,
     pulls: Arc<Semaphore>,
     copies: Arc<Semaphore>,
+    /// The runtime's socket, for copies that read its content store.
+    runtime_socket: Option<PathBuf>,
     /// Image → ids of the tasks waiting for its pull.
     inflight: Arc<Mutex<HashMap<String, Vec<String>>>>,
     managed: Arc<Managed>,
@@ -111,6 +113,7 @@ impl<R> Clone for TaskRunner<R> {
             node: self.node.clone(),
             pulls: self.pulls.clone(),
             copies: self.copies.clone(),
+            runtime_socket: self.runtime_socket.clone(),
             inflight: self.inflight.clone(),
             managed: self.managed.clone(),
             disk: self.disk.clone(),
@@ -168,6 +171,7 @@ impl<R: ImageRuntime> TaskRunner<R> {
             node: node.into(),
             pulls: Arc::new(Semaphore::new(max_pulls.max(1))),
             copies: Arc::new(Semaphore::new(COPIES_AT_ONCE)),
+            runtime_socket: None,
             inflight: Arc::default(),
             managed: Arc::new(managed),
             disk: Arc::new(DiskGuard::disabled()),
@@ -179,6 +183,13 @@ impl<R: ImageRuntime> TaskRunner<R> {
     /// Refuses pulls that would pass `guard`'s threshold.
     pub fn with_disk_guard(mut self, guard: DiskGuard) -> Self {
         self.disk = Arc::new(guard);
+        self
+    }
+
+    /// Lets copies read images from containerd's content store at `socket`
+    /// (the CRI socket of a containerd node).
+    pub fn with_runtime_socket(mut self, socket: PathBuf) -> Self {
+        self.runtime_socket = Some(socket);
         self
     }
 
