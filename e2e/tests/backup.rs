@@ -375,6 +375,22 @@ async fn workloads_are_copied_rolled_survive_the_source_going_away_and_restore()
     let originals =
         d.metadata.annotations.unwrap_or_default()["berth.dev/backup-original-images"].clone();
     assert!(originals.contains(&web), "{originals}");
+    // The roll is an Event on the workload.
+    eventually(WAIT, "a RolledOntoBackup event", || async {
+        let out = c.kubectl(&[
+            "-n",
+            &s.ns.name,
+            "get",
+            "events",
+            "--field-selector",
+            "reason=RolledOntoBackup,involvedObject.name=web",
+            "-o",
+            "name",
+        ]);
+        Ok(out.ok().filter(|o| !o.trim().is_empty()).map(|_| ()))
+    })
+    .await
+    .unwrap();
 
     // The source goes away; the pods and every copy of the images on the
     // nodes go too; the pods come back from the backup registry.
@@ -828,4 +844,50 @@ async fn a_private_source_is_read_with_the_service_accounts_pull_secret_only() {
             .await
             .unwrap()
     );
+}
+
+#[tokio::test]
+async fn a_later_copy_mounts_the_blobs_an_earlier_copy_left_in_the_target() {
+    let c = Cluster::from_env().await.unwrap();
+    let target = ScratchRegistry::start(&c, None).await.unwrap();
+    let s = Scope::new(
+        &c,
+        "mount",
+        &target.host,
+        None,
+        &format!(
+            "  target:\n    registry: {}/m\n  copyOnly: true\n",
+            target.host
+        ),
+    );
+    // Two images on one base (the harness's busybox layer), one unique layer each.
+    let first = c.fresh_image("first").await.unwrap();
+    let second = c.fresh_image("second").await.unwrap();
+    s.workload("deployment", "first", &first, "");
+    s.wait_backup(&first, "the first copy Done", |b| {
+        b.status.as_ref().is_some_and(|s| s.phase == "Done")
+    })
+    .await;
+    s.workload("deployment", "second", &second, "");
+    let b = s
+        .wait_backup(&second, "the second copy Done", |b| {
+            b.status.as_ref().is_some_and(|s| s.phase == "Done")
+        })
+        .await;
+    let st = b.status.unwrap();
+    let (repo, _) = split(&b.spec.target);
+    let log = target.access_log();
+    let mounts = log
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("\"POST /v2/{repo}/blobs/uploads/?mount=")) && l.contains("\" 201 ")
+        })
+        .count();
+    assert_eq!(mounts, 1, "the shared base layer is mounted:\n{log}");
+    assert_eq!(
+        target.blob_uploads(&repo),
+        2,
+        "only the config and the unique layer are sent:\n{log}"
+    );
+    assert!(st.bytes_skipped > 0 && st.bytes_copied > 0, "{st:?}");
 }

@@ -10,12 +10,12 @@
 //!    policy's `expireAfter` (never the registry content);
 //! 4. starts copies, at most the policy's bound at once, each on an agent
 //!    ([`super::copies`] brings its progress back), retrying a failure with
-//!    backoff up to [`MAX_ATTEMPTS`] times;
+//!    backoff up to [`plan::MAX_ATTEMPTS`] times;
 //! 5. rolls a workload when every image it uses is `Done` and a manifest
 //!    HEAD on the target, with the target's credentials, answers the very
 //!    digest that was copied: a cached belief is not enough.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,20 +24,21 @@ use berth_proto::agent as pb;
 use berth_proto::docker_config::{DockerCredentials, RegistryAuth};
 use berth_proto::reference::Reference;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
 use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::crd::{BackupPolicy, BackupPolicySpec, ImageBackup, ImageBackupSpec};
-use super::naming::{
-    backup_name, copy_reference, in_target, kinds, namespace_selected, reason_name, rolled_image,
-};
+use super::crd::{BackupPolicy, BackupPolicySpec, ImageBackup};
+use super::naming::reason_name;
+use super::plan;
 use super::workloads::{Workload, restore_patch, roll_patch};
 use crate::imagecache::tags::{OciRegistry, Registry};
 use crate::imagecache::watch::{any_change, mirror};
@@ -45,16 +46,12 @@ use crate::nodes::NodeRegistry;
 
 /// A pass runs at least this often (retries fall due without an event).
 const RESYNC: Duration = Duration::from_secs(2);
-/// Failed attempts of one copy before it stays Failed.
-pub const MAX_ATTEMPTS: u32 = 5;
 /// Copies at once when the policy names no bound.
 const DEFAULT_CONCURRENCY: usize = 4;
 /// Deadline of one copy.
 const COPY_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Repositories of earlier copies offered to an agent for blob mounts.
 const MOUNT_CANDIDATES: usize = 4;
-/// Default `expireAfter`.
-const DEFAULT_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Progress is written to a status at most this often.
 const PROGRESS_WRITES: Duration = Duration::from_secs(1);
 
@@ -70,6 +67,7 @@ struct Controller {
     deployments: Store<Deployment>,
     daemonsets: Store<DaemonSet>,
     statefulsets: Store<StatefulSet>,
+    recorder: Recorder,
     inflight: Mutex<HashSet<String>>,
     /// Copies that ended, by ImageBackup: the phase their end wrote. Until
     /// the mirror shows that phase, its view of the ImageBackup is older
@@ -77,6 +75,7 @@ struct Controller {
     ended: Mutex<HashMap<String, &'static str>>,
     wake: Arc<Notify>,
     next_task: AtomicU64,
+    run_id: u64,
     next_node: AtomicUsize,
 }
 
@@ -95,6 +94,13 @@ pub async fn run(
         daemonsets: mirror(&client, wake.clone(), any_change),
         statefulsets: mirror(&client, wake.clone(), any_change),
         oci: OciRegistry::new(plain_http.clone()),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "berth-coordinator".into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
         client,
         registry,
         plain_http,
@@ -103,6 +109,7 @@ pub async fn run(
         ended: Mutex::default(),
         wake: wake.clone(),
         next_task: AtomicU64::new(0),
+        run_id: fastrand::u64(..),
         next_node: AtomicUsize::new(0),
     });
     for store in [
@@ -128,10 +135,6 @@ pub async fn run(
 
 fn now_rfc3339() -> String {
     Timestamp::now().to_string()
-}
-
-fn parse_time(s: &Option<String>) -> Option<Timestamp> {
-    s.as_deref().and_then(|s| s.parse().ok())
 }
 
 fn ready_condition(status: bool, reason: &str, message: &str) -> Condition {
@@ -175,60 +178,15 @@ impl Controller {
         w
     }
 
-    /// The first policy (by name) that covers `w`.
-    fn policy_for<'a>(
-        &self,
-        policies: &'a [Arc<BackupPolicy>],
-        w: &Workload,
-    ) -> Option<&'a Arc<BackupPolicy>> {
-        policies.iter().find(|p| {
-            kinds(&p.spec).contains(&w.kind)
-                && namespace_selected(&p.spec, &w.namespace, &self.own_ns)
-        })
-    }
-
     async fn pass(self: Arc<Self>) {
         let policies = self.policies();
         if policies.is_empty() {
             return;
         }
         let workloads = self.workloads();
-        // Source image → (policy, users); users include rolled workloads,
-        // through the originals they keep.
-        let mut users: BTreeMap<String, (Arc<BackupPolicy>, BTreeSet<String>, bool)> =
-            BTreeMap::new();
-        for w in &workloads {
-            let Some(policy) = self.policy_for(&policies, w) else {
-                continue;
-            };
-            if w.opted_out() {
-                continue;
-            }
-            if w.restore_asked() {
-                self.restore(w).await;
-                continue;
-            }
-            for (init, name, image) in &w.containers {
-                let Ok(r) = Reference::parse(image) else {
-                    continue;
-                };
-                let source = if in_target(&policy.spec, &r) {
-                    match w
-                        .original_image(*init, name)
-                        .and_then(|o| Reference::parse(&o).ok())
-                    {
-                        Some(o) => o,
-                        None => continue,
-                    }
-                } else {
-                    r
-                };
-                let e = users
-                    .entry(source.to_string())
-                    .or_insert_with(|| (policy.clone(), BTreeSet::new(), false));
-                e.1.insert(w.key());
-                e.2 |= w.ready;
-            }
+        let survey = plan::survey(&policies, &workloads, &self.own_ns);
+        for &i in &survey.restores {
+            self.restore(&workloads[i]).await;
         }
         let backups: HashMap<String, Arc<ImageBackup>> = self
             .backups
@@ -236,53 +194,112 @@ impl Controller {
             .into_iter()
             .map(|b| (b.name_any(), b))
             .collect();
-        // Producers: one ImageBackup per image a ready workload uses.
-        for (source, (policy, _, ready)) in &users {
-            let Ok(r) = Reference::parse(source) else {
-                continue;
-            };
-            let name = backup_name(&r);
-            if *ready && !backups.contains_key(&name) {
-                self.create_backup(&name, &r, policy).await;
+        for b in plan::to_create(&survey, &backups) {
+            self.create_backup(b).await;
+        }
+        let now = Timestamp::now();
+        for b in backups.values() {
+            let users = survey.uses.get(&b.spec.source).map(|u| &u.users);
+            let status = b.status.clone().unwrap_or_default();
+            if let Some((list, unused_since)) = plan::users_update(&status, users, now) {
+                self.patch_status(
+                    &b.name_any(),
+                    json!({"workloads": list, "unusedSince": unused_since}),
+                )
+                .await;
+            }
+            if let Some(policy) = policies.iter().find(|p| p.name_any() == b.spec.policy)
+                && plan::expired(b, policy, now)
+            {
+                info!(backup = %b.name_any(), "expired: unused for the policy's expireAfter");
+                let _ = Api::<ImageBackup>::all(self.client.clone())
+                    .delete(&b.name_any(), &Default::default())
+                    .await;
             }
         }
-        // Users, expiry.
-        let by_source: HashMap<String, &BTreeSet<String>> =
-            users.iter().map(|(s, (_, u, _))| (s.clone(), u)).collect();
-        for b in backups.values() {
-            self.track_users(b, &policies, by_source.get(&b.spec.source).copied())
-                .await;
-        }
-        // Copies.
         self.clone().start_copies(&policies, &backups).await;
-        // Rollouts.
         for w in &workloads {
-            if let Some(policy) = self.policy_for(&policies, w)
+            if let Some(policy) = plan::policy_for(&policies, w, &self.own_ns)
                 && !policy.spec.copy_only
                 && !w.opted_out()
                 && !w.restore_asked()
+                && let plan::Roll::Patch {
+                    checks,
+                    images,
+                    originals,
+                } = plan::rollout(w, policy, &backups)
+                && self.verified(w, policy, &checks).await
             {
-                self.roll(w, policy, &backups).await;
+                self.patch_workload(
+                    w,
+                    roll_patch(w, &images, &originals),
+                    "rolled onto the backup copies",
+                )
+                .await;
             }
         }
     }
 
-    async fn create_backup(&self, name: &str, source: &Reference, policy: &BackupPolicy) {
-        let b = ImageBackup::new(
-            name,
-            ImageBackupSpec {
-                source: source.to_string(),
-                target: copy_reference(&policy.spec, source),
-                policy: policy.name_any(),
-            },
-        );
+    /// The gate: every copy is in the target now, under the digest copied
+    /// (a manifest HEAD with the target's credentials, not a cached belief).
+    async fn verified(&self, w: &Workload, policy: &BackupPolicy, checks: &[plan::Check]) -> bool {
+        for c in checks {
+            let Ok(r) = Reference::parse(&c.reference) else {
+                return false;
+            };
+            let auth = self
+                .target_credentials(&policy.spec, &r)
+                .await
+                .ok()
+                .flatten()
+                .map(|c| RegistryAuth {
+                    username: c.username,
+                    password: c.password,
+                });
+            match self.oci.resolve(&c.reference, auth).await {
+                Ok(d) if d == c.digest => {}
+                Ok(d) => {
+                    warn!(workload = %w.key(), target = %c.reference, "target holds {d}, not the copied {}; not rolling", c.digest);
+                    return false;
+                }
+                Err(e) => {
+                    warn!(workload = %w.key(), target = %c.reference, error = %e, "copy not verified in the target; not rolling");
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Records an Event on `regarding` (best effort).
+    async fn event(
+        &self,
+        regarding: ObjectReference,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Backup".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &regarding).await {
+            tracing::debug!(error = %e, "event not recorded");
+        }
+    }
+
+    async fn create_backup(&self, b: ImageBackup) {
+        let name = b.name_any();
         match Api::<ImageBackup>::all(self.client.clone())
             .create(&PostParams::default(), &b)
             .await
         {
-            Ok(_) => info!(backup = name, source = %source, "ImageBackup created"),
+            Ok(_) => info!(backup = %name, source = %b.spec.source, "ImageBackup created"),
             Err(kube::Error::Api(e)) if e.code == 409 => {}
-            Err(e) => warn!(backup = name, error = %e, "cannot create ImageBackup"),
+            Err(e) => warn!(backup = %name, error = %e, "cannot create ImageBackup"),
         }
     }
 
@@ -299,54 +316,6 @@ impl Controller {
         }
     }
 
-    /// Writes who uses the image; deletes a finished ImageBackup nobody has
-    /// used for the policy's `expireAfter`.
-    async fn track_users(
-        &self,
-        b: &ImageBackup,
-        policies: &[Arc<BackupPolicy>],
-        users: Option<&BTreeSet<String>>,
-    ) {
-        let name = b.name_any();
-        let status = b.status.clone().unwrap_or_default();
-        let now: Vec<String> = users
-            .map(|u| u.iter().cloned().collect())
-            .unwrap_or_default();
-        let unused_since = if now.is_empty() {
-            status.unused_since.clone().or_else(|| Some(now_rfc3339()))
-        } else {
-            None
-        };
-        if now != status.workloads || unused_since != status.unused_since {
-            self.patch_status(
-                &name,
-                json!({"workloads": now, "unusedSince": unused_since}),
-            )
-            .await;
-        }
-        let Some(policy) = policies.iter().find(|p| p.name_any() == b.spec.policy) else {
-            return;
-        };
-        let expiry = policy
-            .spec
-            .expire_after
-            .as_deref()
-            .and_then(|s| humantime::parse_duration(s).ok())
-            .unwrap_or(DEFAULT_EXPIRY);
-        let finished = matches!(status.phase.as_str(), "Done" | "Failed");
-        if finished
-            && now.is_empty()
-            && let Some(since) = parse_time(&status.unused_since)
-            && Timestamp::now().duration_since(since)
-                > SignedDuration::try_from(expiry).unwrap_or(SignedDuration::MAX)
-        {
-            info!(backup = %name, "expired: unused since {since}");
-            let _ = Api::<ImageBackup>::all(self.client.clone())
-                .delete(&name, &Default::default())
-                .await;
-        }
-    }
-
     /// Whether the mirror has not yet seen the end of `b`'s last copy.
     fn stale(&self, b: &ImageBackup) -> bool {
         let mut ended = self.ended.lock().unwrap();
@@ -360,22 +329,6 @@ impl Controller {
         true
     }
 
-    /// The ImageBackups that may start a copy now.
-    fn due(b: &ImageBackup) -> bool {
-        let s = b.status.clone().unwrap_or_default();
-        match s.phase.as_str() {
-            "" | "Pending" | "Copying" => true,
-            "Failed" if s.attempts < MAX_ATTEMPTS => {
-                let delay = crate::nodes::retry_delay(s.attempts);
-                parse_time(&s.finished_at).is_none_or(|t| {
-                    Timestamp::now().duration_since(t)
-                        >= SignedDuration::try_from(delay).unwrap_or_default()
-                })
-            }
-            _ => false,
-        }
-    }
-
     async fn start_copies(
         self: Arc<Self>,
         policies: &[Arc<BackupPolicy>],
@@ -385,7 +338,10 @@ impl Controller {
         names.sort();
         for name in names {
             let b = &backups[name];
-            if self.inflight.lock().unwrap().contains(name) || self.stale(b) || !Self::due(b) {
+            if self.inflight.lock().unwrap().contains(name)
+                || self.stale(b)
+                || !plan::due(b, Timestamp::now())
+            {
                 continue;
             }
             let Some(policy) = policies.iter().find(|p| p.name_any() == b.spec.policy) else {
@@ -468,7 +424,7 @@ impl Controller {
         ) else {
             self.patch_status(
                 &name,
-                json!({"phase": "Failed", "reason": "BadImage", "attempts": MAX_ATTEMPTS,
+                json!({"phase": "Failed", "reason": "BadImage", "attempts": plan::MAX_ATTEMPTS,
                 "message": "source or target is not an image reference"}),
             )
             .await;
@@ -483,20 +439,30 @@ impl Controller {
                 return;
             }
         };
-        let mut mount_from: Vec<String> = backups
+        // The newest copies' repositories: those most likely to share a
+        // base with this one.
+        let mut earlier: Vec<(String, String)> = backups
             .values()
-            .filter(|o| {
-                o.name_any() != name && o.status.as_ref().is_some_and(|s| s.phase == "Done")
+            .filter(|o| o.name_any() != name)
+            .filter_map(|o| {
+                let s = o.status.as_ref().filter(|s| s.phase == "Done")?;
+                let r = Reference::parse(&o.spec.target).ok()?;
+                (r.domain == target.domain && r.path != target.path)
+                    .then(|| (s.finished_at.clone().unwrap_or_default(), r.path))
             })
-            .filter_map(|o| Reference::parse(&o.spec.target).ok())
-            .filter(|o| o.domain == target.domain && o.path != target.path)
-            .map(|o| o.path)
             .collect();
-        mount_from.sort();
-        mount_from.dedup();
-        mount_from.truncate(MOUNT_CANDIDATES);
+        earlier.sort_by(|a, b| b.cmp(a));
+        let mut mount_from: Vec<String> = Vec::new();
+        for (_, path) in earlier {
+            if !mount_from.contains(&path) && mount_from.len() < MOUNT_CANDIDATES {
+                mount_from.push(path);
+            }
+        }
+        // Unique across leaders too: an agent may still report a copy an
+        // earlier leader started.
         let id = format!(
-            "copy-{}",
+            "copy-{:x}-{}",
+            self.run_id,
             self.next_task.fetch_add(1, Ordering::Relaxed) + 1
         );
         let task = pb::Task {
@@ -580,7 +546,7 @@ impl Controller {
                     s["phase"] = "Done".into();
                     s["digest"] = p.digest.clone().into();
                     s["platforms"] = p.platforms.clone().into();
-                    s["duration"] = took.into();
+                    s["duration"] = took.clone().into();
                     s["copiedFrom"] = if p.from_runtime {
                         format!("node/{node}")
                     } else {
@@ -591,6 +557,16 @@ impl Controller {
                     s["reason"] = serde_json::Value::Null;
                     s["message"] = serde_json::Value::Null;
                     s["finishedAt"] = now_rfc3339().into();
+                    self.event(
+                        backup_ref(name),
+                        EventType::Normal,
+                        "Copied",
+                        format!(
+                            "{} copied ({} bytes sent, {} already there) in {}",
+                            p.digest, p.bytes_copied, p.bytes_skipped, took
+                        ),
+                    )
+                    .await;
                     s["conditions"] = json!([ready_condition(
                         true,
                         "Copied",
@@ -610,6 +586,13 @@ impl Controller {
                     s["finishedAt"] = now_rfc3339().into();
                     s["conditions"] = json!([ready_condition(false, reason, &u.message)]);
                     self.patch_status(name, s).await;
+                    self.event(
+                        backup_ref(name),
+                        EventType::Warning,
+                        reason,
+                        format!("attempt {}: {}", attempts + 1, u.message),
+                    )
+                    .await;
                     return "Failed";
                 }
                 _ => {
@@ -710,86 +693,6 @@ impl Controller {
         }
     }
 
-    /// Rolls `w` onto its copies if every image it uses outside the target
-    /// is copied and verified there now.
-    async fn roll(
-        &self,
-        w: &Workload,
-        policy: &BackupPolicy,
-        backups: &HashMap<String, Arc<ImageBackup>>,
-    ) {
-        let mut images = Vec::new();
-        let mut originals = w.originals().unwrap_or_default();
-        for (init, name, image) in &w.containers {
-            let Ok(r) = Reference::parse(image) else {
-                return;
-            };
-            if in_target(&policy.spec, &r) {
-                continue;
-            }
-            let Some(b) = backups.get(&backup_name(&r)) else {
-                return;
-            };
-            let Some(s) = b.status.as_ref().filter(|s| s.phase == "Done") else {
-                return;
-            };
-            let Some(digest) = s.digest.clone() else {
-                return;
-            };
-            let Ok(copy) = Reference::parse(&b.spec.target) else {
-                return;
-            };
-            // The gate: the target has it now, under the digest copied.
-            let auth = self
-                .target_credentials(&policy.spec, &copy)
-                .await
-                .ok()
-                .flatten()
-                .map(|c| RegistryAuth {
-                    username: c.username,
-                    password: c.password,
-                });
-            // A digest target is checked at the digest that was pushed (a
-            // node's own platform when the copy came from a node).
-            let at = if copy.digest.is_some() {
-                format!("{}@{digest}", copy.repository())
-            } else {
-                b.spec.target.clone()
-            };
-            match self.oci.resolve(&at, auth).await {
-                Ok(d) if d == digest => {}
-                Ok(d) => {
-                    warn!(workload = %w.key(), target = %b.spec.target, "target holds {d}, not the copied {digest}; not rolling");
-                    return;
-                }
-                Err(e) => {
-                    warn!(workload = %w.key(), target = %b.spec.target, error = %e, "copy not verified in the target; not rolling");
-                    return;
-                }
-            }
-            let map = if *init {
-                &mut originals.init_containers
-            } else {
-                &mut originals.containers
-            };
-            map.entry(name.clone()).or_insert_with(|| image.clone());
-            images.push((
-                *init,
-                name.clone(),
-                rolled_image(&copy, &digest, policy.spec.rewrite),
-            ));
-        }
-        if images.is_empty() {
-            return;
-        }
-        self.patch_workload(
-            w,
-            roll_patch(w, &images, &originals),
-            "rolled onto the backup copies",
-        )
-        .await;
-    }
-
     async fn restore(&self, w: &Workload) {
         let originals = w.originals().unwrap_or_default();
         self.patch_workload(
@@ -824,10 +727,36 @@ impl Controller {
             }
         };
         match result {
-            Ok(()) => info!(workload = %w.key(), "{what}"),
+            Ok(()) => {
+                info!(workload = %w.key(), "{what}");
+                let regarding = ObjectReference {
+                    api_version: Some("apps/v1".into()),
+                    kind: Some(format!("{:?}", w.kind)),
+                    namespace: Some(w.namespace.clone()),
+                    name: Some(w.name.clone()),
+                    ..Default::default()
+                };
+                let reason = if what.starts_with("rolled") {
+                    "RolledOntoBackup"
+                } else {
+                    "RestoredImages"
+                };
+                self.event(regarding, EventType::Normal, reason, what.to_string())
+                    .await;
+            }
             // Changed since read: the next pass sees the new version.
             Err(kube::Error::Api(e)) if e.code == 409 => {}
             Err(e) => warn!(workload = %w.key(), error = %e, "cannot patch the workload"),
         }
+    }
+}
+
+/// The reference of ImageBackup `name`, for its Events.
+fn backup_ref(name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("berth.dev/v1alpha1".into()),
+        kind: Some("ImageBackup".into()),
+        name: Some(name.into()),
+        ..Default::default()
     }
 }
