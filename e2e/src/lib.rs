@@ -22,6 +22,7 @@ pub mod docker;
 pub mod registry;
 mod scope;
 pub mod scratch;
+pub mod systemd_host;
 
 pub use scope::{RegistryLog, TestNamespace, phase};
 

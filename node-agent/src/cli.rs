@@ -46,6 +46,9 @@ pub enum Command {
     },
     /// Name and version of the runtime.
     Version,
+    /// Register this host as a virtual Node and run its pods as systemd
+    /// units (no kubelet needed).
+    VirtualNode(crate::vnode::VirtualNodeArgs),
     /// Do nothing until SIGTERM or SIGINT, then exit 0: the process that
     /// keeps a ready pod sandbox of the coordinator's pool alive (Docker API
     /// containers start in it as ephemeral containers).
@@ -162,7 +165,7 @@ pub enum ImagesCommand {
 
 /// Runs the parsed command line.
 pub async fn main(args: Args) -> anyhow::Result<()> {
-    if let Command::Run(_) = args.command {
+    if matches!(args.command, Command::Run(_) | Command::VirtualNode(_)) {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -180,13 +183,19 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         }
         return Ok(());
     }
+    // A systemd node has no container runtime either.
+    if let Command::VirtualNode(v) = args.command {
+        return crate::vnode::run(v).await;
+    }
     let socket = find_socket(args.cri_socket.as_deref())?;
     if let Command::Run(run) = args.command {
         return agent(socket, run).await;
     }
     let cri = CriRuntime::connect(&socket).await?;
     match args.command {
-        Command::Run(_) | Command::Pause => unreachable!("handled above"),
+        Command::Run(_) | Command::Pause | Command::VirtualNode(_) => {
+            unreachable!("handled above")
+        }
         Command::Version => {
             let v = cri.version().await?;
             println!(

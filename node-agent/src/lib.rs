@@ -12,6 +12,8 @@
 //!   CRI log files, found through the runtime.
 //! - [`health`] watches whether the runtime answers, for the kubelet's
 //!   probes (`/readyz`, `/healthz`) and for the session's reconnects.
+//! - [`vnode`] is `node-agent virtual-node`: a host without a kubelet as a
+//!   Node whose pods run as systemd units.
 //! - [`testing`] lets tests that need something of the machine fail in CI
 //!   and say SKIPPED elsewhere.
 
@@ -25,3 +27,4 @@ pub mod runtime;
 pub mod session;
 pub mod tasks;
 pub mod testing;
+pub mod vnode;

@@ -1,0 +1,301 @@
+//! The systemd virtual node against the local cluster's apiserver and
+//! scheduler, with a private systemd as the host ([`SystemdHost`]): the
+//! units are checked in systemd itself, not only through pod status.
+//!
+//! Each test registers a Node of its own (deleted at the end) and runs its
+//! pods in a namespace of its own.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use berth_e2e::registry::unique_suffix;
+use berth_e2e::systemd_host::SystemdHost;
+use berth_e2e::{Cluster, TestNamespace, eventually};
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::Api;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn agent_binary() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
+    let bin = PathBuf::from(target).join("debug/node-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A virtual node process and its Node object; both go when dropped.
+struct VirtualNode<'a> {
+    c: &'a Cluster,
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl<'a> VirtualNode<'a> {
+    fn start(c: &'a Cluster, host: &SystemdHost) -> VirtualNode<'a> {
+        Self::start_as(c, host, format!("berth-virtual-{}", unique_suffix()))
+    }
+
+    /// As [`VirtualNode::start`], for the Node `name` (an agent restart).
+    fn start_as(c: &'a Cluster, host: &SystemdHost, name: String) -> VirtualNode<'a> {
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let child = Command::new(agent_binary())
+            .args([
+                "virtual-node",
+                "--provider",
+                "systemd",
+                "--node-name",
+                &name,
+            ])
+            .args(["--kubeconfig", c.var("KUBECONFIG")])
+            .args(["--dbus-address", &host.bus()])
+            .args(["--internal-ip", c.var("BERTH_REGISTRY_IP")])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        VirtualNode {
+            c,
+            name,
+            child,
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the agent process only (its Node and units stay).
+    fn kill_agent(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VirtualNode<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = self
+            .c
+            .kubectl(&["delete", "node", &self.name, "--wait=false"]);
+        let _ = std::fs::remove_file(&self.log);
+    }
+}
+
+fn pod_yaml(ns: &str, name: &str, node: &str, image: &str, script: &str, restart: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  nodeSelector: {{kubernetes.io/hostname: {node}}}\n  tolerations: [{{key: berth.dev/virtual-node, operator: Exists}}]\n  restartPolicy: {restart}\n  terminationGracePeriodSeconds: 5\n  containers:\n  - name: main\n    image: \"{image}\"\n    command: [busybox, sh, -c, {script:?}]\n    env: [{{name: GREETING, value: hello}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn a_pod_scheduled_to_the_virtual_node_runs_as_a_unit_and_stops_when_deleted() {
+    let c = Cluster::from_env().await.unwrap();
+    let host = SystemdHost::start().await.unwrap();
+    let vn = VirtualNode::start(&c, &host);
+    let nodes: Api<Node> = Api::all(c.client.clone());
+    // Registered, tainted, Ready, with the host's capacity.
+    let node = eventually(WAIT, "the virtual Node Ready", || async {
+        let n = nodes.get_opt(&vn.name).await?;
+        Ok(n.filter(|n| {
+            n.status
+                .as_ref()
+                .and_then(|s| s.conditions.as_ref())
+                .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+        }))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    let taints = node.spec.unwrap().taints.unwrap_or_default();
+    assert!(
+        taints
+            .iter()
+            .any(|t| t.key == "berth.dev/virtual-node" && t.effect == "NoSchedule")
+    );
+    let cap = node.status.unwrap().capacity.unwrap();
+    assert!(
+        cap["memory"].0.ends_with("Ki") && cap["cpu"].0 != "0",
+        "{cap:?}"
+    );
+
+    let ns = TestNamespace::new(&c, "vn");
+    c.apply(&pod_yaml(
+        &ns.name,
+        "web",
+        &vn.name,
+        "deb://busybox-static",
+        "echo $GREETING from systemd; exec sleep 3600",
+        "Always",
+    ))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns.name);
+    eventually(WAIT, "the pod Running and Ready", || async {
+        let p = pods.get("web").await?;
+        let st = p.status.unwrap_or_default();
+        let ready = st
+            .conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True");
+        Ok((st.phase.as_deref() == Some("Running") && ready).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    // systemd itself runs it, in Berth's slice, with the pod's environment.
+    let unit = format!("berth_{}_web_main.service", ns.name);
+    let show = host
+        .systemctl(&[
+            "show",
+            &unit,
+            "-p",
+            "ActiveState",
+            "-p",
+            "SubState",
+            "-p",
+            "Slice",
+            "-p",
+            "Environment",
+        ])
+        .unwrap();
+    let show = String::from_utf8_lossy(&show.stdout).to_string();
+    assert!(
+        show.contains("ActiveState=active") && show.contains("SubState=running"),
+        "{show}"
+    );
+    assert!(show.contains("Slice=berth.slice"), "{show}");
+    assert!(show.contains("GREETING=hello"), "{show}");
+
+    // Deleting the pod stops the unit, and the pod object goes.
+    c.kubectl(&["-n", &ns.name, "delete", "pod", "web", "--wait=false"])
+        .unwrap();
+    eventually(Duration::from_secs(20), "the pod gone", || async {
+        Ok(pods.get_opt("web").await?.is_none().then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    let state = host.systemctl(&["is-active", &unit]).unwrap();
+    let state = String::from_utf8_lossy(&state.stdout).trim().to_string();
+    assert_ne!(state, "active", "the unit still runs");
+}
+
+#[tokio::test]
+async fn a_failing_container_reports_its_exit_code_and_an_oci_image_a_clear_reason() {
+    let c = Cluster::from_env().await.unwrap();
+    let host = SystemdHost::start().await.unwrap();
+    let vn = VirtualNode::start(&c, &host);
+    let ns = TestNamespace::new(&c, "vn-fail");
+    c.apply(&pod_yaml(
+        &ns.name,
+        "fails",
+        &vn.name,
+        "deb://busybox-static",
+        "exit 7",
+        "Never",
+    ))
+    .unwrap();
+    c.apply(&pod_yaml(
+        &ns.name,
+        "oci",
+        &vn.name,
+        "busybox:1.36",
+        "true",
+        "Never",
+    ))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns.name);
+    let p = eventually(WAIT, "the failing pod Failed", || async {
+        let p = pods.get("fails").await?;
+        Ok((p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Failed")).then_some(p))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    let cs = &p.status.unwrap().container_statuses.unwrap()[0];
+    let t = cs.state.as_ref().unwrap().terminated.as_ref().unwrap();
+    assert_eq!((t.exit_code, t.reason.as_deref()), (7, Some("Error")));
+    let waiting = eventually(WAIT, "the OCI pod waiting with a reason", || async {
+        let p = pods.get("oci").await?;
+        Ok(p.status
+            .and_then(|s| s.container_statuses)
+            .and_then(|cs| cs[0].state.clone())
+            .and_then(|s| s.waiting))
+    })
+    .await
+    .unwrap();
+    assert_eq!(waiting.reason.as_deref(), Some("ImageUnsupported"));
+    assert!(waiting.message.unwrap_or_default().contains("deb://"));
+}
+
+/// `systemctl --user show UNIT -p PROP` → the value.
+fn unit_prop(host: &SystemdHost, unit: &str, prop: &str) -> String {
+    let out = host.systemctl(&["show", unit, "-p", prop]).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .trim_start_matches(&format!("{prop}="))
+        .to_string()
+}
+
+#[tokio::test]
+async fn after_an_agent_restart_live_units_are_adopted_and_orphans_stopped() {
+    let c = Cluster::from_env().await.unwrap();
+    let host = SystemdHost::start().await.unwrap();
+    let mut vn = VirtualNode::start(&c, &host);
+    let ns = TestNamespace::new(&c, "vn-adopt");
+    for name in ["stays", "goes"] {
+        c.apply(&pod_yaml(
+            &ns.name,
+            name,
+            &vn.name,
+            "deb://busybox-static",
+            "exec sleep 3600",
+            "Always",
+        ))
+        .unwrap();
+    }
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns.name);
+    let unit = |pod: &str| format!("berth_{}_{pod}_main.service", ns.name);
+    for name in ["stays", "goes"] {
+        eventually(WAIT, &format!("{name} Running"), || async {
+            let p = pods.get(name).await?;
+            Ok((p.status.and_then(|s| s.phase).as_deref() == Some("Running")).then_some(()))
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    }
+    let pid = unit_prop(&host, &unit("stays"), "MainPID");
+    let invocation = unit_prop(&host, &unit("stays"), "InvocationID");
+    assert_ne!(pid, "0");
+    // The agent goes away; meanwhile one pod is removed for good.
+    vn.kill_agent();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "delete",
+        "pod",
+        "goes",
+        "--grace-period=0",
+        "--force",
+    ])
+    .unwrap();
+    let vn2 = VirtualNode::start_as(&c, &host, vn.name.clone());
+    eventually(WAIT, "the orphaned unit stopped", || async {
+        let state = unit_prop(&host, &unit("goes"), "ActiveState");
+        Ok((state != "active" && state != "deactivating").then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn2.log()));
+    // The live pod's unit is the same process, the same invocation.
+    assert_eq!(unit_prop(&host, &unit("stays"), "MainPID"), pid);
+    assert_eq!(unit_prop(&host, &unit("stays"), "InvocationID"), invocation);
+    let p = pods.get("stays").await.unwrap();
+    assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
+}
