@@ -299,3 +299,92 @@ async fn after_an_agent_restart_live_units_are_adopted_and_orphans_stopped() {
     let p = pods.get("stays").await.unwrap();
     assert_eq!(p.status.and_then(|s| s.phase).as_deref(), Some("Running"));
 }
+
+#[tokio::test]
+async fn restarts_follow_the_restart_policy_and_probes_drive_ready_and_liveness() {
+    let c = Cluster::from_env().await.unwrap();
+    let host = SystemdHost::start().await.unwrap();
+    let vn = VirtualNode::start(&c, &host);
+    let ns = TestNamespace::new(&c, "vn-probe");
+    let dir = tempfile::tempdir().unwrap();
+    let (ready_file, alive_file) = (dir.path().join("ready"), dir.path().join("alive"));
+    std::fs::write(&alive_file, "").unwrap();
+    // A container that keeps failing is restarted by systemd (Restart=always).
+    c.apply(&pod_yaml(
+        &ns.name,
+        "crashes",
+        &vn.name,
+        "deb://busybox-static",
+        "sleep 0.3; exit 3",
+        "Always",
+    ))
+    .unwrap();
+    let probe = |file: &std::path::Path| {
+        format!(
+            "{{exec: {{command: [test, -f, {}]}}, periodSeconds: 1, failureThreshold: 1}}",
+            file.display()
+        )
+    };
+    c.apply(&format!(
+        "{}    readinessProbe: {}\n    livenessProbe: {}\n",
+        pod_yaml(
+            &ns.name,
+            "probed",
+            &vn.name,
+            "deb://busybox-static",
+            "exec sleep 3600",
+            "Always"
+        ),
+        probe(&ready_file),
+        probe(&alive_file),
+    ))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns.name);
+    let status = |name: &'static str| {
+        let pods = pods.clone();
+        async move {
+            let p = pods.get(name).await?;
+            anyhow::Ok(p.status.unwrap_or_default())
+        }
+    };
+    let ready = |s: &k8s_openapi::api::core::v1::PodStatus| {
+        s.conditions
+            .iter()
+            .flatten()
+            .any(|c| c.type_ == "Ready" && c.status == "True")
+    };
+    let restarts = |s: &k8s_openapi::api::core::v1::PodStatus| {
+        s.container_statuses
+            .as_ref()
+            .map_or(0, |cs| cs[0].restart_count)
+    };
+    eventually(WAIT, "crashes restarted twice", || async {
+        let s = status("crashes").await?;
+        Ok((restarts(&s) >= 2 && s.phase.as_deref() == Some("Running")).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    // Running but not Ready until its readiness probe passes.
+    eventually(WAIT, "probed running, not ready", || async {
+        let s = status("probed").await?;
+        Ok((s.phase.as_deref() == Some("Running") && !ready(&s)).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    std::fs::write(&ready_file, "").unwrap();
+    eventually(WAIT, "probed ready", || async {
+        Ok(ready(&status("probed").await?).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    // A failing liveness probe restarts the unit: a new main process.
+    let unit = format!("berth_{}_probed_main.service", ns.name);
+    let pid = unit_prop(&host, &unit, "MainPID");
+    std::fs::remove_file(&alive_file).unwrap();
+    eventually(WAIT, "probed restarted by its liveness probe", || async {
+        Ok((restarts(&status("probed").await?) >= 1).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    assert_ne!(unit_prop(&host, &unit, "MainPID"), pid);
+}

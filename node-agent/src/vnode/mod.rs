@@ -4,11 +4,13 @@
 //! - [`node`]: the Node (capacity from /proc, a NoSchedule taint pods must
 //!   tolerate), its Lease and its Ready condition.
 //! - [`pods`]: the pods bound to it, reconciled against the units.
+//! - [`probes`]: readiness and liveness probes (exec, httpGet, tcpSocket).
 //! - [`units`]: the pure rules (unit names, commands, restart, limits, images).
 //! - [`systemd`]: systemd's manager over D-Bus.
 
 pub mod node;
 pub mod pods;
+pub mod probes;
 pub mod systemd;
 pub mod units;
 

@@ -25,6 +25,7 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
+use super::probes::Probes;
 use super::systemd::{Property, Systemd, UnitState, value};
 use super::units::{self, Image};
 
@@ -41,6 +42,10 @@ pub struct Provider {
     pods: Store<Pod>,
     /// Status last written per pod UID.
     written: std::sync::Mutex<BTreeMap<String, serde_json::Value>>,
+    probes: tokio::sync::Mutex<Probes>,
+    /// Restarts a failed liveness probe caused, by (pod UID, container):
+    /// systemd counts only its own.
+    probe_restarts: std::sync::Mutex<BTreeMap<(String, String), u32>>,
 }
 
 impl Provider {
@@ -75,6 +80,8 @@ impl Provider {
             slice: slice.into(),
             pods,
             written: Default::default(),
+            probes: Default::default(),
+            probe_restarts: Default::default(),
         }
     }
 
@@ -279,6 +286,7 @@ impl Provider {
         let never = units::restart(pod) != "always";
         let mut statuses = Vec::new();
         let (mut all_running, mut all_done, mut any_failed) = (true, true, false);
+        let (mut all_ready, mut ever_started) = (true, false);
         for c in &spec.containers {
             let image = c.image.clone().unwrap_or_default();
             let unit = units::unit_name(
@@ -289,6 +297,7 @@ impl Provider {
             let (state, ready, restarts) = if let Some((reason, message)) = waiting.get(&c.name) {
                 all_running = false;
                 all_done = false;
+                all_ready = false;
                 (
                     json!({"waiting": {"reason": reason, "message": message}}),
                     false,
@@ -296,14 +305,55 @@ impl Provider {
                 )
             } else {
                 let s = states.get(&c.name).cloned().unwrap_or_default();
-                let (state, running) = container_state(&s);
+                let (state, mut running) = container_state(&s);
+                let uid = pod.uid().unwrap_or_default();
+                let started = since_boot(s.started_usec);
+                let mut ready = running;
+                if running && let Some(probe) = &c.liveness_probe {
+                    let alive = self
+                        .probes
+                        .lock()
+                        .await
+                        .check((&uid, &c.name, "liveness"), probe, started, true)
+                        .await;
+                    if !alive {
+                        info!(unit = %unit, "liveness probe failed; restarting");
+                        self.systemd.restart(&unit).await?;
+                        self.probes.lock().await.reset(&uid, &c.name);
+                        *self
+                            .probe_restarts
+                            .lock()
+                            .unwrap()
+                            .entry((uid.clone(), c.name.clone()))
+                            .or_default() += 1;
+                        running = false;
+                        ready = false;
+                    }
+                }
+                if running && let Some(probe) = &c.readiness_probe {
+                    ready = self
+                        .probes
+                        .lock()
+                        .await
+                        .check((&uid, &c.name, "readiness"), probe, started, false)
+                        .await;
+                }
+                let extra = self
+                    .probe_restarts
+                    .lock()
+                    .unwrap()
+                    .get(&(uid.clone(), c.name.clone()))
+                    .copied()
+                    .unwrap_or(0);
                 let finished = state.get("terminated").is_some();
                 all_running &= running;
                 all_done &= finished;
                 if finished && state["terminated"]["exitCode"] != 0 {
                     any_failed = true;
                 }
-                (state, running, s.restarts)
+                ever_started |= s.started_usec != 0;
+                all_ready &= ready;
+                (state, ready, s.restarts + extra)
             };
             statuses.push(json!({
                 "name": c.name, "image": image, "imageID": image,
@@ -311,7 +361,8 @@ impl Provider {
                 "ready": ready, "started": ready, "restartCount": restarts, "state": state,
             }));
         }
-        let phase = if all_running {
+        let phase = if all_running || (!never && ever_started) {
+            // Between restarts a pod stays Running, as with a kubelet.
             "Running"
         } else if never && all_done {
             if any_failed { "Failed" } else { "Succeeded" }
@@ -325,7 +376,7 @@ impl Provider {
             "podIPs": [{"ip": self.ip}], "hostIPs": [{"ip": self.ip}],
             "startTime": pod.status.as_ref().and_then(|s| s.start_time.clone()).map_or_else(|| Timestamp::now().to_string(), |t| t.0.to_string()),
             "conditions": [cond("PodScheduled", true), cond("Initialized", true),
-                cond("ContainersReady", all_running), cond("Ready", all_running)],
+                cond("ContainersReady", all_running && all_ready), cond("Ready", all_running && all_ready)],
             "containerStatuses": statuses,
         });
         let uid = pod.uid().unwrap_or_default();
@@ -345,6 +396,17 @@ impl Provider {
         self.written.lock().unwrap().insert(uid, status);
         Ok(())
     }
+}
+
+/// The monotonic instant of a wall-clock time in µs since the epoch.
+fn since_boot(usec: u64) -> tokio::time::Instant {
+    let now_wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ago = now_wall.saturating_sub(Duration::from_micros(usec));
+    tokio::time::Instant::now()
+        .checked_sub(ago)
+        .unwrap_or_else(tokio::time::Instant::now)
 }
 
 fn rfc3339(usec: u64) -> String {

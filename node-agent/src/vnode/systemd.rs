@@ -106,6 +106,14 @@ impl Systemd {
         Ok(String::try_from(v)?)
     }
 
+    /// Restarts unit `name` (a failed liveness probe).
+    pub async fn restart(&self, name: &str) -> anyhow::Result<()> {
+        self.manager("RestartUnit", &(name, "replace"))
+            .await
+            .with_context(|| format!("restarting unit {name}"))?;
+        Ok(())
+    }
+
     /// Forgets a failed or exited unit, so its name can be used again.
     pub async fn reset(&self, name: &str) {
         let _ = self.manager("ResetFailedUnit", &(name,)).await;
