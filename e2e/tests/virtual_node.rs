@@ -44,6 +44,16 @@ impl<'a> VirtualNode<'a> {
 
     /// As [`VirtualNode::start`], for the Node `name` (an agent restart).
     fn start_as(c: &'a Cluster, host: &SystemdHost, name: String) -> VirtualNode<'a> {
+        Self::start_with(c, host, name, &[])
+    }
+
+    /// As [`VirtualNode::start_as`], with more arguments.
+    fn start_with(
+        c: &'a Cluster,
+        host: &SystemdHost,
+        name: String,
+        extra: &[String],
+    ) -> VirtualNode<'a> {
         let log = std::env::temp_dir().join(format!("{name}.log"));
         let child = Command::new(agent_binary())
             .args([
@@ -56,6 +66,7 @@ impl<'a> VirtualNode<'a> {
             .args(["--kubeconfig", c.var("KUBECONFIG")])
             .args(["--dbus-address", &host.bus()])
             .args(["--internal-ip", c.var("BERTH_REGISTRY_IP")])
+            .args(extra)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&log).unwrap())
@@ -387,4 +398,169 @@ async fn restarts_follow_the_restart_policy_and_probes_drive_ready_and_liveness(
     .await
     .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
     assert_ne!(unit_prop(&host, &unit, "MainPID"), pid);
+}
+
+/// A kubelet serving certificate for `ip` signed by the cluster's CA (the
+/// one the apiserver checks kubelets against), in `dir`.
+fn serving_cert(
+    c: &Cluster,
+    dir: &std::path::Path,
+    node: &str,
+    ip: &str,
+) -> (PathBuf, PathBuf, PathBuf) {
+    let pki = PathBuf::from(c.var("BERTH_E2E_DIR")).join("pki");
+    let (key, csr, crt, ext) = (
+        dir.join("k.key"),
+        dir.join("k.csr"),
+        dir.join("k.crt"),
+        dir.join("ext"),
+    );
+    std::fs::write(
+        &ext,
+        format!("subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth\n"),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |x: &PathBuf| x.display().to_string();
+    run(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &p(&key),
+        "-out",
+        &p(&csr),
+        "-subj",
+        &format!("/O=system:nodes/CN=system:node:{node}"),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&pki.join("ca.crt")),
+        "-CAkey",
+        &p(&pki.join("ca.key")),
+        "-CAcreateserial",
+        "-out",
+        &p(&crt),
+        "-days",
+        "1",
+        "-extfile",
+        &p(&ext),
+    ]);
+    (crt, key, pki.join("ca.crt"))
+}
+
+#[tokio::test]
+async fn kubectl_logs_reads_a_container_whole_tailed_and_followed() {
+    let c = Cluster::from_env().await.unwrap();
+    let host = SystemdHost::start().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("berth-virtual-{}", unique_suffix());
+    let ip = c.var("BERTH_REGISTRY_IP").to_string();
+    let (crt, key, ca) = serving_cert(&c, dir.path(), &name, &ip);
+    let port = std::net::TcpListener::bind((ip.as_str(), 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let p = |x: &std::path::Path| x.display().to_string();
+    let vn = VirtualNode::start_with(
+        &c,
+        &host,
+        name,
+        &[
+            "--tls-cert-file".into(),
+            p(&crt),
+            "--tls-key-file".into(),
+            p(&key),
+            "--client-ca-file".into(),
+            p(&ca),
+            "--kubelet-port".into(),
+            port.to_string(),
+            "--logs-dir".into(),
+            p(&dir.path().join("logs")),
+        ],
+    );
+    let ns = TestNamespace::new(&c, "vn-logs");
+    c.apply(&pod_yaml(&ns.name, "talks", &vn.name, "deb://busybox-static",
+        "echo out-one; echo err-one >&2; i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.3; done", "Always"))
+        .unwrap();
+    let logs = eventually(WAIT, "kubectl logs with the first lines", || async {
+        let out = c.kubectl(&["-n", &ns.name, "logs", "talks"]);
+        Ok(out.ok().filter(|o| o.contains("tick 1")))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    assert!(logs.starts_with("out-one\nerr-one\ntick 0\n"), "{logs}");
+    let last = c
+        .kubectl(&["-n", &ns.name, "logs", "talks", "--tail=1"])
+        .unwrap();
+    assert_eq!(last.lines().count(), 1, "{last}");
+    assert!(last.starts_with("tick "), "{last}");
+    // Following: lines written after the call arrive.
+    let mut follow = Command::new(c.tool("kubectl"))
+        .env("KUBECONFIG", c.var("KUBECONFIG"))
+        .args(["-n", &ns.name, "logs", "-f", "--tail=1", "talks"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = follow.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first: u64 = rx
+        .recv_timeout(WAIT)
+        .unwrap()
+        .trim_start_matches("tick ")
+        .parse()
+        .unwrap();
+    let later = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("no new line while following");
+        let n: u64 = line.trim_start_matches("tick ").parse().unwrap();
+        if n >= first + 3 {
+            break n;
+        }
+    };
+    assert!(later > first);
+    let _ = follow.kill();
+    let _ = follow.wait();
+    // Another caller (no client certificate of the cluster's CA) is refused.
+    let out = Command::new("curl")
+        .args([
+            "-sk",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("https://{ip}:{port}/containerLogs/{}/talks/main", ns.name),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "000",
+        "served without a client certificate"
+    );
 }

@@ -4,10 +4,12 @@
 //! - [`node`]: the Node (capacity from /proc, a NoSchedule taint pods must
 //!   tolerate), its Lease and its Ready condition.
 //! - [`pods`]: the pods bound to it, reconciled against the units.
+//! - [`kubelet_api`]: the kubelet API the apiserver calls for `kubectl logs`.
 //! - [`probes`]: readiness and liveness probes (exec, httpGet, tcpSocket).
 //! - [`units`]: the pure rules (unit names, commands, restart, limits, images).
 //! - [`systemd`]: systemd's manager over D-Bus.
 
+pub mod kubelet_api;
 pub mod node;
 pub mod pods;
 pub mod probes;
@@ -43,6 +45,23 @@ pub struct VirtualNodeArgs {
     /// The slice every pod unit runs in.
     #[arg(long, default_value = "berth.slice")]
     pub slice: String,
+    /// Where containers' stdout and stderr are written, one file each.
+    #[arg(long, default_value = "/var/lib/berth/virtual-node/logs")]
+    pub logs_dir: PathBuf,
+    /// Port of the kubelet API (`kubectl logs`), on the internal IP.
+    #[arg(long, default_value_t = 10250)]
+    pub kubelet_port: u16,
+    /// Serving certificate of the kubelet API, for the internal IP, signed by
+    /// the CA the apiserver trusts for kubelets. Without it (and the key and
+    /// client CA) the kubelet API is not served.
+    #[arg(long, requires_all = ["tls_key_file", "client_ca_file"])]
+    pub tls_cert_file: Option<PathBuf>,
+    /// Its private key.
+    #[arg(long)]
+    pub tls_key_file: Option<PathBuf>,
+    /// CA of the apiserver's kubelet client certificate; other callers are refused.
+    #[arg(long)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// Registers the Node and runs its pods until the process ends.
@@ -65,7 +84,41 @@ pub async fn run(args: VirtualNodeArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_from(config)?;
     let systemd = systemd::Systemd::connect(args.dbus_address.as_deref()).await?;
     let version = systemd.version().await.unwrap_or_else(|_| "unknown".into());
-    node::register(&client, &args.node_name, args.internal_ip, &version).await?;
+    std::fs::create_dir_all(&args.logs_dir)
+        .with_context(|| format!("creating {}", args.logs_dir.display()))?;
+    let port = match (
+        &args.tls_cert_file,
+        &args.tls_key_file,
+        &args.client_ca_file,
+    ) {
+        (Some(cert), Some(key), Some(ca)) => {
+            let listener = tokio::net::TcpListener::bind((args.internal_ip, args.kubelet_port))
+                .await
+                .with_context(|| {
+                    format!(
+                        "binding the kubelet API on {}:{}",
+                        args.internal_ip, args.kubelet_port
+                    )
+                })?;
+            let tls = kubelet_api::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: ca.clone(),
+            };
+            let dir = args.logs_dir.clone();
+            tokio::spawn(async move {
+                if let Err(e) = kubelet_api::serve(listener, tls, dir).await {
+                    tracing::error!(error = %format!("{e:#}"), "the kubelet API stopped; kubectl logs will fail");
+                }
+            });
+            Some(args.kubelet_port)
+        }
+        _ => {
+            tracing::warn!("no --tls-cert-file: the kubelet API (kubectl logs) is not served");
+            None
+        }
+    };
+    node::register(&client, &args.node_name, args.internal_ip, &version, port).await?;
     tracing::info!(node = %args.node_name, systemd = %version, "virtual node registered");
     tokio::spawn(node::keep_lease(client.clone(), args.node_name.clone()));
     {
@@ -80,7 +133,7 @@ pub async fn run(args: VirtualNodeArgs) -> anyhow::Result<()> {
             tick.tick().await;
             loop {
                 tick.tick().await;
-                if let Err(e) = node::write_status(&client, &name, ip, &version).await {
+                if let Err(e) = node::write_status(&client, &name, ip, &version, port).await {
                     tracing::warn!(error = %format!("{e:#}"), "node status not written");
                 }
             }
@@ -93,6 +146,7 @@ pub async fn run(args: VirtualNodeArgs) -> anyhow::Result<()> {
         &args.internal_ip.to_string(),
         systemd,
         &args.slice,
+        args.logs_dir.clone(),
         wake.clone(),
     );
     provider.run(wake).await;

@@ -40,7 +40,7 @@ fn host_capacity() -> (String, String) {
 }
 
 /// The Node's status as of now: capacity, addresses, Ready.
-fn status(name: &str, ip: IpAddr, systemd_version: &str) -> NodeStatus {
+fn status(name: &str, ip: IpAddr, systemd_version: &str, port: Option<u16>) -> NodeStatus {
     let (cpu, memory) = host_capacity();
     let resources: BTreeMap<String, Quantity> = [
         ("cpu".to_string(), Quantity(cpu)),
@@ -79,6 +79,9 @@ fn status(name: &str, ip: IpAddr, systemd_version: &str) -> NodeStatus {
             os_image: "systemd virtual node (Berth)".into(),
             ..Default::default()
         }),
+        daemon_endpoints: port.map(|p| k8s_openapi::api::core::v1::NodeDaemonEndpoints {
+            kubelet_endpoint: Some(k8s_openapi::api::core::v1::DaemonEndpoint { port: p.into() }),
+        }),
         ..Default::default()
     }
 }
@@ -89,6 +92,7 @@ pub async fn register(
     name: &str,
     ip: IpAddr,
     systemd_version: &str,
+    port: Option<u16>,
 ) -> anyhow::Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     let node = Node {
@@ -125,7 +129,7 @@ pub async fn register(
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(e) => return Err(e).context("registering the Node"),
     }
-    write_status(client, name, ip, systemd_version).await
+    write_status(client, name, ip, systemd_version, port).await
 }
 
 /// Writes the Node's status (a heartbeat of its Ready condition).
@@ -134,12 +138,13 @@ pub async fn write_status(
     name: &str,
     ip: IpAddr,
     systemd_version: &str,
+    port: Option<u16>,
 ) -> anyhow::Result<()> {
     let api: Api<Node> = Api::all(client.clone());
     api.patch_status(
         name,
         &PatchParams::default(),
-        &Patch::Merge(json!({"status": status(name, ip, systemd_version)})),
+        &Patch::Merge(json!({"status": status(name, ip, systemd_version, port)})),
     )
     .await
     .context("writing the Node status")?;

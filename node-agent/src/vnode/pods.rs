@@ -39,6 +39,7 @@ pub struct Provider {
     ip: String,
     systemd: Systemd,
     slice: String,
+    logs_dir: std::path::PathBuf,
     pods: Store<Pod>,
     /// Status last written per pod UID.
     written: std::sync::Mutex<BTreeMap<String, serde_json::Value>>,
@@ -56,6 +57,7 @@ impl Provider {
         ip: &str,
         systemd: Systemd,
         slice: &str,
+        logs_dir: std::path::PathBuf,
         wake: Arc<Notify>,
     ) -> Self {
         let (pods, writer) = reflector::store();
@@ -78,6 +80,7 @@ impl Provider {
             ip: ip.into(),
             systemd,
             slice: slice.into(),
+            logs_dir,
             pods,
             written: Default::default(),
             probes: Default::default(),
@@ -212,6 +215,16 @@ impl Provider {
             // Keep a finished unit loaded, so its exit status can be read.
             ("RemainAfterExit", value(restart != "always")),
         ];
+        let log = super::kubelet_api::log_file(
+            &self.logs_dir,
+            &pod.namespace().unwrap_or_default(),
+            &pod.name_any(),
+            &c.name,
+        );
+        // `StandardOutput=append:FILE` in unit-file terms.
+        let sink = log.display().to_string();
+        props.push(("StandardOutputFileToAppend", value(sink.clone())));
+        props.push(("StandardErrorFileToAppend", value(sink)));
         let env: Vec<String> = c
             .env
             .iter()
@@ -269,7 +282,17 @@ impl Provider {
             ..Default::default()
         };
         match api.delete(&pod.name_any(), &dp).await {
-            Ok(_) => info!(pod = %pod.name_any(), "units stopped; pod removed"),
+            Ok(_) => {
+                info!(pod = %pod.name_any(), "units stopped; pod removed");
+                for (container, _) in names {
+                    let _ = std::fs::remove_file(super::kubelet_api::log_file(
+                        &self.logs_dir,
+                        &pod.namespace().unwrap_or_default(),
+                        &pod.name_any(),
+                        container,
+                    ));
+                }
+            }
             Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
             Err(e) => return Err(e).context("removing the pod"),
         }
