@@ -564,3 +564,54 @@ async fn kubectl_logs_reads_a_container_whole_tailed_and_followed() {
         "served without a client certificate"
     );
 }
+
+#[tokio::test]
+async fn a_second_pod_on_a_taken_host_port_fails_and_names_the_holder() {
+    let c = Cluster::from_env().await.unwrap();
+    let host = SystemdHost::start().await.unwrap();
+    let vn = VirtualNode::start(&c, &host);
+    let ns = TestNamespace::new(&c, "vn-port");
+    let port = 20000 + fastrand::u16(..20000);
+    let with_port = |name: &str| {
+        format!(
+            "{}    ports: [{{containerPort: {port}}}]\n",
+            pod_yaml(
+                &ns.name,
+                name,
+                &vn.name,
+                "deb://busybox-static",
+                "exec sleep 3600",
+                "Always"
+            )
+        )
+    };
+    c.apply(&with_port("first")).unwrap();
+    let pods: Api<Pod> = Api::namespaced(c.client.clone(), &ns.name);
+    eventually(WAIT, "first Running", || async {
+        let p = pods.get("first").await?;
+        Ok((p.status.and_then(|s| s.phase).as_deref() == Some("Running")).then_some(()))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    c.apply(&with_port("second")).unwrap();
+    let st = eventually(WAIT, "second Failed", || async {
+        let s = pods.get("second").await?.status.unwrap_or_default();
+        Ok((s.phase.as_deref() == Some("Failed")).then_some(s))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\n{}", vn.log()));
+    assert_eq!(st.reason.as_deref(), Some("HostPortConflict"));
+    let message = st.message.unwrap_or_default();
+    assert!(
+        message.contains(&format!("{port}/TCP")) && message.contains("/first"),
+        "{message}"
+    );
+    // Nothing of it was started.
+    let unit = format!("berth_{}_second_main.service", ns.name);
+    assert_ne!(unit_prop(&host, &unit, "ActiveState"), "active");
+    let first = pods.get("first").await.unwrap();
+    assert_eq!(
+        first.status.and_then(|s| s.phase).as_deref(),
+        Some("Running")
+    );
+}

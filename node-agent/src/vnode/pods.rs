@@ -124,11 +124,43 @@ impl Provider {
                 self.systemd.reset(&unit).await;
             }
         }
+        let conflicts = units::port_conflicts(&pods);
         for pod in pods {
+            if let Some(message) = conflicts.get(&pod.uid().unwrap_or_default()) {
+                if let Err(e) = self.reject(&pod, "HostPortConflict", message).await {
+                    warn!(pod = %pod.name_any(), error = %format!("{e:#}"), "pod not rejected");
+                }
+                continue;
+            }
             if let Err(e) = self.reconcile(&pod).await {
                 warn!(pod = %pod.name_any(), error = %format!("{e:#}"), "pod not reconciled");
             }
         }
+        Ok(())
+    }
+
+    /// Fails a pod this node cannot run, as a kubelet's admission does:
+    /// phase Failed with `reason`, nothing started.
+    async fn reject(&self, pod: &Pod, reason: &str, message: &str) -> anyhow::Result<()> {
+        let st = pod.status.clone().unwrap_or_default();
+        if pod.metadata.deletion_timestamp.is_some() {
+            return self.finish_deletion(pod, &[]).await;
+        }
+        if st.phase.as_deref() == Some("Failed") && st.reason.as_deref() == Some(reason) {
+            return Ok(());
+        }
+        info!(pod = %pod.name_any(), reason, "{message}");
+        let api: Api<Pod> =
+            Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
+        api.patch_status(
+            &pod.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"status": {"phase": "Failed", "reason": reason, "message": message}}),
+            ),
+        )
+        .await
+        .context("writing the pod status")?;
         Ok(())
     }
 

@@ -136,9 +136,106 @@ pub fn limits(c: &Container) -> (Option<u64>, Option<u64>) {
     (memory, cpu)
 }
 
+/// The host ports a pod wants: every `hostPort`, and every `containerPort`
+/// (its containers share the host's network), per protocol.
+fn host_ports(pod: &Pod) -> Vec<(String, i32)> {
+    let mut out = Vec::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        for p in c.ports.iter().flatten() {
+            let proto = p.protocol.clone().unwrap_or_else(|| "TCP".into());
+            out.push((proto, p.host_port.unwrap_or(p.container_port)));
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+/// Pods (by UID) that want a host port an older live pod holds, each with
+/// the message that names the holder. The oldest (then by name) keeps it.
+pub fn port_conflicts(pods: &[std::sync::Arc<Pod>]) -> std::collections::HashMap<String, String> {
+    use kube::ResourceExt;
+    let mut live: Vec<&Pod> = pods
+        .iter()
+        .map(|p| p.as_ref())
+        .filter(|p| {
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            !matches!(phase, Some("Succeeded") | Some("Failed"))
+        })
+        .collect();
+    live.sort_by_key(|p| {
+        (
+            p.creation_timestamp().map(|t| t.0),
+            p.namespace(),
+            p.name_any(),
+        )
+    });
+    let mut held: std::collections::HashMap<(String, i32), String> = Default::default();
+    let mut out = std::collections::HashMap::new();
+    for p in live {
+        let me = format!("{}/{}", p.namespace().unwrap_or_default(), p.name_any());
+        let ports = host_ports(p);
+        if let Some((proto, port, holder)) = ports
+            .iter()
+            .find_map(|k| held.get(k).map(|h| (k.0.clone(), k.1, h.clone())))
+        {
+            out.insert(
+                p.uid().unwrap_or_default(),
+                format!("host port {port}/{proto} is taken on this node by pod {holder} (pods share the host's network here)"),
+            );
+            continue;
+        }
+        for k in ports {
+            held.insert(k, me.clone());
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_older_pod_keeps_a_host_port_and_the_newer_is_told_who_holds_it() {
+        use k8s_openapi::api::core::v1::{ContainerPort, PodSpec};
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+        let pod = |name: &str, secs: i64, port: i32| {
+            std::sync::Arc::new(Pod {
+                metadata: ObjectMeta {
+                    name: Some(name.into()),
+                    namespace: Some("ns".into()),
+                    uid: Some(format!("uid-{name}")),
+                    creation_timestamp: Some(Time(
+                        k8s_openapi::jiff::Timestamp::from_second(secs).unwrap(),
+                    )),
+                    ..Default::default()
+                },
+                spec: Some(PodSpec {
+                    containers: vec![Container {
+                        name: "main".into(),
+                        ports: Some(vec![ContainerPort {
+                            container_port: port,
+                            ..Default::default()
+                        }]),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                status: None,
+            })
+        };
+        let c = port_conflicts(&[
+            pod("second", 20, 8080),
+            pod("first", 10, 8080),
+            pod("other", 30, 9090),
+        ]);
+        assert_eq!(c.len(), 1);
+        assert!(
+            c["uid-second"].contains("8080/TCP") && c["uid-second"].contains("ns/first"),
+            "{c:?}"
+        );
+    }
 
     #[test]
     fn unit_names_read_back() {
