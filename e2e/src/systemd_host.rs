@@ -4,14 +4,17 @@
 //! real systemd units; `systemctl --user` with [`SystemdHost::env`] reads
 //! them. Stopped when dropped: its pod units first, then systemd (SIGTERM,
 //! which stops the rest), then whatever is left of its process group.
+//! [`VirtualNode`] runs `node-agent virtual-node` against such a host.
 
 use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::eventually;
+use crate::registry::unique_suffix;
+use crate::{Cluster, eventually};
 
 /// A running private systemd.
 pub struct SystemdHost {
@@ -110,5 +113,95 @@ impl Drop for SystemdHost {
         }
         let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
         let _ = self.child.wait();
+    }
+}
+
+/// The node-agent binary of this build.
+pub fn agent_binary() -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
+    let bin = PathBuf::from(target).join("debug/node-agent");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --bins` first",
+        bin.display()
+    );
+    bin
+}
+
+/// A virtual node process and its Node object; both go when dropped.
+pub struct VirtualNode<'a> {
+    c: &'a Cluster,
+    /// The Node's name.
+    pub name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl<'a> VirtualNode<'a> {
+    /// Starts an agent as a new virtual Node on `host`.
+    pub fn start(c: &'a Cluster, host: &SystemdHost) -> VirtualNode<'a> {
+        Self::start_as(c, host, format!("berth-virtual-{}", unique_suffix()))
+    }
+
+    /// As [`VirtualNode::start`], for the Node `name` (an agent restart).
+    pub fn start_as(c: &'a Cluster, host: &SystemdHost, name: String) -> VirtualNode<'a> {
+        Self::start_with(c, host, name, &[])
+    }
+
+    /// As [`VirtualNode::start_as`], with more arguments.
+    pub fn start_with(
+        c: &'a Cluster,
+        host: &SystemdHost,
+        name: String,
+        extra: &[String],
+    ) -> VirtualNode<'a> {
+        let log = std::env::temp_dir().join(format!("{name}.log"));
+        let child = Command::new(agent_binary())
+            .args([
+                "virtual-node",
+                "--provider",
+                "systemd",
+                "--node-name",
+                &name,
+            ])
+            .args(["--kubeconfig", c.var("KUBECONFIG")])
+            .args(["--dbus-address", &host.bus()])
+            .args(["--internal-ip", c.var("BERTH_REGISTRY_IP")])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        VirtualNode {
+            c,
+            name,
+            child,
+            log,
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the agent process only (its Node and units stay).
+    pub fn kill_agent(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for VirtualNode<'_> {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = self
+            .c
+            .kubectl(&["delete", "node", &self.name, "--wait=false"]);
+        let _ = std::fs::remove_file(&self.log);
     }
 }

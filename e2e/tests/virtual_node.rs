@@ -6,102 +6,16 @@
 //! pods in a namespace of its own.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use berth_e2e::registry::unique_suffix;
-use berth_e2e::systemd_host::SystemdHost;
+use berth_e2e::systemd_host::{SystemdHost, VirtualNode};
 use berth_e2e::{Cluster, TestNamespace, eventually};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::api::Api;
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn agent_binary() -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .unwrap_or_else(|_| concat!(env!("CARGO_MANIFEST_DIR"), "/../target").to_string());
-    let bin = PathBuf::from(target).join("debug/node-agent");
-    assert!(
-        bin.exists(),
-        "{} is missing: run `cargo build --bins` first",
-        bin.display()
-    );
-    bin
-}
-
-/// A virtual node process and its Node object; both go when dropped.
-struct VirtualNode<'a> {
-    c: &'a Cluster,
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl<'a> VirtualNode<'a> {
-    fn start(c: &'a Cluster, host: &SystemdHost) -> VirtualNode<'a> {
-        Self::start_as(c, host, format!("berth-virtual-{}", unique_suffix()))
-    }
-
-    /// As [`VirtualNode::start`], for the Node `name` (an agent restart).
-    fn start_as(c: &'a Cluster, host: &SystemdHost, name: String) -> VirtualNode<'a> {
-        Self::start_with(c, host, name, &[])
-    }
-
-    /// As [`VirtualNode::start_as`], with more arguments.
-    fn start_with(
-        c: &'a Cluster,
-        host: &SystemdHost,
-        name: String,
-        extra: &[String],
-    ) -> VirtualNode<'a> {
-        let log = std::env::temp_dir().join(format!("{name}.log"));
-        let child = Command::new(agent_binary())
-            .args([
-                "virtual-node",
-                "--provider",
-                "systemd",
-                "--node-name",
-                &name,
-            ])
-            .args(["--kubeconfig", c.var("KUBECONFIG")])
-            .args(["--dbus-address", &host.bus()])
-            .args(["--internal-ip", c.var("BERTH_REGISTRY_IP")])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&log).unwrap())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        VirtualNode {
-            c,
-            name,
-            child,
-            log,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Kills the agent process only (its Node and units stay).
-    fn kill_agent(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for VirtualNode<'_> {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = self
-            .c
-            .kubectl(&["delete", "node", &self.name, "--wait=false"]);
-        let _ = std::fs::remove_file(&self.log);
-    }
-}
 
 fn pod_yaml(ns: &str, name: &str, node: &str, image: &str, script: &str, restart: &str) -> String {
     format!(
