@@ -27,6 +27,10 @@ use super::sessions::{self, session_of};
 use super::store::{Space, Spaces};
 use crate::nodes::NodeRegistry;
 
+/// How long a lookup by full ID waits for the mirror to show a record that
+/// was just written (a `docker run` starts what it created at once).
+const MIRROR_LAG: Duration = Duration::from_secs(3);
+
 /// Longest wait for the mirror to show a write just made.
 pub const SEE_WRITE: Duration = Duration::from_secs(10);
 /// Longest wait for a started container to run (an image pull included).
@@ -207,6 +211,15 @@ impl ContainersApi {
         id: &str,
     ) -> Result<(Space, Record), Status> {
         let space = self.session_space(metadata, namespace).await?;
+        let key = id.strip_prefix('/').unwrap_or(id);
+        // A full ID is one a create just answered: the mirror may not have
+        // seen that write yet, so give it a moment before saying no.
+        if key.len() == 64 && key.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let found = space.wait_for(MIRROR_LAG, |s| s.find(key).ok()).await;
+            if let Some(record) = found {
+                return Ok((space, record));
+            }
+        }
         let record = space.find(id)?;
         Ok((space, record))
     }
