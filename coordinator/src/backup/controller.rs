@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use berth_proto::agent as pb;
-use berth_proto::docker_config::{DockerCredentials, RegistryAuth};
+use berth_proto::docker_config::DockerCredentials;
 use berth_proto::reference::Reference;
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -243,19 +243,13 @@ impl Controller {
     /// The gate: every copy is in the target now, under the digest copied
     /// (a manifest HEAD with the target's credentials, not a cached belief).
     async fn verified(&self, w: &Workload, policy: &BackupPolicy, checks: &[plan::Check]) -> bool {
+        // One read of the Secret for every copy the workload uses.
+        let secret = self.target_secret(&policy.spec).await.ok().flatten();
         for c in checks {
             let Ok(r) = Reference::parse(&c.reference) else {
                 return false;
             };
-            let auth = self
-                .target_credentials(&policy.spec, &r)
-                .await
-                .ok()
-                .flatten()
-                .map(|c| RegistryAuth {
-                    username: c.username,
-                    password: c.password,
-                });
+            let auth = secret.as_ref().and_then(|d| d.for_reference(&r)).cloned();
             match self.oci.resolve(&c.reference, auth).await {
                 Ok(d) if d == c.digest => {}
                 Ok(d) => {
@@ -669,11 +663,12 @@ impl Controller {
     }
 
     /// Credentials for the target registry from the policy's Secret.
-    async fn target_credentials(
+    /// The policy's target credentials Secret, read once per use; `None`
+    /// when the policy names none.
+    async fn target_secret(
         &self,
         policy: &BackupPolicySpec,
-        target: &Reference,
-    ) -> Result<Option<pb::RegistryCredentials>, String> {
+    ) -> Result<Option<DockerCredentials>, String> {
         let Some(secret) = &policy.target.credentials_secret else {
             return Ok(None);
         };
@@ -686,11 +681,22 @@ impl Controller {
                 "the policy's credentials Secret {ns}/{} does not exist",
                 secret.name
             )),
-            Some(d) => Ok(d.for_reference(target).map(|a| pb::RegistryCredentials {
+            Some(d) => Ok(Some(d)),
+        }
+    }
+
+    /// Credentials for the target registry from the policy's Secret.
+    async fn target_credentials(
+        &self,
+        policy: &BackupPolicySpec,
+        target: &Reference,
+    ) -> Result<Option<pb::RegistryCredentials>, String> {
+        Ok(self.target_secret(policy).await?.and_then(|d| {
+            d.for_reference(target).map(|a| pb::RegistryCredentials {
                 username: a.username.clone(),
                 password: a.password.clone(),
-            })),
-        }
+            })
+        }))
     }
 
     async fn restore(&self, w: &Workload) {
