@@ -209,13 +209,19 @@ impl Registry {
             .1)
     }
 
-    /// The manifest of `repo:tag`, raw, with its media type.
-    pub async fn get_manifest(&self, repo: &str, tag: &str) -> anyhow::Result<(String, Bytes)> {
+    /// The manifest `repo:reference` names, accepting `accept`: its media
+    /// type and its bytes exactly as the registry stores them.
+    async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        accept: &str,
+    ) -> anyhow::Result<(String, Bytes)> {
         let (h, b) = self
             .expect(
                 Method::GET,
-                &format!("/v2/{repo}/manifests/{tag}"),
-                &[(header::ACCEPT.as_str(), ACCEPT)],
+                &format!("/v2/{repo}/manifests/{reference}"),
+                &[(header::ACCEPT.as_str(), accept)],
                 vec![],
                 StatusCode::OK,
             )
@@ -228,34 +234,17 @@ impl Registry {
         Ok((media_type, b))
     }
 
+    /// The manifest of `repo:tag`, raw, with its media type.
+    pub async fn get_manifest(&self, repo: &str, tag: &str) -> anyhow::Result<(String, Bytes)> {
+        self.manifest(repo, tag, ACCEPT).await
+    }
+
     /// The manifest or index `repo:reference` (tag or digest) names, raw,
     /// exactly as the registry stores it.
     pub async fn get_any_manifest(&self, repo: &str, reference: &str) -> anyhow::Result<Bytes> {
         let accept =
             format!("{ACCEPT}, {INDEX}, application/vnd.docker.distribution.manifest.list.v2+json");
-        Ok(self
-            .expect(
-                Method::GET,
-                &format!("/v2/{repo}/manifests/{reference}"),
-                &[(header::ACCEPT.as_str(), &accept)],
-                vec![],
-                StatusCode::OK,
-            )
-            .await?
-            .1)
-    }
-
-    /// Whether blob `digest` is in `repo`.
-    pub async fn has_blob(&self, repo: &str, digest: &str) -> anyhow::Result<bool> {
-        let (status, _, _) = self
-            .call(
-                Method::HEAD,
-                &format!("/v2/{repo}/blobs/{digest}"),
-                &[],
-                vec![],
-            )
-            .await?;
-        Ok(status == StatusCode::OK)
+        Ok(self.manifest(repo, reference, &accept).await?.1)
     }
 
     /// Pushes an index of `manifests` (digest, size, architecture; all
