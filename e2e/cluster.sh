@@ -79,7 +79,7 @@ stop() {
 deps() {
   local want=(containerd runc containernetworking-plugins etcd-server docker-registry iproute2
     iptables conntrack openssl protobuf-compiler busybox-static umoci skopeo apache2-utils curl jq
-    util-linux ca-certificates systemd dbus)
+    util-linux ca-certificates systemd dbus mmdebstrap)
   local missing=()
   for p in "${want[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
   if [ ${#missing[@]} -gt 0 ]; then

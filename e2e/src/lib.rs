@@ -18,6 +18,7 @@
 //! calls with any token, or none.
 
 pub mod bench;
+pub mod debian;
 pub mod docker;
 pub mod registry;
 mod scope;
@@ -250,6 +251,25 @@ impl Cluster {
             })
             .await?;
         Ok(r.into_inner().image.is_some())
+    }
+
+    /// Pulls `image` onto a local cluster's node straight through CRI;
+    /// returns the image ID.
+    pub async fn cri_pull(&self, node: &str, image: &str) -> anyhow::Result<String> {
+        let spec = k8s_cri::v1::ImageSpec {
+            image: image.to_string(),
+            ..Default::default()
+        };
+        let r = self
+            .cri(node)
+            .await?
+            .pull_image(k8s_cri::v1::PullImageRequest {
+                image: Some(spec),
+                ..Default::default()
+            })
+            .await?;
+        // containerd answers with the image ID.
+        Ok(r.into_inner().image_ref)
     }
 
     /// Removes an image from a node straight through CRI (absent is fine).

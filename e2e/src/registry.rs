@@ -22,6 +22,7 @@ const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 const INDEX: &str = "application/vnd.oci.image.index.v1+json";
 const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+const LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// A client of one registry (`host:port`, plain HTTP, optional basic auth).
@@ -180,6 +181,51 @@ impl Registry {
         )
         .await?;
         Ok(digest)
+    }
+
+    /// Pushes an amd64 image of `layers` (uncompressed tars, stored gzip
+    /// compressed as most registries serve them) with run configuration
+    /// `run` to `repo:tag`. Returns the manifest digest.
+    pub async fn push_gzip_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: Vec<Vec<u8>>,
+        run: serde_json::Value,
+    ) -> anyhow::Result<String> {
+        let mut diff_ids = Vec::new();
+        let mut blobs = Vec::new();
+        for tar in layers {
+            diff_ids.push(sha256(&tar));
+            let gz = tokio::task::spawn_blocking(move || {
+                use std::io::Write;
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(&tar)?;
+                e.finish()
+            })
+            .await??;
+            let size = gz.len();
+            let digest = self.push_blob(repo, gz).await?;
+            blobs
+                .push(serde_json::json!({"mediaType": LAYER_GZIP, "digest": digest, "size": size}));
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": run,
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        }))?;
+        let config_size = config.len();
+        let config_digest = self.push_blob(repo, config).await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST,
+            "config": {"mediaType": CONFIG, "digest": config_digest, "size": config_size},
+            "layers": blobs,
+        });
+        self.put_manifest(repo, tag, MANIFEST, serde_json::to_vec(&manifest)?)
+            .await
     }
 
     /// Makes blob `digest` of repository `from` part of `repo` without copying.

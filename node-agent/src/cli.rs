@@ -49,6 +49,10 @@ pub enum Command {
     /// Register this host as a virtual Node and run its pods as systemd
     /// units (no kubelet needed).
     VirtualNode(crate::vnode::VirtualNodeArgs),
+    /// baffs's command line: profile images' containers (`shadow`), then
+    /// build, push and pull `<ref>-baffs` (`debloat`).
+    #[command(subcommand)]
+    Baffs(crate::debloat::cli::BaffsCommand),
     /// Do nothing until SIGTERM or SIGINT, then exit 0: the process that
     /// keeps a ready pod sandbox of the coordinator's pool alive (Docker API
     /// containers start in it as ephemeral containers).
@@ -222,6 +226,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Images(cmd) => images(&cri, cmd).await,
+        Command::Baffs(cmd) => crate::debloat::cli::run(&cri, cmd).await,
     }
 }
 

@@ -569,7 +569,86 @@ impl ContainerLookup for CriRuntime {
     }
 }
 
+/// A running container, as the debloat profiler needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningContainer {
+    /// Container ID.
+    pub id: String,
+    /// Its name in the pod.
+    pub name: String,
+    /// `namespace/pod` from the kubelet's labels (empty outside Kubernetes).
+    pub pod: String,
+    /// ID of the image it runs (`sha256:…`).
+    pub image_id: String,
+    /// PID of its first process, in the runtime's PID namespace.
+    pub pid: u32,
+}
+
 impl CriRuntime {
+    /// Every running container with the PID of its first process (from
+    /// the runtime's verbose status; containers the runtime gives no PID
+    /// for are left out).
+    pub async fn running_containers(&self) -> Result<Vec<RunningContainer>, CriError> {
+        let filter = cri::ContainerFilter {
+            state: Some(cri::ContainerStateValue {
+                state: cri::ContainerState::ContainerRunning as i32,
+            }),
+            ..Default::default()
+        };
+        let list = self
+            .runtime
+            .clone()
+            .list_containers(request(cri::ListContainersRequest {
+                filter: Some(filter),
+            }))
+            .await
+            .map_err(|s| CriError::call(&self.socket, "ListContainers", s))?
+            .into_inner()
+            .containers;
+        let mut out = Vec::new();
+        for c in list {
+            let r = self
+                .runtime
+                .clone()
+                .container_status(request(cri::ContainerStatusRequest {
+                    container_id: c.id.clone(),
+                    verbose: true,
+                }))
+                .await;
+            let info = match r {
+                Ok(r) => r.into_inner().info,
+                Err(s) if s.code() == tonic::Code::NotFound => continue,
+                Err(s) => return Err(CriError::call(&self.socket, "ContainerStatus", s)),
+            };
+            let pid = info
+                .get("info")
+                .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+                .and_then(|v| v["pid"].as_u64())
+                .filter(|p| *p > 0);
+            let Some(pid) = pid else { continue };
+            let label = |k: &str| c.labels.get(k).cloned().unwrap_or_default();
+            let pod = match (
+                label("io.kubernetes.pod.namespace"),
+                label("io.kubernetes.pod.name"),
+            ) {
+                (ns, name) if !name.is_empty() => format!("{ns}/{name}"),
+                _ => String::new(),
+            };
+            out.push(RunningContainer {
+                id: c.id,
+                name: c.metadata.map(|m| m.name).unwrap_or_default(),
+                pod,
+                image_id: if c.image_ref.is_empty() {
+                    c.image.map(|i| i.image).unwrap_or_default()
+                } else {
+                    c.image_ref
+                },
+                pid: pid as u32,
+            });
+        }
+        Ok(out)
+    }
+
     /// ContainerStatus of `id`; `None` when the runtime has no such container.
     async fn container_status(&self, id: &str) -> Result<Option<cri::ContainerStatus>, CriError> {
         let r = self

@@ -12,6 +12,8 @@
 //!   CRI log files, found through the runtime.
 //! - [`health`] watches whether the runtime answers, for the kubelet's
 //!   probes (`/readyz`, `/healthz`) and for the session's reconnects.
+//! - [`debloat`] is the debloat engine (profile with fanotify, filter the
+//!   layers, push `<ref>-baffs`) and `node-agent baffs`.
 //! - [`vnode`] is `node-agent virtual-node`: a host without a kubelet as a
 //!   Node whose pods run as systemd units.
 //! - [`testing`] lets tests that need something of the machine fail in CI
@@ -19,6 +21,7 @@
 
 pub mod cli;
 pub mod cri;
+pub mod debloat;
 pub mod disk;
 pub mod health;
 pub mod inventory;

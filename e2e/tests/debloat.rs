@@ -1,0 +1,375 @@
+//! ImageDebloat on the real local cluster: a redis image built from
+//! Debian's packages, profiled while a workload drives it, debloated,
+//! pushed to a real registry and run again, checked against the registry's
+//! own bytes (sizes, tar headers), not only against what Berth reports.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::{Child, Command, Stdio};
+
+use berth_e2e::registry::{Registry, unique_suffix};
+use berth_e2e::scratch::ScratchRegistry;
+use berth_e2e::systemd_host::agent_binary;
+use berth_e2e::{Cluster, TestNamespace, debian};
+use berth_node_agent::debloat::tar::{Kind, Reader, Record};
+
+const WAIT: &str = "180s";
+/// The packages of the redis image: the server, its tools (redis-cli and
+/// redis-benchmark drive it) and ping, whose file capability must survive.
+const REDIS: &[&str] = &["redis-server", "redis-tools", "iputils-ping"];
+
+fn redis_run() -> serde_json::Value {
+    serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
+        "ExposedPorts": {"6379/tcp": {}},
+    })
+}
+
+fn pod(ns: &str, name: &str, node: &str, image: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: redis
+    image: {image}
+    readinessProbe:
+      exec: {{command: [redis-cli, ping]}}
+      periodSeconds: 1
+"#
+    )
+}
+
+/// The workload: ping, set, get, a short redis-benchmark, and `ping -V`.
+fn exercise(c: &Cluster, ns: &str, pod: &str) {
+    let exec = |args: &[&str]| {
+        let mut all = vec!["-n", ns, "exec", pod, "--"];
+        all.extend_from_slice(args);
+        c.kubectl(&all)
+            .unwrap_or_else(|e| panic!("{args:?} in {pod}: {e:#}"))
+    };
+    assert_eq!(exec(&["redis-cli", "ping"]).trim(), "PONG");
+    assert_eq!(exec(&["redis-cli", "set", "berth", "debloat"]).trim(), "OK");
+    assert_eq!(exec(&["redis-cli", "get", "berth"]).trim(), "debloat");
+    let bench = exec(&["redis-benchmark", "-q", "-n", "2000", "-t", "set,get"]);
+    assert!(bench.contains("requests per second"), "{bench}");
+    assert!(exec(&["ping", "-V"]).contains("ping from iputils"));
+}
+
+fn baffs(c: &Cluster, node: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(agent_binary());
+    cmd.arg("--cri-socket")
+        .arg(c.node_socket(node))
+        .arg("baffs")
+        .args(args);
+    cmd
+}
+
+/// Starts `baffs shadow` and returns once it profiles a container.
+fn shadow(c: &Cluster, node: &str, image: &str, profiles: &str) -> Child {
+    let mut child = baffs(
+        c,
+        node,
+        &[
+            "shadow",
+            &format!("--images={image}"),
+            "--profiles-dir",
+            profiles,
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            err.read_line(&mut line).unwrap() > 0,
+            "shadow exited before profiling"
+        );
+        if line.contains("profiling") {
+            break;
+        }
+    }
+    child
+}
+
+fn records(gz: &[u8]) -> Vec<(Record, Vec<u8>)> {
+    let mut tar = Vec::new();
+    flate2::read::GzDecoder::new(gz)
+        .read_to_end(&mut tar)
+        .unwrap();
+    let mut r = Reader::new(&tar[..]);
+    let mut out = Vec::new();
+    while let Some(rec) = r.next_record().unwrap() {
+        let mut data = Vec::new();
+        r.copy_data(&mut data).unwrap();
+        out.push((rec, data));
+    }
+    out
+}
+
+async fn layers(reg: &Registry, repo: &str, tag: &str) -> Vec<(String, u64)> {
+    let (_, raw) = reg.get_manifest(repo, tag).await.unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_serves() {
+    let c = Cluster::from_env().await.unwrap();
+    assert!(
+        c.local,
+        "profiling reaches the node's runtime socket: local cluster only"
+    );
+    let node = c.nodes[0].clone();
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/redis-{}", unique_suffix());
+    debian::push(&client, &repo, "7", REDIS, redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-cli");
+    c.apply(&pod(&ns.name, "redis", &node, &image)).unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "wait",
+        "--for=condition=Ready",
+        "pod/redis",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+
+    let profiles = tempfile::tempdir().unwrap();
+    let profiles_dir = profiles.path().to_str().unwrap();
+    let mut shadowing = shadow(&c, &node, &image, profiles_dir);
+    exercise(&c, &ns.name, "redis");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shadowing.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let mut saved = String::new();
+    shadowing
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut saved)
+        .unwrap();
+    assert!(
+        shadowing.wait().unwrap().success(),
+        "shadow failed: {saved}"
+    );
+    assert!(saved.contains(&image), "{saved}");
+
+    let out = baffs(
+        &c,
+        &node,
+        &[
+            "debloat",
+            &format!("--images={image}"),
+            "--profiles-dir",
+            profiles_dir,
+            "--plain-http",
+            &reg.host,
+            "--json",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "debloat failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (before, after) = (
+        summary[0]["sizeBefore"].as_u64().unwrap(),
+        summary[0]["sizeAfter"].as_u64().unwrap(),
+    );
+    eprintln!(
+        "redis: {before} -> {after} bytes ({:.1} % smaller)",
+        100.0 * (1.0 - after as f64 / before as f64)
+    );
+
+    // The registry holds what the summary says, under `<tag>-baffs`.
+    let orig = layers(&client, &repo, "7").await;
+    let new = layers(&client, &repo, "7-baffs").await;
+    assert_eq!(orig.iter().map(|l| l.1).sum::<u64>(), before);
+    assert_eq!(new.iter().map(|l| l.1).sum::<u64>(), after);
+    assert!(
+        after * 2 < before,
+        "less than half removed: {before} -> {after}"
+    );
+
+    // Tar header by tar header: every kept entry is the original's, bytes
+    // and all (owner, mode, mtime, xattrs, link targets).
+    let orig_records = records(&client.get_blob(&repo, &orig[0].0).await.unwrap());
+    let new_records = records(&client.get_blob(&repo, &new[0].0).await.unwrap());
+    let by_path: std::collections::HashMap<&str, &(Record, Vec<u8>)> = orig_records
+        .iter()
+        .map(|r| (r.0.path.as_str(), r))
+        .collect();
+    for (rec, data) in &new_records {
+        let (o, odata) = by_path[rec.path.as_str()];
+        assert_eq!(rec.header, o.header, "header of {}", rec.path);
+        assert_eq!(data, odata, "data of {}", rec.path);
+    }
+    let kept = |p: &str| new_records.iter().find(|r| r.0.path == p).map(|r| &r.0);
+    let ping = kept("usr/bin/ping").expect("ping was run");
+    assert!(
+        ping.header
+            .windows(24)
+            .any(|w| w == b"SCHILY.xattr.security.ca"),
+        "ping lost its capability"
+    );
+    assert!(
+        matches!(kept("lib64").map(|r| &r.kind), Some(Kind::Symlink(_))),
+        "the loader's link is kept"
+    );
+    assert!(kept("usr/bin/redis-server").is_some());
+    assert!(
+        kept("usr/share/doc/redis-server/copyright").is_none(),
+        "unused files go"
+    );
+    assert!(new_records.len() * 4 < orig_records.len());
+
+    // The debloated image is in the node's runtime and serves the same workload.
+    let baffs_image = format!("{}/{repo}:7-baffs", reg.host);
+    assert!(c.cri_has_image(&node, &baffs_image).await.unwrap());
+    c.apply(&pod(&ns.name, "redis-baffs", &node, &baffs_image))
+        .unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "wait",
+        "--for=condition=Ready",
+        "pod/redis-baffs",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+    exercise(&c, &ns.name, "redis-baffs");
+}
+
+#[tokio::test]
+async fn hostile_layers_are_refused_before_anything_is_written() {
+    let c = Cluster::from_env().await.unwrap();
+    assert!(
+        c.local,
+        "reaches the node's runtime socket: local cluster only"
+    );
+    let node = c.nodes[0].clone();
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let profiles = tempfile::tempdir().unwrap();
+    let cases: [(&str, Vec<u8>, &str); 3] = [
+        (
+            "dotdot",
+            raw_tar(&[("etc/../../berth-escape", b'0', "")]),
+            "`..` component",
+        ),
+        (
+            "device",
+            raw_tar(&[("dev/berth-disk", b'4', "")]),
+            "device node",
+        ),
+        (
+            "symlink",
+            raw_tar(&[("app/evil", b'2', "../../../etc/shadow")]),
+            "climbs out of the root",
+        ),
+    ];
+    for (name, layer, why) in cases {
+        let repo = format!("debloat/hostile-{name}-{}", unique_suffix());
+        client
+            .push_gzip_image(&repo, "1", vec![layer], serde_json::json!({"Cmd": ["/x"]}))
+            .await
+            .unwrap();
+        let image = format!("{}/{repo}:1", reg.host);
+        // containerd unpacks it (clamping the paths into the root), so the
+        // image is on the node, as a hostile image would be.
+        let image_id = c.cri_pull(&node, &image).await.unwrap();
+        // A profile, as `shadow` would leave it.
+        let profile = serde_json::json!({"imageId": image_id, "images": [image], "containers": [], "paths": ["/x"]});
+        std::fs::write(
+            profiles
+                .path()
+                .join(format!("{}.json", image_id.replace(':', "-"))),
+            serde_json::to_vec(&profile).unwrap(),
+        )
+        .unwrap();
+        let out = baffs(
+            &c,
+            &node,
+            &[
+                "debloat",
+                &format!("--images={image}"),
+                "--profiles-dir",
+                profiles.path().to_str().unwrap(),
+                "--plain-http",
+                &reg.host,
+            ],
+        )
+        .output()
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "{name}: a hostile layer was debloated"
+        );
+        assert!(
+            err.contains("refused") && err.contains(why),
+            "{name}: {err}"
+        );
+        // Nothing was pushed, and nothing escaped onto the host.
+        assert!(
+            client.get_manifest(&repo, "1-baffs").await.is_err(),
+            "{name}: pushed"
+        );
+        assert!(!std::path::Path::new("/berth-escape").exists());
+    }
+}
+
+/// An uncompressed tar of raw ustar entries (name, type, link) that no tar
+/// library would write.
+fn raw_tar(entries: &[(&str, u8, &str)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, flag, link) in entries {
+        let mut b = [0u8; 512];
+        b[..name.len()].copy_from_slice(name.as_bytes());
+        b[100..107].copy_from_slice(b"0000644");
+        b[108..115].copy_from_slice(b"0000000");
+        b[116..123].copy_from_slice(b"0000000");
+        b[124..135].copy_from_slice(b"00000000000");
+        b[136..147].copy_from_slice(b"14000000000");
+        b[156] = *flag;
+        b[157..157 + link.len()].copy_from_slice(link.as_bytes());
+        b[257..263].copy_from_slice(b"ustar\0");
+        b[263..265].copy_from_slice(b"00");
+        b[148..156].copy_from_slice(b"        ");
+        let sum: u64 = b.iter().map(|x| *x as u64).sum();
+        b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        out.extend_from_slice(&b);
+    }
+    out.extend_from_slice(&[0u8; 1024]);
+    out
+}
