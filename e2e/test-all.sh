@@ -87,7 +87,7 @@ bench_log=$(mktemp)
 # 2-core machine yet (the leader's memory passes its 512 Mi limit there; see
 # README); set BERTH_SCALE_AGENTS=1000,5000 to try it.
 export BERTH_SCALE_AGENTS=${BERTH_SCALE_AGENTS:-1000,2000}
-for b in pull imagecache docker backup virtual_node scale; do
+for b in pull imagecache docker backup virtual_node debloat scale; do
   cargo bench -p berth-e2e --profile dev --bench "$b" 2>&1 | tee -a "$bench_log"
 done
 step "benchmark figures"

@@ -19,6 +19,7 @@
 
 pub mod bench;
 pub mod debian;
+pub mod debloat;
 pub mod docker;
 pub mod registry;
 mod scope;

@@ -3,101 +3,15 @@
 //! pushed to a real registry and run again, checked against the registry's
 //! own bytes (sizes, tar headers), not only against what Berth reports.
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::io::Read;
 
+use berth_e2e::debloat::{REDIS, Shadow, baffs, exercise, redis_pod, redis_run};
 use berth_e2e::registry::{Registry, unique_suffix};
 use berth_e2e::scratch::ScratchRegistry;
-use berth_e2e::systemd_host::agent_binary;
 use berth_e2e::{Cluster, TestNamespace, debian};
 use berth_node_agent::debloat::tar::{Kind, Reader, Record};
 
 const WAIT: &str = "180s";
-/// The packages of the redis image: the server, its tools (redis-cli and
-/// redis-benchmark drive it) and ping, whose file capability must survive.
-const REDIS: &[&str] = &["redis-server", "redis-tools", "iputils-ping"];
-
-fn redis_run() -> serde_json::Value {
-    serde_json::json!({
-        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
-        "Cmd": ["redis-server", "--protected-mode", "no", "--save", "", "--appendonly", "no"],
-        "ExposedPorts": {"6379/tcp": {}},
-    })
-}
-
-fn pod(ns: &str, name: &str, node: &str, image: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 1
-  containers:
-  - name: redis
-    image: {image}
-    readinessProbe:
-      exec: {{command: [redis-cli, ping]}}
-      periodSeconds: 1
-"#
-    )
-}
-
-/// The workload: ping, set, get, a short redis-benchmark, and `ping -V`.
-fn exercise(c: &Cluster, ns: &str, pod: &str) {
-    let exec = |args: &[&str]| {
-        let mut all = vec!["-n", ns, "exec", pod, "--"];
-        all.extend_from_slice(args);
-        c.kubectl(&all)
-            .unwrap_or_else(|e| panic!("{args:?} in {pod}: {e:#}"))
-    };
-    assert_eq!(exec(&["redis-cli", "ping"]).trim(), "PONG");
-    assert_eq!(exec(&["redis-cli", "set", "berth", "debloat"]).trim(), "OK");
-    assert_eq!(exec(&["redis-cli", "get", "berth"]).trim(), "debloat");
-    let bench = exec(&["redis-benchmark", "-q", "-n", "2000", "-t", "set,get"]);
-    assert!(bench.contains("requests per second"), "{bench}");
-    assert!(exec(&["ping", "-V"]).contains("ping from iputils"));
-}
-
-fn baffs(c: &Cluster, node: &str, args: &[&str]) -> Command {
-    let mut cmd = Command::new(agent_binary());
-    cmd.arg("--cri-socket")
-        .arg(c.node_socket(node))
-        .arg("baffs")
-        .args(args);
-    cmd
-}
-
-/// Starts `baffs shadow` and returns once it profiles a container.
-fn shadow(c: &Cluster, node: &str, image: &str, profiles: &str) -> Child {
-    let mut child = baffs(
-        c,
-        node,
-        &[
-            "shadow",
-            &format!("--images={image}"),
-            "--profiles-dir",
-            profiles,
-        ],
-    )
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        assert!(
-            err.read_line(&mut line).unwrap() > 0,
-            "shadow exited before profiling"
-        );
-        if line.contains("profiling") {
-            break;
-        }
-    }
-    child
-}
 
 fn records(gz: &[u8]) -> Vec<(Record, Vec<u8>)> {
     let mut tar = Vec::new();
@@ -146,7 +60,8 @@ async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_se
         .unwrap();
     let image = format!("{}/{repo}:7", reg.host);
     let ns = TestNamespace::new(&c, "debloat-cli");
-    c.apply(&pod(&ns.name, "redis", &node, &image)).unwrap();
+    c.apply(&redis_pod(&ns.name, "redis", &node, &image))
+        .unwrap();
     c.kubectl(&[
         "-n",
         &ns.name,
@@ -160,50 +75,15 @@ async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_se
 
     let profiles = tempfile::tempdir().unwrap();
     let profiles_dir = profiles.path().to_str().unwrap();
-    let mut shadowing = shadow(&c, &node, &image, profiles_dir);
-    exercise(&c, &ns.name, "redis");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(shadowing.id() as i32),
-        nix::sys::signal::Signal::SIGINT,
-    )
-    .unwrap();
-    let mut saved = String::new();
-    shadowing
-        .stdout
-        .take()
-        .unwrap()
-        .read_to_string(&mut saved)
-        .unwrap();
-    assert!(
-        shadowing.wait().unwrap().success(),
-        "shadow failed: {saved}"
-    );
+    let shadowing = Shadow::start(&c, &node, &image, profiles_dir).unwrap();
+    exercise(&c, &ns.name, "redis").unwrap();
+    let saved = shadowing.stop().unwrap();
     assert!(saved.contains(&image), "{saved}");
 
-    let out = baffs(
-        &c,
-        &node,
-        &[
-            "debloat",
-            &format!("--images={image}"),
-            "--profiles-dir",
-            profiles_dir,
-            "--plain-http",
-            &reg.host,
-            "--json",
-        ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "debloat failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let summary = berth_e2e::debloat::debloat(&c, &node, &image, profiles_dir, &reg.host).unwrap();
     let (before, after) = (
-        summary[0]["sizeBefore"].as_u64().unwrap(),
-        summary[0]["sizeAfter"].as_u64().unwrap(),
+        summary["sizeBefore"].as_u64().unwrap(),
+        summary["sizeAfter"].as_u64().unwrap(),
     );
     eprintln!(
         "redis: {before} -> {after} bytes ({:.1} % smaller)",
@@ -255,7 +135,7 @@ async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_se
     // The debloated image is in the node's runtime and serves the same workload.
     let baffs_image = format!("{}/{repo}:7-baffs", reg.host);
     assert!(c.cri_has_image(&node, &baffs_image).await.unwrap());
-    c.apply(&pod(&ns.name, "redis-baffs", &node, &baffs_image))
+    c.apply(&redis_pod(&ns.name, "redis-baffs", &node, &baffs_image))
         .unwrap();
     c.kubectl(&[
         "-n",
@@ -267,7 +147,7 @@ async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_se
         WAIT,
     ])
     .unwrap();
-    exercise(&c, &ns.name, "redis-baffs");
+    exercise(&c, &ns.name, "redis-baffs").unwrap();
 }
 
 #[tokio::test]

@@ -325,11 +325,8 @@ async fn debloat_one(
         Some(d) => tempfile::TempDir::new_in(d)?,
         None => tempfile::TempDir::new()?,
     };
-    let step = |what: &str| {
-        if table {
-            eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
-        }
-    };
+    // Progress goes to stderr, so it shows beside --json too.
+    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
     step("reading the image from the runtime");
     let store = Store::new(crate::cri::unix_channel(cri.socket().to_path_buf()));
     let loaded = store.load(&reference.to_string(), scratch.path()).await?;
@@ -348,6 +345,12 @@ async fn debloat_one(
     let client = berth_proto::oci::client(plain_http);
     let digest = push(&built, &client, auth, &target).await?;
     let build_and_push = started.elapsed();
+    step(&format!(
+        "pushed {}: {} -> {}",
+        digest,
+        human_bytes(built.size_before()),
+        human_bytes(built.size_after())
+    ));
     step(&format!("pulling {target} into the runtime"));
     cri.pull(&target, None).await?;
     let summary = Summary {
