@@ -32,6 +32,7 @@ kubectl -n berth-system set env deploy/berth-coordinator "BERTH_INSECURE_REGISTR
 kubectl -n berth-system set env ds/berth-node-agent BERTH_DISK_THRESHOLD=97 >/dev/null
 kubectl -n berth-system set image deploy/berth-coordinator "coordinator=$image" >/dev/null
 kubectl -n berth-system set image ds/berth-node-agent "node-agent=$image" >/dev/null
+kubectl -n berth-system set image ds/berth-debloater "debloater=$image" >/dev/null
 kubectl -n berth-system rollout status deploy/berth-coordinator --timeout=180s
 # The rollout is done when the new pods are available, but an old pod may
 # still be terminating and still hold the Lease (and the Service's leader

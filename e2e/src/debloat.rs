@@ -117,7 +117,7 @@ impl Shadow {
     /// Starts `baffs shadow` of `image` and returns once it profiles a
     /// container.
     pub fn start(c: &Cluster, node: &str, image: &str, profiles: &str) -> anyhow::Result<Shadow> {
-        let mut child = baffs(
+        Shadow::spawn(baffs(
             c,
             node,
             &[
@@ -126,11 +126,17 @@ impl Shadow {
                 "--profiles-dir",
                 profiles,
             ],
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .context("node-agent baffs shadow")?;
+        ))
+    }
+
+    /// Runs `cmd` (a `baffs shadow`, perhaps through `kubectl exec`) and
+    /// returns once it profiles a container.
+    pub fn spawn(mut cmd: Command) -> anyhow::Result<Shadow> {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("node-agent baffs shadow")?;
         let mut err = BufReader::new(child.stderr.take().context("stderr")?);
         let mut line = String::new();
         loop {
@@ -147,11 +153,16 @@ impl Shadow {
     }
 
     /// SIGINT, then its summary once it has saved the profile.
-    pub fn stop(mut self) -> anyhow::Result<String> {
+    pub fn stop(self) -> anyhow::Result<String> {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGINT,
         )?;
+        self.wait()
+    }
+
+    /// Its summary once it ends by itself (`--until-exit`).
+    pub fn wait(mut self) -> anyhow::Result<String> {
         let mut out = String::new();
         self.child
             .stdout

@@ -4,11 +4,13 @@
 //! own bytes (sizes, tar headers), not only against what Berth reports.
 
 use std::io::Read;
+use std::process::Command;
+use std::time::Duration;
 
 use berth_e2e::debloat::{REDIS, Shadow, baffs, exercise, redis_pod, redis_run};
 use berth_e2e::registry::{Registry, unique_suffix};
 use berth_e2e::scratch::ScratchRegistry;
-use berth_e2e::{Cluster, TestNamespace, debian};
+use berth_e2e::{Cluster, NAMESPACE, TestNamespace, debian, eventually};
 use berth_node_agent::debloat::tar::{Kind, Reader, Record};
 
 const WAIT: &str = "180s";
@@ -252,4 +254,170 @@ fn raw_tar(entries: &[(&str, u8, &str)]) -> Vec<u8> {
     }
     out.extend_from_slice(&[0u8; 1024]);
     out
+}
+
+/// Removes a node label when dropped.
+struct Label<'a> {
+    c: &'a Cluster,
+    node: String,
+}
+
+impl Drop for Label<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .c
+            .kubectl(&["label", "node", &self.node, "berth.dev/debloat-"]);
+    }
+}
+
+#[tokio::test]
+async fn the_debloater_daemonset_runs_baffs_on_labelled_nodes_only_with_its_own_privileges() {
+    let c = Cluster::from_env().await.unwrap();
+    let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
+    // The pull agent keeps every capability dropped; only the debloater adds any.
+    let caps = |ds: &str| {
+        c.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "ds",
+            ds,
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].securityContext.capabilities}",
+        ])
+        .unwrap()
+    };
+    assert_eq!(caps("berth-node-agent"), r#"{"drop":["ALL"]}"#);
+    assert_eq!(
+        caps("berth-debloater"),
+        r#"{"add":["SYS_ADMIN","SYS_PTRACE","DAC_READ_SEARCH"],"drop":["ALL"]}"#
+    );
+
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/redis-ds-{}", unique_suffix());
+    debian::push(&client, &repo, "7", REDIS, redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-ds");
+    c.apply(&redis_pod(&ns.name, "redis", &node, &image))
+        .unwrap();
+
+    c.kubectl(&[
+        "label",
+        "node",
+        &node,
+        "berth.dev/debloat=enabled",
+        "--overwrite",
+    ])
+    .unwrap();
+    let _label = Label {
+        c: &c,
+        node: node.clone(),
+    };
+    let debloater = |n: &str| {
+        c.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=berth-debloater",
+            "--field-selector",
+            &format!("spec.nodeName={n}"),
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ])
+        .unwrap()
+    };
+    let pod = eventually(
+        Duration::from_secs(120),
+        "a debloater pod on the labelled node",
+        || async { Ok(Some(debloater(&node)).filter(|p| !p.is_empty())) },
+    )
+    .await
+    .unwrap();
+    for p in [&format!("pod/{pod}"), "pod/redis"] {
+        let n = if p == "pod/redis" {
+            ns.name.as_str()
+        } else {
+            NAMESPACE
+        };
+        c.kubectl(&[
+            "-n",
+            n,
+            "wait",
+            "--for=condition=Ready",
+            p,
+            "--timeout",
+            WAIT,
+        ])
+        .unwrap();
+    }
+    assert_eq!(
+        debloater(&other),
+        "",
+        "a node without the label runs no debloater"
+    );
+
+    let kubectl_exec = |args: &[&str]| {
+        let mut cmd = Command::new(c.tool("kubectl"));
+        cmd.env("KUBECONFIG", c.var("KUBECONFIG"))
+            .args(["-n", NAMESPACE, "exec", &pod, "--", "node-agent", "baffs"])
+            .args(args);
+        cmd
+    };
+    // baffs's own flow: shadow until the profiled container exits.
+    let shadowing = Shadow::spawn(kubectl_exec(&[
+        "shadow",
+        &format!("--images={image}"),
+        "--until-exit",
+    ]))
+    .unwrap();
+    exercise(&c, &ns.name, "redis").unwrap();
+    c.kubectl(&["-n", &ns.name, "delete", "pod", "redis", "--wait=false"])
+        .unwrap();
+    let saved = shadowing.wait().unwrap();
+    assert!(saved.contains(&image), "{saved}");
+
+    let out = kubectl_exec(&[
+        "debloat",
+        &format!("--images={image}"),
+        "--plain-http",
+        &reg.host,
+        "--json",
+    ])
+    .output()
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let after = summary[0]["sizeAfter"].as_u64().unwrap();
+    assert_eq!(
+        layers(&client, &repo, "7-baffs")
+            .await
+            .iter()
+            .map(|l| l.1)
+            .sum::<u64>(),
+        after
+    );
+
+    let baffs_image = format!("{}/{repo}:7-baffs", reg.host);
+    c.apply(&redis_pod(&ns.name, "redis-baffs", &node, &baffs_image))
+        .unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "wait",
+        "--for=condition=Ready",
+        "pod/redis-baffs",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+    exercise(&c, &ns.name, "redis-baffs").unwrap();
 }

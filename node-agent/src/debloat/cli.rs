@@ -31,6 +31,10 @@ pub enum BaffsCommand {
         /// Stop after this long [default: on SIGINT or SIGTERM].
         #[arg(long, value_parser = humantime::parse_duration)]
         duration: Option<Duration>,
+        /// Stop once every container profiled has exited (at least one),
+        /// as baffs waits for its container to run and exit.
+        #[arg(long)]
+        until_exit: bool,
         /// Where profiles are kept.
         #[arg(
             long,
@@ -129,8 +133,9 @@ pub async fn run(cri: &CriRuntime, cmd: BaffsCommand) -> anyhow::Result<()> {
         BaffsCommand::Shadow {
             images,
             duration,
+            until_exit,
             profiles_dir,
-        } => shadow(cri, &images, duration, &profiles_dir).await,
+        } => shadow(cri, &images, duration, until_exit, &profiles_dir).await,
         BaffsCommand::Debloat {
             images,
             top,
@@ -195,6 +200,7 @@ async fn shadow(
     cri: &CriRuntime,
     images: &[String],
     duration: Option<Duration>,
+    until_exit: bool,
     dir: &Path,
 ) -> anyhow::Result<()> {
     let wanted = image_ids(cri, images).await?;
@@ -241,6 +247,9 @@ async fn shadow(
                 Err(super::profile::ProfileError::Gone(_)) => {}
                 Err(e) => return Err(e.into()),
             }
+        }
+        if until_exit && live.is_empty() && !done.is_empty() {
+            break;
         }
         let tick = tokio::time::sleep(Duration::from_millis(250));
         let until = async {
