@@ -25,6 +25,7 @@ image=$(cat "$D/berth-image")
 plain=$BERTH_REGISTRY,$BERTH_AUTH_REGISTRY
 for p in ${BERTH_SCRATCH_PORTS:-}; do plain+=",$BERTH_REGISTRY_IP:$p"; done
 kubectl -n berth-system set env deploy/berth-coordinator "BERTH_INSECURE_REGISTRIES=$plain" >/dev/null
+kubectl -n berth-system set env ds/berth-debloater "BERTH_INSECURE_REGISTRIES=$plain" >/dev/null
 # The harness's kubelets never collect images (imageGCHighThresholdPercent
 # 100), and the disk guard counts use as they do, root-reserved blocks as
 # used (on these VMs that alone is over half the disk): refuse pulls only

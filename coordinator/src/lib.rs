@@ -15,7 +15,9 @@
 //! ([`leader`]) accepts agents and runs the ImageCache controller;
 //! [`health`] tells the probes whether this replica is a standby, a working
 //! leader, or one whose controller died or stalled. The leader also runs the
-//! ImageBackup controller ([`backup`]), whose copies are agent tasks too.
+//! ImageBackup controller ([`backup`]), whose copies are agent tasks too, and
+//! the ImageDebloat controller ([`debloat`]), whose node work the privileged
+//! debloaters do.
 
 /// Every CRD of Berth as YAML, the content of `manifests/05-crds.yaml`.
 pub fn crd_yaml() -> String {
@@ -25,6 +27,7 @@ pub fn crd_yaml() -> String {
         imagecache::crd::ImageCache::crd(),
         backup::crd::BackupPolicy::crd(),
         backup::crd::ImageBackup::crd(),
+        debloat::crd::ImageDebloat::crd(),
     ];
     let body: Vec<String> = docs
         .iter()
@@ -39,6 +42,7 @@ pub mod auth;
 pub mod backup;
 pub mod containers;
 pub mod deadline;
+pub mod debloat;
 pub mod domain;
 pub mod health;
 pub mod imagecache;

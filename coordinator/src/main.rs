@@ -276,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
         args.insecure_registries.clone(),
         args.namespace.clone(),
     );
+    let debloats = berth_coordinator::debloat::controller::run(client.clone());
     let caches = pulse.clone().watch(imagecache::controller::run(
         client,
         registry,
@@ -288,6 +289,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             () = caches => {}
             () = backups => {}
+            () = debloats => {}
         }
     });
     let mut server_ended = false;

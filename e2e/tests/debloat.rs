@@ -7,7 +7,8 @@ use std::io::Read;
 use std::process::Command;
 use std::time::Duration;
 
-use berth_e2e::debloat::{REDIS, Shadow, baffs, exercise, redis_pod, redis_run};
+use berth_coordinator::debloat::crd::{ImageDebloat, ImageDebloatStatus};
+use berth_e2e::debloat::{REDIS, Shadow, baffs, exec, exercise, redis_pod, redis_run};
 use berth_e2e::registry::{Registry, unique_suffix};
 use berth_e2e::scratch::ScratchRegistry;
 use berth_e2e::{Cluster, NAMESPACE, TestNamespace, debian, eventually};
@@ -420,4 +421,384 @@ async fn the_debloater_daemonset_runs_baffs_on_labelled_nodes_only_with_its_own_
     ])
     .unwrap();
     exercise(&c, &ns.name, "redis-baffs").unwrap();
+}
+
+/// A Deployment of `image` pinned to `node`, rolled one new pod at a time
+/// with the old one serving until the new one is ready.
+fn deployment(ns: &str, name: &str, node: &str, image: &str, probe: &str, period: u32) -> String {
+    format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: {name}}}}}
+  strategy: {{type: RollingUpdate, rollingUpdate: {{maxUnavailable: 0, maxSurge: 1}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: redis
+        image: {image}
+        readinessProbe:
+          exec: {{command: [{probe}]}}
+          periodSeconds: {period}
+"#
+    )
+}
+
+/// A Job on `node` that drives the redis at `ip` from outside its pod.
+fn exercise_job(ns: &str, name: &str, node: &str, image: &str, ip: &str) -> String {
+    format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata: {{name: {name}, namespace: {ns}}}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      restartPolicy: Never
+      containers:
+      - name: exercise
+        image: {image}
+        command: [sh, -c, "redis-cli -h {ip} ping | grep -q PONG && redis-cli -h {ip} set berth debloat | grep -q OK && redis-cli -h {ip} get berth | grep -q debloat && redis-benchmark -h {ip} -q -n 2000 -t set,get"]
+"#
+    )
+}
+
+fn debloat_api(c: &Cluster, ns: &str) -> kube::Api<ImageDebloat> {
+    kube::Api::namespaced(c.client.clone(), ns)
+}
+
+/// Waits until the ImageDebloat's status satisfies `done`.
+async fn wait_debloat(
+    c: &Cluster,
+    ns: &str,
+    name: &str,
+    what: &str,
+    done: impl Fn(&ImageDebloatStatus) -> bool,
+) -> ImageDebloatStatus {
+    let api = debloat_api(c, ns);
+    eventually(Duration::from_secs(240), what, || async {
+        let d = api.get(name).await?;
+        Ok(d.status.filter(|s| done(s)))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        let now = c
+            .kubectl(&["-n", ns, "get", "imagedebloat", name, "-o", "yaml"])
+            .unwrap_or_default();
+        panic!("{e:#}\n{now}")
+    })
+}
+
+/// Name and IP of the pod of `app` that runs `image` and is not going away.
+fn pod_of(c: &Cluster, ns: &str, app: &str, image: &str) -> (String, String) {
+    let out = c
+        .kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "pods",
+            "-l",
+            &format!("app={app}"),
+            "-o",
+            r#"jsonpath={range .items[*]}{.metadata.name} {.status.podIP} {.spec.containers[0].image} {.metadata.deletionTimestamp}{"\n"}{end}"#,
+        ])
+        .unwrap();
+    let line = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.len() == 3 && f[2] == image)
+        .unwrap_or_else(|| panic!("no live pod of {app} runs {image}: {out}"));
+    (line[0].to_string(), line[1].to_string())
+}
+
+/// Waits for Job `name` to succeed; fails at once, with its logs, if it fails.
+async fn job_succeeds(c: &Cluster, ns: &str, name: &str) {
+    eventually(Duration::from_secs(180), &format!("job {name}"), || async {
+        let st = c.kubectl(&[
+            "-n",
+            ns,
+            "get",
+            "job",
+            name,
+            "-o",
+            "jsonpath={.status.succeeded}/{.status.failed}",
+        ])?;
+        let (ok, failed) = st.trim().split_once('/').unwrap_or(("", ""));
+        if !failed.is_empty() && failed != "0" {
+            let logs = c
+                .kubectl(&["-n", ns, "logs", &format!("job/{name}")])
+                .unwrap_or_default();
+            panic!("job {name} failed: {logs}");
+        }
+        Ok((!ok.is_empty() && ok != "0").then_some(()))
+    })
+    .await
+    .unwrap();
+}
+
+/// Labels `node` for the debloater and waits for its pod there.
+async fn debloater_on<'a>(c: &'a Cluster, node: &str) -> Label<'a> {
+    c.kubectl(&[
+        "label",
+        "node",
+        node,
+        "berth.dev/debloat=enabled",
+        "--overwrite",
+    ])
+    .unwrap();
+    let label = Label {
+        c,
+        node: node.to_string(),
+    };
+    let pod = eventually(Duration::from_secs(120), "a debloater pod", || async {
+        let p = c.kubectl(&[
+            "-n",
+            NAMESPACE,
+            "get",
+            "pods",
+            "-l",
+            "app.kubernetes.io/name=berth-debloater",
+            "--field-selector",
+            &format!("spec.nodeName={node}"),
+            "-o",
+            // Not one still going from an earlier test's label.
+            r#"jsonpath={range .items[*]}{.metadata.name} {.metadata.deletionTimestamp}{"\n"}{end}"#,
+        ])?;
+        Ok(p.lines()
+            .find(|l| l.split_whitespace().count() == 1)
+            .map(|l| l.trim().to_string()))
+    })
+    .await
+    .unwrap();
+    c.kubectl(&[
+        "-n",
+        NAMESPACE,
+        "wait",
+        "--for=condition=Ready",
+        &format!("pod/{pod}"),
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+    label
+}
+
+#[tokio::test]
+async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_deployment_onto_baffs()
+ {
+    let c = Cluster::from_env().await.unwrap();
+    let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
+    let _label = debloater_on(&c, &node).await;
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/redis-crd-{}", unique_suffix());
+    debian::push(&client, &repo, "7", REDIS, redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-crd");
+    c.apply(&deployment(
+        &ns.name,
+        "redis",
+        &node,
+        &image,
+        "redis-cli, ping",
+        1,
+    ))
+    .unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deploy/redis",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+
+    c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{probeJob: exercise}}\n  rolloutTimeout: 2m\n",
+        ns.name
+    ))
+    .unwrap();
+    let s = wait_debloat(
+        &c,
+        &ns.name,
+        "redis",
+        "the node's debloater recording",
+        |s| s.profiler.is_some(),
+    )
+    .await;
+    assert_eq!(s.phase, "Profiling");
+    assert_eq!(s.node.as_deref(), Some(node.as_str()));
+    // The user's workload, from another node, while the profile records.
+    let (_, ip) = pod_of(&c, &ns.name, "redis", &image);
+    c.apply(&exercise_job(&ns.name, "exercise", &other, &image, &ip))
+        .unwrap();
+    let s = wait_debloat(&c, &ns.name, "redis", "Ready", |s| {
+        matches!(s.phase.as_str(), "Ready" | "Failed" | "RolledBack")
+    })
+    .await;
+    assert_eq!(s.phase, "Ready", "{s:?}");
+    let target = format!("{}/{repo}:7-baffs", reg.host);
+    assert_eq!(s.target.as_deref(), Some(target.as_str()));
+    let build = s.build.clone().unwrap();
+    let registry_size: u64 = layers(&client, &repo, "7-baffs")
+        .await
+        .iter()
+        .map(|l| l.1)
+        .sum();
+    assert_eq!(
+        build.size_after, registry_size,
+        "the status says what the registry holds"
+    );
+    assert_eq!(
+        build.size_before,
+        layers(&client, &repo, "7")
+            .await
+            .iter()
+            .map(|l| l.1)
+            .sum::<u64>()
+    );
+    assert!(build.size_after * 2 < build.size_before, "{build:?}");
+    assert_eq!(build.layers.len(), 1);
+    let now = c
+        .kubectl(&[
+            "-n",
+            &ns.name,
+            "get",
+            "deploy",
+            "redis",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        ])
+        .unwrap();
+    assert_eq!(now, target);
+    // The same workload passes against the debloated pod.
+    let (_, ip) = pod_of(&c, &ns.name, "redis", &target);
+    c.apply(&exercise_job(
+        &ns.name,
+        "exercise-after",
+        &other,
+        &image,
+        &ip,
+    ))
+    .unwrap();
+    job_succeeds(&c, &ns.name, "exercise-after").await;
+}
+
+#[tokio::test]
+async fn a_profile_that_misses_what_the_readiness_probe_reads_rolls_back_with_the_old_pod_serving()
+{
+    let c = Cluster::from_env().await.unwrap();
+    let node = c.nodes[0].clone();
+    let _label = debloater_on(&c, &node).await;
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/redis-rb-{}", unique_suffix());
+    // The probe reads a file only until it has once succeeded (a warm-up
+    // marker in the container's own layer): that was before profiling, so
+    // the profile cannot know the file, nor `cat`.
+    let base = std::fs::read(debian::rootfs(REDIS).unwrap()).unwrap();
+    let extra = berth_e2e::registry::tar_layer(&[("etc/berth/ready", b"ready\n")]).unwrap();
+    client
+        .push_gzip_image(&repo, "7", vec![base, extra], redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-rb");
+    let probe = r#"sh, -c, "[ -e /tmp/warm ] || { cat /etc/berth/ready && touch /tmp/warm; }""#;
+    c.apply(&deployment(&ns.name, "redis", &node, &image, probe, 1))
+        .unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deploy/redis",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+    let (old_pod, _) = pod_of(&c, &ns.name, "redis", &image);
+
+    c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{window: 3s}}\n  rolloutTimeout: 20s\n",
+        ns.name
+    ))
+    .unwrap();
+    let s = wait_debloat(&c, &ns.name, "redis", "the end", |s| {
+        matches!(s.phase.as_str(), "Ready" | "Failed" | "RolledBack")
+    })
+    .await;
+    assert_eq!(s.phase, "RolledBack", "{s:?}");
+    assert_eq!(s.reason.as_deref(), Some("NewPodsNotReady"), "{s:?}");
+    let now = c
+        .kubectl(&[
+            "-n",
+            &ns.name,
+            "get",
+            "deploy",
+            "redis",
+            "-o",
+            "jsonpath={.spec.template.spec.containers[0].image}",
+        ])
+        .unwrap();
+    assert_eq!(now, image, "the original image is back");
+    // The original pod served throughout: the same pod, never restarted, ready.
+    let st = c
+        .kubectl(&["-n", &ns.name, "get", "pod", &old_pod, "-o", "jsonpath={.status.containerStatuses[0].ready} {.status.containerStatuses[0].restartCount}"])
+        .unwrap();
+    assert_eq!(st.trim(), "true 0");
+    assert_eq!(
+        exec(&c, &ns.name, &old_pod, &["redis-cli", "ping"])
+            .unwrap()
+            .trim(),
+        "PONG"
+    );
+    let events = c
+        .kubectl(&[
+            "-n",
+            &ns.name,
+            "get",
+            "events",
+            "--field-selector",
+            "reason=RolledBackFromDebloated",
+            "-o",
+            "name",
+        ])
+        .unwrap();
+    assert!(
+        !events.trim().is_empty(),
+        "an event on the Deployment says why"
+    );
+}
+
+#[tokio::test]
+async fn an_image_debloat_for_a_missing_workload_fails_and_a_malformed_one_is_refused() {
+    let c = Cluster::from_env().await.unwrap();
+    let ns = TestNamespace::new(&c, "debloat-bad");
+    c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: ghost, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: nowhere}}\n",
+        ns.name
+    ))
+    .unwrap();
+    let s = wait_debloat(&c, &ns.name, "ghost", "Failed", |s| s.phase == "Failed").await;
+    assert_eq!(s.reason.as_deref(), Some("WorkloadNotFound"));
+    let bad = c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: bad, namespace: {}}}\nspec:\n  workload: {{kind: StatefulSet, name: x}}\n  profile: {{window: soon}}\n",
+        ns.name
+    ));
+    let err = format!("{:#}", bad.unwrap_err());
+    assert!(
+        err.contains("kind must be Deployment or DaemonSet"),
+        "{err}"
+    );
 }

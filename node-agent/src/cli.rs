@@ -53,6 +53,9 @@ pub enum Command {
     /// build, push and pull `<ref>-baffs` (`debloat`).
     #[command(subcommand)]
     Baffs(crate::debloat::cli::BaffsCommand),
+    /// The node's half of ImageDebloat (the berth-debloater DaemonSet):
+    /// profile and build what the coordinator's ImageDebloats ask of it.
+    Debloater(crate::debloat::daemon::DebloaterArgs),
     /// Do nothing until SIGTERM or SIGINT, then exit 0: the process that
     /// keeps a ready pod sandbox of the coordinator's pool alive (Docker API
     /// containers start in it as ephemeral containers).
@@ -169,7 +172,10 @@ pub enum ImagesCommand {
 
 /// Runs the parsed command line.
 pub async fn main(args: Args) -> anyhow::Result<()> {
-    if matches!(args.command, Command::Run(_) | Command::VirtualNode(_)) {
+    if matches!(
+        args.command,
+        Command::Run(_) | Command::VirtualNode(_) | Command::Debloater(_)
+    ) {
         tracing_subscriber::fmt()
             .with_env_filter(
                 tracing_subscriber::EnvFilter::try_from_default_env()
@@ -227,6 +233,7 @@ pub async fn main(args: Args) -> anyhow::Result<()> {
         }
         Command::Images(cmd) => images(&cri, cmd).await,
         Command::Baffs(cmd) => crate::debloat::cli::run(&cri, cmd).await,
+        Command::Debloater(a) => crate::debloat::daemon::run(cri, a).await,
     }
 }
 

@@ -300,6 +300,8 @@ pub struct Summary {
     pub size_before: u64,
     /// Compressed bytes after.
     pub size_after: u64,
+    /// Paths the profile recorded.
+    pub paths_profiled: usize,
     /// Paths kept out of how many.
     pub paths_kept: usize,
     /// Paths of the original.
@@ -320,7 +322,6 @@ async fn debloat_one(
     scratch: Option<&Path>,
     table: bool,
 ) -> anyhow::Result<Summary> {
-    let reference = Reference::parse(image)?;
     let target = baffs_name(image, suffix).map_err(anyhow::Error::msg)?;
     let ids = image_ids(cri, &[image.to_string()]).await?;
     let image_id = ids.keys().next().expect("one image").clone();
@@ -329,54 +330,96 @@ async fn debloat_one(
             "no profile of {image}: run `node-agent baffs shadow --images={image}` while it works"
         )
     })?;
-    let started = Instant::now();
-    let scratch = match scratch {
-        Some(d) => tempfile::TempDir::new_in(d)?,
-        None => tempfile::TempDir::new()?,
+    let job = Job {
+        image,
+        target: &target,
+        paths: &profile.paths,
+        opts,
+        plain_http,
+        auth,
+        scratch,
     };
     // Progress goes to stderr, so it shows beside --json too.
-    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
-    step("reading the image from the runtime");
-    let store = Store::new(crate::cri::unix_channel(cri.socket().to_path_buf()));
-    let loaded = store.load(&reference.to_string(), scratch.path()).await?;
-    step(&format!(
-        "filtering {} layers against {} profiled paths",
-        loaded.layers.len(),
-        profile.paths.len()
-    ));
-    let dir = scratch.path().to_path_buf();
-    let paths = profile.paths.clone();
-    let opts = opts.clone();
-    let built = tokio::task::spawn_blocking(move || debloat(&loaded, &paths, &opts, &dir))
-        .await
-        .context("the build thread failed")??;
-    step(&format!("pushing {target}"));
-    let client = berth_proto::oci::client(plain_http);
-    let digest = push(&built, &client, auth, &target).await?;
-    let build_and_push = started.elapsed();
-    step(&format!(
-        "pushed {}: {} -> {}",
-        digest,
-        human_bytes(built.size_before()),
-        human_bytes(built.size_after())
-    ));
-    step(&format!("pulling {target} into the runtime"));
-    cri.pull(&target, None).await?;
-    let summary = Summary {
-        image: reference.to_string(),
-        debloated: target.to_string(),
-        digest,
-        layers: built.stats.clone(),
-        size_before: built.size_before(),
-        size_after: built.size_after(),
-        paths_kept: built.paths_kept,
-        paths_before: built.paths_before,
-        build_and_push_seconds: build_and_push.as_secs_f64(),
-    };
+    let summary = job.run(cri, |what| eprintln!("{what}")).await?;
     if table {
         print_table(&summary);
     }
     Ok(summary)
+}
+
+/// One debloat: `image` (on this node) filtered by `paths`, pushed as `target`.
+pub struct Job<'a> {
+    /// The image, as the runtime knows it.
+    pub image: &'a str,
+    /// Where the result goes.
+    pub target: &'a Reference,
+    /// The profile.
+    pub paths: &'a BTreeSet<String>,
+    /// `--top` and the keep-list.
+    pub opts: &'a Options,
+    /// Registries reached over plain HTTP.
+    pub plain_http: &'a [String],
+    /// Credentials for the target.
+    pub auth: &'a RegistryAuth,
+    /// Scratch space [default: the system's temp dir].
+    pub scratch: Option<&'a Path>,
+}
+
+impl Job<'_> {
+    /// Reads the image from the runtime, builds, pushes and pulls the
+    /// result through CRI; says each step (with its time) to `progress`.
+    pub async fn run(&self, cri: &CriRuntime, progress: impl Fn(&str)) -> anyhow::Result<Summary> {
+        let reference = Reference::parse(self.image)?;
+        let started = Instant::now();
+        let step = |what: &str| {
+            progress(&format!(
+                "[{:>5.1}s] {what}",
+                started.elapsed().as_secs_f64()
+            ))
+        };
+        let scratch = match self.scratch {
+            Some(d) => tempfile::TempDir::new_in(d)?,
+            None => tempfile::TempDir::new()?,
+        };
+        step("reading the image from the runtime");
+        let store = Store::new(crate::cri::unix_channel(cri.socket().to_path_buf()));
+        let loaded = store.load(&reference.to_string(), scratch.path()).await?;
+        step(&format!(
+            "filtering {} layers against {} profiled paths",
+            loaded.layers.len(),
+            self.paths.len()
+        ));
+        let dir = scratch.path().to_path_buf();
+        let paths = self.paths.clone();
+        let opts = self.opts.clone();
+        let built = tokio::task::spawn_blocking(move || debloat(&loaded, &paths, &opts, &dir))
+            .await
+            .context("the build thread failed")??;
+        step(&format!("pushing {}", self.target));
+        let client = berth_proto::oci::client(self.plain_http);
+        let digest = push(&built, &client, self.auth, self.target).await?;
+        let build_and_push = started.elapsed();
+        step(&format!(
+            "pushed {}: {} -> {}",
+            digest,
+            human_bytes(built.size_before()),
+            human_bytes(built.size_after())
+        ));
+        step(&format!("pulling {} into the runtime", self.target));
+        cri.pull(self.target, None).await?;
+        Ok(Summary {
+            image: reference.to_string(),
+            debloated: self.target.to_string(),
+            digest,
+            layers: built.stats.clone(),
+            size_before: built.size_before(),
+            size_after: built.size_after(),
+            paths_profiled: self.paths.len(),
+            paths_kept: built.paths_kept,
+            paths_before: built.paths_before,
+            build_and_push_seconds: build_and_push.as_secs_f64(),
+        })
+    }
 }
 
 fn print_table(s: &Summary) {

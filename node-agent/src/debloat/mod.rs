@@ -12,10 +12,12 @@
 //! - [`debloat`] ties those together; [`push`] puts the result in a
 //!   registry, from which the node's runtime then pulls it (so the kubelet
 //!   finds it unpacked).
-//! - [`cli`] is `node-agent baffs shadow|debloat`, baffs's command line.
+//! - [`cli`] is `node-agent baffs shadow|debloat`, baffs's command line;
+//!   [`daemon`] is `node-agent debloater`, the node's half of ImageDebloat.
 
 pub mod build;
 pub mod cli;
+pub mod daemon;
 pub mod profile;
 pub mod store;
 pub mod tar;
