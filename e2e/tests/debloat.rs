@@ -632,12 +632,23 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
         &c,
         &ns.name,
         "redis",
-        "the node's debloater recording",
-        |s| s.profiler.is_some(),
+        "the workload restarted under the profiler",
+        |s| s.restarted_at.is_some(),
     )
     .await;
     assert_eq!(s.phase, "Profiling");
     assert_eq!(s.node.as_deref(), Some(node.as_str()));
+    assert_eq!(s.profiler.as_ref().and_then(|p| p.watching), Some(true));
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deploy/redis",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
     // The user's workload, from another node, while the profile records.
     let (_, ip) = pod_of(&c, &ns.name, "redis", &image);
     c.apply(&exercise_job(&ns.name, "exercise", &other, &image, &ip))
@@ -704,8 +715,9 @@ async fn a_profile_that_misses_what_the_readiness_probe_reads_rolls_back_with_th
     let client = reg.client();
     let repo = format!("debloat/redis-rb-{}", unique_suffix());
     // The probe reads a file only until it has once succeeded (a warm-up
-    // marker in the container's own layer): that was before profiling, so
-    // the profile cannot know the file, nor `cat`.
+    // marker in the container's own layer): that was before profiling, and
+    // the pod is not restarted under the profiler (restart: false), so the
+    // profile cannot know the file, nor `cat`.
     let base = std::fs::read(debian::rootfs(REDIS).unwrap()).unwrap();
     let extra = berth_e2e::registry::tar_layer(&[("etc/berth/ready", b"ready\n")]).unwrap();
     client
@@ -730,7 +742,7 @@ async fn a_profile_that_misses_what_the_readiness_probe_reads_rolls_back_with_th
     let (old_pod, _) = pod_of(&c, &ns.name, "redis", &image);
 
     c.apply(&format!(
-        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{window: 3s}}\n  rolloutTimeout: 20s\n",
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{window: 3s, restart: false}}\n  rolloutTimeout: 20s\n",
         ns.name
     ))
     .unwrap();
@@ -801,4 +813,115 @@ async fn an_image_debloat_for_a_missing_workload_fails_and_a_malformed_one_is_re
         err.contains("kind must be Deployment or DaemonSet"),
         "{err}"
     );
+}
+
+const PYTHON_APP: &str = r#"import http.server, json
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"ok": True, "path": self.path}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(body)
+
+http.server.HTTPServer(("", 8080), Handler).serve_forever()
+"#;
+
+#[tokio::test]
+async fn a_python_program_restarted_under_the_profiler_debloats_and_still_serves() {
+    let c = Cluster::from_env().await.unwrap();
+    let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
+    let _label = debloater_on(&c, &node).await;
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/python-{}", unique_suffix());
+    let base = std::fs::read(debian::rootfs(&["python3"]).unwrap()).unwrap();
+    let app = berth_e2e::registry::tar_layer(&[("app/server.py", PYTHON_APP.as_bytes())]).unwrap();
+    let run = serde_json::json!({
+        "Env": ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],
+        "Cmd": ["python3", "/app/server.py"],
+    });
+    client
+        .push_gzip_image(&repo, "1", vec![base, app], run)
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:1", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-py");
+    // Ready by an HTTP probe from the kubelet: nothing runs inside the
+    // container but the program, whose imports happen only at its start.
+    c.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: web, namespace: {ns}}}
+spec:
+  replicas: 1
+  selector: {{matchLabels: {{app: web}}}}
+  strategy: {{type: RollingUpdate, rollingUpdate: {{maxUnavailable: 0, maxSurge: 1}}}}
+  template:
+    metadata: {{labels: {{app: web}}}}
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {node}}}
+      terminationGracePeriodSeconds: 1
+      containers:
+      - name: web
+        image: {image}
+        readinessProbe:
+          httpGet: {{path: /ready, port: 8080}}
+          periodSeconds: 1
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "rollout",
+        "status",
+        "deploy/web",
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+    c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: web, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: web}}\n  profile: {{window: 5s}}\n  rolloutTimeout: 2m\n",
+        ns.name
+    ))
+    .unwrap();
+    let s = wait_debloat(&c, &ns.name, "web", "the end", |s| {
+        matches!(s.phase.as_str(), "Ready" | "Failed" | "RolledBack")
+    })
+    .await;
+    assert_eq!(s.phase, "Ready", "{s:?}");
+    assert!(s.restarted_at.is_some(), "restarted under the profiler");
+    let build = s.build.clone().unwrap();
+    assert!(build.size_after * 2 < build.size_before, "{build:?}");
+    let registry_size: u64 = layers(&client, &repo, "1-baffs")
+        .await
+        .iter()
+        .map(|l| l.1)
+        .sum();
+    assert_eq!(build.size_after, registry_size);
+    // The debloated program answers, asked from another node.
+    let target = format!("{}/{repo}:1-baffs", reg.host);
+    let (_, ip) = pod_of(&c, &ns.name, "web", &target);
+    c.apply(&format!(
+        r#"apiVersion: batch/v1
+kind: Job
+metadata: {{name: ask, namespace: {ns}}}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      nodeSelector: {{kubernetes.io/hostname: {other}}}
+      restartPolicy: Never
+      containers:
+      - name: ask
+        image: {image}
+        command: [python3, -c, "import json, urllib.request; assert json.load(urllib.request.urlopen('http://{ip}:8080/x'))['path'] == '/x'"]
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    job_succeeds(&c, &ns.name, "ask").await;
 }

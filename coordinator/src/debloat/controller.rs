@@ -22,7 +22,9 @@ use serde_json::json;
 use tokio::sync::Notify;
 use tracing::{info, warn};
 
-use super::crd::{ImageDebloat, ImageDebloatSpec, ORIGINAL_IMAGE, TRIGGER, WorkloadRef};
+use super::crd::{
+    ImageDebloat, ImageDebloatSpec, ORIGINAL_IMAGE, PROFILE_RESTART, TRIGGER, WorkloadRef,
+};
 use super::plan::{self, Facts, Step, WorkloadFacts};
 use crate::imagecache::watch::{any_change, mirror};
 
@@ -304,6 +306,10 @@ impl Controller {
             "metadata": {"annotations": {ORIGINAL_IMAGE: original}},
             "spec": {"template": {"spec": {"containers": [{"name": container, "image": image}]}}},
         });
+        self.patch_workload(w, patch).await
+    }
+
+    async fn patch_workload(&self, w: &Workload, patch: serde_json::Value) -> kube::Result<()> {
         let ns = w.reference.namespace.clone().unwrap_or_default();
         let name = w.reference.name.clone().unwrap_or_default();
         let p = Patch::Strategic(patch);
@@ -376,6 +382,17 @@ impl Controller {
                         "profileStartedAt": now_rfc3339(), "reason": null, "message": null}),
                 )
                 .await
+            }
+            Step::Restart => {
+                let Some(w) = w else { return Ok(()) };
+                let at = now_rfc3339();
+                self.patch_workload(
+                    w,
+                    json!({"spec": {"template": {"metadata": {"annotations": {PROFILE_RESTART: at}}}}}),
+                )
+                .await?;
+                info!(debloat = %name, "workload restarted under the profiler");
+                self.status(d, ns, json!({"restartedAt": at})).await
             }
             Step::EndProfile => {
                 info!(debloat = %name, "profile ended; debloating");

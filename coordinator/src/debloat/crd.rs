@@ -18,6 +18,8 @@ use crate::imagecache::crd::DNS_SUBDOMAIN;
 pub const TRIGGER: &str = "berth.dev/debloat";
 /// The image a debloated container had before (restored on rollback).
 pub const ORIGINAL_IMAGE: &str = "berth.dev/debloat-original-image";
+/// Pod template annotation whose change restarts a workload under the profiler.
+pub const PROFILE_RESTART: &str = "berth.dev/debloat-profile";
 
 /// A workload's image debloated and rolled out.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
@@ -103,6 +105,12 @@ pub struct ProfileSpec {
     /// Set to end profiling now.
     #[serde(default)]
     pub stop: bool,
+    /// Restart the workload's pods (a rolling restart) once the node's
+    /// debloater watches for new containers, so what they read while
+    /// starting is in the profile too (default true). Profiling then ends
+    /// only after the restarted pods are ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<bool>,
 }
 
 /// Where a debloat stands.
@@ -131,6 +139,9 @@ pub struct ImageDebloatStatus {
     /// See `profileStartedAt`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout_started_at: Option<String>,
+    /// When the workload was restarted under the profiler (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_at: Option<String>,
     /// Why it failed or rolled back: `WorkloadNotFound`, `NoReadyPod`,
     /// `BuildFailed`, `NewPodsFailed`, `NewPodsNotReady`, …
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,6 +168,10 @@ pub struct ProfilerStatus {
     /// Containers recorded: `namespace/pod/container`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub containers: Vec<String>,
+    /// Whether new containers are marked before they start: `true` once
+    /// armed, `false` if it could not be (then nothing is restarted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub watching: Option<bool>,
 }
 
 /// What the node's debloater built.

@@ -52,6 +52,8 @@ pub enum Step {
         /// `<image>-baffs`.
         target: String,
     },
+    /// Restart the workload's pods under the profiler; write `restartedAt`.
+    Restart,
     /// Write `Debloating`: the node's debloater stops and builds.
     EndProfile,
     /// Patch the workload onto the built image; write `RollingOut`.
@@ -158,11 +160,31 @@ pub fn next(
             let Some(p) = &status.profiler else {
                 return Step::Wait;
             };
-            let recorded = seconds_since(Some(&p.since), facts.now).unwrap_or(0.0);
+            // Restarted under the profiler, the profile counts from the
+            // restart and ends only once the new pods are up.
+            let restart = spec.profile.restart != Some(false) && p.watching == Some(true);
+            let from = if restart {
+                match &status.restarted_at {
+                    Some(t) => t.as_str(),
+                    None if spec.profile.stop => return Step::EndProfile,
+                    None => return Step::Restart,
+                }
+            } else if spec.profile.restart != Some(false) && p.watching.is_none() {
+                // The debloater has not said yet whether it can watch.
+                return if spec.profile.stop {
+                    Step::EndProfile
+                } else {
+                    Step::Wait
+                };
+            } else {
+                p.since.as_str()
+            };
+            let recorded = seconds_since(Some(from), facts.now).unwrap_or(0.0);
             let window = duration(spec.profile.window.as_deref(), DEFAULT_WINDOW);
             let probe_done = facts.probe_job_done == Some(true) && w.rolled_out;
             let window_over = (spec.profile.probe_job.is_none() || spec.profile.window.is_some())
-                && recorded >= window.as_secs_f64();
+                && recorded >= window.as_secs_f64()
+                && (w.rolled_out || !restart);
             if spec.profile.stop || probe_done || window_over {
                 Step::EndProfile
             } else {

@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use berth_proto::reference::Reference;
@@ -28,10 +28,13 @@ use tracing::{info, warn};
 use super::Options;
 use super::cli::{Job, SavedProfile, load_profile, save_profile};
 use super::profile::Recording;
+use super::starts::StartWatcher;
 use crate::cri::CriRuntime;
 
 /// How often the ImageDebloats are read.
 const TICK: Duration = Duration::from_secs(1);
+/// How long a task marked at its start may stay unknown to CRI.
+const PENDING_FOR: Duration = Duration::from_secs(30);
 
 /// `node-agent debloater …`
 #[derive(Debug, clap::Args)]
@@ -70,12 +73,19 @@ struct Profiling {
     recordings: BTreeMap<String, (String, Recording)>,
     paths: BTreeSet<String>,
     containers: BTreeSet<String>,
-    reported: usize,
+    reported: Option<(usize, Option<bool>)>,
+    /// Marks new containers before they start; `None` until a container
+    /// of the image shows which runtime to watch.
+    watcher: Option<StartWatcher>,
+    watching: Option<bool>,
+    /// New tasks marked at their start, until CRI says what they are.
+    pending: Vec<(String, Instant, Recording)>,
 }
 
 impl Profiling {
     /// Stops every recording and adds what they saw to the node's profile.
     fn finish(mut self, dir: &std::path::Path) {
+        self.watcher = None;
         for (_, (_, r)) in std::mem::take(&mut self.recordings) {
             self.paths.extend(r.stop());
         }
@@ -226,12 +236,53 @@ async fn profile(
                 recordings: BTreeMap::new(),
                 paths: BTreeSet::new(),
                 containers: BTreeSet::new(),
-                reported: usize::MAX,
+                reported: None,
+                watcher: None,
+                watching: None,
+                pending: Vec::new(),
             },
         );
     }
     let p = active.get_mut(uid).expect("inserted");
     let running = cri.running_containers().await?;
+    if p.watching.is_none()
+        && let Some(c) = running.iter().find(|c| c.image_id == p.image_id)
+    {
+        match StartWatcher::start(c.pid) {
+            Ok(w) => {
+                p.watcher = Some(w);
+                p.watching = Some(true);
+            }
+            Err(e) => {
+                warn!(debloat = %name, error = format!("{e:#}"), "new containers cannot be marked before they start");
+                p.watching = Some(false);
+            }
+        }
+    }
+    if let Some(w) = &p.watcher {
+        let now = Instant::now();
+        p.pending
+            .extend(w.take().into_iter().map(|(id, r)| (id, now, r)));
+    }
+    // A marked task is kept if CRI shows it as a container of the image,
+    // dropped if of another image, or never shown (a pod sandbox).
+    for (id, at, r) in std::mem::take(&mut p.pending) {
+        match running.iter().find(|c| c.id == id) {
+            Some(c) if c.image_id == p.image_id => {
+                let who = if c.pod.is_empty() {
+                    c.id.clone()
+                } else {
+                    format!("{}/{}", c.pod, c.name)
+                };
+                info!(debloat = %p.name, container = %who, "recording from its start");
+                p.containers.insert(who.clone());
+                p.recordings.insert(id, (who, r));
+            }
+            Some(_) => drop(r.stop()),
+            None if at.elapsed() > PENDING_FOR => drop(r.stop()),
+            None => p.pending.push((id, at, r)),
+        }
+    }
     let live: BTreeSet<&str> = running.iter().map(|c| c.id.as_str()).collect();
     let ended: Vec<String> = p
         .recordings
@@ -263,14 +314,16 @@ async fn profile(
             Err(e) => return Err(e.into()),
         }
     }
-    if p.reported != p.containers.len() && !p.containers.is_empty() {
+    let now = Some((p.containers.len(), p.watching));
+    if p.reported != now && !p.containers.is_empty() && p.watching.is_some() {
         patch_status(
             api,
             name,
-            json!({"profiler": {"node": args.node_name, "since": p.since, "containers": p.containers}}),
+            json!({"profiler": {"node": args.node_name, "since": p.since,
+                "containers": p.containers, "watching": p.watching}}),
         )
         .await?;
-        p.reported = p.containers.len();
+        p.reported = now;
     }
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! containerd, with nothing restarted and every tar header kept.
 //!
 //! - [`profile`] records which paths a running container opens (fanotify on
-//!   its root's superblock).
+//!   its root's superblock); [`starts`] marks new containers' roots before
+//!   their entrypoint runs, so startup reads are seen too.
 //! - [`store`] reads the image's manifest, configuration and layer blobs out
 //!   of containerd's content store.
 //! - [`tar`] reads layer tars record by record and refuses hostile ones;
@@ -19,6 +20,7 @@ pub mod build;
 pub mod cli;
 pub mod daemon;
 pub mod profile;
+pub mod starts;
 pub mod store;
 pub mod tar;
 pub mod view;

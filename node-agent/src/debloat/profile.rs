@@ -67,6 +67,25 @@ impl Recording {
             .map_err(|_| ProfileError::Gone(pid))?
             .to_string_lossy()
             .into_owned();
+        let seeded = seed(pid, &prefix);
+        Recording::mark(&format!("{root}/"), vec![prefix], seeded, pid)
+    }
+
+    /// Starts recording the root filesystem mounted at `root` (a path this
+    /// process can open) before anything in it runs. Event paths are taken
+    /// relative to the first of `prefixes` they start with: the mount's path
+    /// in the runtime's mount namespace (opens before the container pivots
+    /// into it) and `/` (after).
+    pub fn start_at(root: &str, prefixes: Vec<String>) -> Result<Recording, ProfileError> {
+        Recording::mark(&format!("{root}/"), prefixes, BTreeSet::new(), 0)
+    }
+
+    fn mark(
+        root: &str,
+        prefixes: Vec<String>,
+        seeded: BTreeSet<String>,
+        pid: u32,
+    ) -> Result<Recording, ProfileError> {
         let fan = Fanotify::init(
             InitFlags::FAN_CLASS_NOTIF | InitFlags::FAN_CLOEXEC | InitFlags::FAN_NONBLOCK,
             EventFFlags::O_RDONLY | EventFFlags::O_LARGEFILE | EventFFlags::O_CLOEXEC,
@@ -76,19 +95,19 @@ impl Recording {
             MarkFlags::FAN_MARK_ADD | MarkFlags::FAN_MARK_FILESYSTEM,
             MaskFlags::FAN_OPEN | MaskFlags::FAN_OPEN_EXEC | MaskFlags::FAN_ONDIR,
             nix::fcntl::AT_FDCWD,
-            Some(format!("{root}/").as_str()),
+            Some(root),
         )
         .map_err(|errno| match errno {
             nix::Error::ENOENT | nix::Error::ESRCH => ProfileError::Gone(pid),
             errno => ProfileError::Fanotify { pid, errno },
         })?;
-        let paths = Arc::new(Mutex::new(seed(pid, &prefix)));
+        let paths = Arc::new(Mutex::new(seeded));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
             let (paths, stop) = (paths.clone(), stop.clone());
             std::thread::Builder::new()
-                .name(format!("profile-{pid}"))
-                .spawn(move || record(fan, &prefix, &paths, &stop))
+                .name("profile".into())
+                .spawn(move || record(fan, &prefixes, &paths, &stop))
                 .map_err(|_| ProfileError::Gone(pid))?
         };
         Ok(Recording {
@@ -120,7 +139,7 @@ impl Drop for Recording {
     }
 }
 
-fn record(fan: Fanotify, prefix: &str, paths: &Mutex<BTreeSet<String>>, stop: &AtomicBool) {
+fn record(fan: Fanotify, prefixes: &[String], paths: &Mutex<BTreeSet<String>>, stop: &AtomicBool) {
     loop {
         let stopping = stop.load(Ordering::SeqCst);
         let mut fds = [PollFd::new(fan.as_fd(), PollFlags::POLLIN)];
@@ -132,10 +151,11 @@ fn record(fan: Fanotify, prefix: &str, paths: &Mutex<BTreeSet<String>>, stop: &A
                     for e in events {
                         if let Some(fd) = e.fd() {
                             let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
-                            if let Ok(p) = std::fs::read_link(link)
-                                && let Some(p) = inside(prefix, &p.to_string_lossy())
-                            {
-                                got.insert(p);
+                            if let Ok(p) = std::fs::read_link(link) {
+                                let p = p.to_string_lossy();
+                                if let Some(p) = prefixes.iter().find_map(|x| inside(x, &p)) {
+                                    got.insert(p);
+                                }
                             }
                         }
                     }

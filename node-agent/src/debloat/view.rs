@@ -90,6 +90,15 @@ impl View {
                         view.nodes.insert(e.path.clone(), (other.clone(), i));
                     }
                 }
+                // A tar need not list the parents of its entries; the
+                // runtime creates them, so the view does too.
+                let mut at = e.path.as_str();
+                while let Some((parent, _)) = at.rsplit_once('/') {
+                    view.nodes
+                        .entry(parent.to_string())
+                        .or_insert((Kind::Dir, i));
+                    at = parent;
+                }
             }
         }
         view
@@ -223,6 +232,14 @@ pub fn closure<'a>(
             add(&mut kept, &found);
         }
     }
+    // Files a program only stats, never opens, which fanotify cannot see:
+    // Python finds a module by its source and then reads the bytecode.
+    let sources: Vec<String> = kept.iter().filter_map(|p| python_source(p)).collect();
+    for source in sources {
+        if view.get(&source).is_some() {
+            add(&mut kept, &source);
+        }
+    }
     // Hard-link targets, and the symlinks that lead to something kept (the
     // profile names files by their resolved path, not the link used).
     loop {
@@ -252,6 +269,19 @@ pub fn closure<'a>(
     }
     kept.insert(String::new());
     kept
+}
+
+/// The source of a Python bytecode file: `d/__pycache__/m.cpython-311.pyc`
+/// is found through `d/m.py`.
+pub fn python_source(path: &str) -> Option<String> {
+    let (dir, file) = path.rsplit_once('/')?;
+    let parent = dir.strip_suffix("__pycache__")?.trim_end_matches('/');
+    let stem = file.strip_suffix(".pyc")?.split('.').next()?;
+    Some(if parent.is_empty() {
+        format!("{stem}.py")
+    } else {
+        format!("{parent}/{stem}.py")
+    })
 }
 
 /// For each layer from `first` on, which of its entries to keep (`None`

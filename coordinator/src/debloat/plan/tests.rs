@@ -49,6 +49,7 @@ fn profiling(since: &str) -> ImageDebloatStatus {
             node: "n1".into(),
             since: since.into(),
             containers: vec![],
+            watching: Some(false),
         }),
         ..status("Profiling")
     }
@@ -236,5 +237,51 @@ fn a_build_rolls_out_or_fails_and_a_rollout_ends_ready_or_rolled_back() {
             target
         ),
         Step::Wait
+    );
+}
+
+#[test]
+fn a_watching_profiler_gets_the_workload_restarted_and_the_window_counts_from_then() {
+    let mut s = profiling(T0);
+    s.profiler.as_mut().unwrap().watching = None;
+    // Not known yet whether it can watch: wait.
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 99.0, ready("n1")), target),
+        Step::Wait
+    );
+    s.profiler.as_mut().unwrap().watching = Some(true);
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 99.0, ready("n1")), target),
+        Step::Restart
+    );
+    s.restarted_at = Some("2026-01-01T00:01:00Z".into());
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 100.0, ready("n1")), target),
+        Step::Wait
+    );
+    let rolling = WorkloadFacts {
+        rolled_out: false,
+        ..ready("n1")
+    };
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 200.0, rolling), target),
+        Step::Wait
+    );
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 200.0, ready("n1")), target),
+        Step::EndProfile
+    );
+    // restart: false keeps the pods as they are.
+    let keep = ImageDebloatSpec {
+        profile: ProfileSpec {
+            restart: Some(false),
+            ..Default::default()
+        },
+        ..spec()
+    };
+    s.restarted_at = None;
+    assert_eq!(
+        next(&keep, &s, &facts(T0_SECS + 60.0, ready("n1")), target),
+        Step::EndProfile
     );
 }

@@ -211,3 +211,39 @@ fn a_kept_hard_link_keeps_its_target_entry_and_top_leaves_lower_layers_alone() {
     let p = plan(&ls, &v, &kept, 1);
     assert_eq!(p[0], None);
 }
+
+#[test]
+fn parents_a_layer_does_not_list_are_there_and_what_is_under_them_is_kept() {
+    let ls = vec![
+        vec![dir("usr"), file("usr/bin")],
+        vec![file("app/server.py"), file("app/unused.py")],
+    ];
+    let v = View::build(&ls);
+    assert_eq!(v.get("app"), Some(&(Kind::Dir, 1)));
+    let kept = closure(&v, ["/app/server.py"], &[]);
+    assert!(kept.contains("app/server.py") && kept.contains("app"));
+    let p = plan(&ls, &v, &kept, 0);
+    assert_eq!(p[1], Some(vec![true, false]));
+}
+
+#[test]
+fn python_bytecode_keeps_the_source_the_import_system_looks_for() {
+    assert_eq!(
+        python_source("usr/lib/python3.11/encodings/__pycache__/__init__.cpython-311.pyc")
+            .as_deref(),
+        Some("usr/lib/python3.11/encodings/__init__.py")
+    );
+    assert_eq!(
+        python_source("a/__pycache__/m.cpython-311.opt-1.pyc").as_deref(),
+        Some("a/m.py")
+    );
+    assert_eq!(python_source("a/m.pyc"), None);
+    let v = View::build(&[vec![
+        file("lib/json/__init__.py"),
+        file("lib/json/__pycache__/__init__.cpython-311.pyc"),
+        file("lib/json/decoder.py"),
+    ]]);
+    let kept = closure(&v, ["/lib/json/__pycache__/__init__.cpython-311.pyc"], &[]);
+    assert!(kept.contains("lib/json/__init__.py"));
+    assert!(!kept.contains("lib/json/decoder.py"));
+}
