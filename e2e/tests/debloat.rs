@@ -13,8 +13,51 @@ use berth_e2e::registry::{Registry, unique_suffix};
 use berth_e2e::scratch::ScratchRegistry;
 use berth_e2e::{Cluster, NAMESPACE, TestNamespace, debian, eventually};
 use berth_node_agent::debloat::tar::{Kind, Reader, Record};
+use berth_node_agent::testing::{tar_of, ustar_header};
 
 const WAIT: &str = "180s";
+
+/// `kubectl wait --for=condition=Ready` of `what` (e.g. `pod/x`) in `ns`.
+fn wait_ready(c: &Cluster, ns: &str, what: &str) {
+    c.kubectl(&[
+        "-n",
+        ns,
+        "wait",
+        "--for=condition=Ready",
+        what,
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+}
+
+/// Waits for Deployment `name` to finish rolling out.
+fn rollout(c: &Cluster, ns: &str, name: &str) {
+    c.kubectl(&[
+        "-n",
+        ns,
+        "rollout",
+        "status",
+        &format!("deploy/{name}"),
+        "--timeout",
+        WAIT,
+    ])
+    .unwrap();
+}
+
+/// The image of Deployment `name`'s first container.
+fn image_of(c: &Cluster, ns: &str, name: &str) -> String {
+    c.kubectl(&[
+        "-n",
+        ns,
+        "get",
+        "deploy",
+        name,
+        "-o",
+        "jsonpath={.spec.template.spec.containers[0].image}",
+    ])
+    .unwrap()
+}
 
 fn records(gz: &[u8]) -> Vec<(Record, Vec<u8>)> {
     let mut tar = Vec::new();
@@ -65,16 +108,7 @@ async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_se
     let ns = TestNamespace::new(&c, "debloat-cli");
     c.apply(&redis_pod(&ns.name, "redis", &node, &image))
         .unwrap();
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "wait",
-        "--for=condition=Ready",
-        "pod/redis",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    wait_ready(&c, &ns.name, "pod/redis");
 
     let profiles = tempfile::tempdir().unwrap();
     let profiles_dir = profiles.path().to_str().unwrap();
@@ -140,16 +174,7 @@ async fn baffs_shadow_and_debloat_shrink_redis_keep_every_header_and_it_still_se
     assert!(c.cri_has_image(&node, &baffs_image).await.unwrap());
     c.apply(&redis_pod(&ns.name, "redis-baffs", &node, &baffs_image))
         .unwrap();
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "wait",
-        "--for=condition=Ready",
-        "pod/redis-baffs",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    wait_ready(&c, &ns.name, "pod/redis-baffs");
     exercise(&c, &ns.name, "redis-baffs").unwrap();
 }
 
@@ -232,29 +257,13 @@ async fn hostile_layers_are_refused_before_anything_is_written() {
     }
 }
 
-/// An uncompressed tar of raw ustar entries (name, type, link) that no tar
-/// library would write.
+/// An uncompressed tar of raw ustar entries (name, type, link), empty.
 fn raw_tar(entries: &[(&str, u8, &str)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (name, flag, link) in entries {
-        let mut b = [0u8; 512];
-        b[..name.len()].copy_from_slice(name.as_bytes());
-        b[100..107].copy_from_slice(b"0000644");
-        b[108..115].copy_from_slice(b"0000000");
-        b[116..123].copy_from_slice(b"0000000");
-        b[124..135].copy_from_slice(b"00000000000");
-        b[136..147].copy_from_slice(b"14000000000");
-        b[156] = *flag;
-        b[157..157 + link.len()].copy_from_slice(link.as_bytes());
-        b[257..263].copy_from_slice(b"ustar\0");
-        b[263..265].copy_from_slice(b"00");
-        b[148..156].copy_from_slice(b"        ");
-        let sum: u64 = b.iter().map(|x| *x as u64).sum();
-        b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-        out.extend_from_slice(&b);
-    }
-    out.extend_from_slice(&[0u8; 1024]);
-    out
+    let blocks: Vec<([u8; 512], &[u8])> = entries
+        .iter()
+        .map(|(name, flag, link)| (ustar_header(name, *flag, 0, link), &b""[..]))
+        .collect();
+    tar_of(&blocks)
 }
 
 /// Removes a node label when dropped.
@@ -345,16 +354,7 @@ async fn the_debloater_daemonset_runs_baffs_on_labelled_nodes_only_with_its_own_
         } else {
             NAMESPACE
         };
-        c.kubectl(&[
-            "-n",
-            n,
-            "wait",
-            "--for=condition=Ready",
-            p,
-            "--timeout",
-            WAIT,
-        ])
-        .unwrap();
+        wait_ready(&c, n, p);
     }
     assert_eq!(
         debloater(&other),
@@ -410,16 +410,7 @@ async fn the_debloater_daemonset_runs_baffs_on_labelled_nodes_only_with_its_own_
     let baffs_image = format!("{}/{repo}:7-baffs", reg.host);
     c.apply(&redis_pod(&ns.name, "redis-baffs", &node, &baffs_image))
         .unwrap();
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "wait",
-        "--for=condition=Ready",
-        "pod/redis-baffs",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    wait_ready(&c, &ns.name, "pod/redis-baffs");
     exercise(&c, &ns.name, "redis-baffs").unwrap();
 }
 
@@ -576,16 +567,7 @@ async fn debloater_on<'a>(c: &'a Cluster, node: &str) -> Label<'a> {
     })
     .await
     .unwrap();
-    c.kubectl(&[
-        "-n",
-        NAMESPACE,
-        "wait",
-        "--for=condition=Ready",
-        &format!("pod/{pod}"),
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    wait_ready(c, NAMESPACE, &format!("pod/{pod}"));
     label
 }
 
@@ -612,16 +594,7 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
         1,
     ))
     .unwrap();
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "rollout",
-        "status",
-        "deploy/redis",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    rollout(&c, &ns.name, "redis");
 
     c.apply(&format!(
         "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{probeJob: exercise}}\n  rolloutTimeout: 2m\n",
@@ -639,16 +612,7 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
     assert_eq!(s.phase, "Profiling");
     assert_eq!(s.node.as_deref(), Some(node.as_str()));
     assert_eq!(s.profiler.as_ref().and_then(|p| p.watching), Some(true));
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "rollout",
-        "status",
-        "deploy/redis",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    rollout(&c, &ns.name, "redis");
     // The user's workload, from another node, while the profile records.
     let (_, ip) = pod_of(&c, &ns.name, "redis", &image);
     c.apply(&exercise_job(&ns.name, "exercise", &other, &image, &ip))
@@ -680,17 +644,7 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
     );
     assert!(build.size_after * 2 < build.size_before, "{build:?}");
     assert_eq!(build.layers.len(), 1);
-    let now = c
-        .kubectl(&[
-            "-n",
-            &ns.name,
-            "get",
-            "deploy",
-            "redis",
-            "-o",
-            "jsonpath={.spec.template.spec.containers[0].image}",
-        ])
-        .unwrap();
+    let now = image_of(&c, &ns.name, "redis");
     assert_eq!(now, target);
     // The same workload passes against the debloated pod.
     let (_, ip) = pod_of(&c, &ns.name, "redis", &target);
@@ -729,16 +683,7 @@ async fn a_profile_that_misses_what_the_readiness_probe_reads_rolls_back_with_th
     let probe = r#"sh, -c, "[ -e /tmp/warm ] || { cat /etc/berth/ready && touch /tmp/warm; }""#;
     c.apply(&deployment(&ns.name, "redis", &node, &image, probe, 1))
         .unwrap();
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "rollout",
-        "status",
-        "deploy/redis",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    rollout(&c, &ns.name, "redis");
     let (old_pod, _) = pod_of(&c, &ns.name, "redis", &image);
 
     c.apply(&format!(
@@ -752,17 +697,7 @@ async fn a_profile_that_misses_what_the_readiness_probe_reads_rolls_back_with_th
     .await;
     assert_eq!(s.phase, "RolledBack", "{s:?}");
     assert_eq!(s.reason.as_deref(), Some("NewPodsNotReady"), "{s:?}");
-    let now = c
-        .kubectl(&[
-            "-n",
-            &ns.name,
-            "get",
-            "deploy",
-            "redis",
-            "-o",
-            "jsonpath={.spec.template.spec.containers[0].image}",
-        ])
-        .unwrap();
+    let now = image_of(&c, &ns.name, "redis");
     assert_eq!(now, image, "the original image is back");
     // The original pod served throughout: the same pod, never restarted, ready.
     let st = c
@@ -873,16 +808,7 @@ spec:
         ns = ns.name
     ))
     .unwrap();
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "rollout",
-        "status",
-        "deploy/web",
-        "--timeout",
-        WAIT,
-    ])
-    .unwrap();
+    rollout(&c, &ns.name, "web");
     c.apply(&format!(
         "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: web, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: web}}\n  profile: {{window: 5s}}\n  rolloutTimeout: 2m\n",
         ns.name
@@ -924,4 +850,73 @@ spec:
     ))
     .unwrap();
     job_succeeds(&c, &ns.name, "ask").await;
+}
+
+#[tokio::test]
+async fn an_annotated_deployment_gets_an_image_debloat_and_stop_ends_its_profile() {
+    let c = Cluster::from_env().await.unwrap();
+    let node = c.nodes[0].clone();
+    let _label = debloater_on(&c, &node).await;
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/redis-ann-{}", unique_suffix());
+    debian::push(&client, &repo, "7", REDIS, redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-ann");
+    c.apply(&deployment(
+        &ns.name,
+        "redis",
+        &node,
+        &image,
+        "redis-cli, ping",
+        1,
+    ))
+    .unwrap();
+    rollout(&c, &ns.name, "redis");
+    // As baffs's pod-event listener would pick it up.
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "annotate",
+        "deploy/redis",
+        "berth.dev/debloat=true",
+    ])
+    .unwrap();
+    let s = wait_debloat(
+        &c,
+        &ns.name,
+        "redis-debloat",
+        "profiling after the restart",
+        |s| s.restarted_at.is_some(),
+    )
+    .await;
+    assert_eq!(s.phase, "Profiling");
+    rollout(&c, &ns.name, "redis");
+    // The default window is a minute: end it by hand.
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "imagedebloat",
+        "redis-debloat",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"profile":{"stop":true}}}"#,
+    ])
+    .unwrap();
+    let s = wait_debloat(&c, &ns.name, "redis-debloat", "the end", |s| {
+        matches!(s.phase.as_str(), "Ready" | "Failed" | "RolledBack")
+    })
+    .await;
+    assert_eq!(s.phase, "Ready", "{s:?}");
+    assert_eq!(image_of(&c, &ns.name, "redis"), format!("{image}-baffs"));
+    let (pod, _) = pod_of(&c, &ns.name, "redis", &format!("{image}-baffs"));
+    assert_eq!(
+        exec(&c, &ns.name, &pod, &["redis-cli", "ping"])
+            .unwrap()
+            .trim(),
+        "PONG"
+    );
 }

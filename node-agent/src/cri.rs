@@ -584,6 +584,17 @@ pub struct RunningContainer {
     pub pid: u32,
 }
 
+impl RunningContainer {
+    /// `namespace/pod/container`, or the container ID outside Kubernetes.
+    pub fn who(&self) -> String {
+        if self.pod.is_empty() {
+            self.id.clone()
+        } else {
+            format!("{}/{}", self.pod, self.name)
+        }
+    }
+}
+
 impl CriRuntime {
     /// Every running container with the PID of its first process (from
     /// the runtime's verbose status; containers the runtime gives no PID

@@ -197,6 +197,31 @@ impl Reference {
         })
     }
 
+    /// The same repository under the tag `<tag><suffix>` (`redis:7` →
+    /// `redis:7-baffs`, as baffs names its results); a reference by digest
+    /// gets `sha256-<first 12 hex digits><suffix>`. Fails when the tag would
+    /// be longer than a tag may be.
+    pub fn with_tag_suffix(&self, suffix: &str) -> Result<Reference, String> {
+        let tag = match (&self.tag, &self.digest) {
+            (Some(t), _) => format!("{t}{suffix}"),
+            (None, Some(d)) => format!(
+                "{}{suffix}",
+                d.replace(':', "-").chars().take(19).collect::<String>()
+            ),
+            (None, None) => format!("latest{suffix}"),
+        };
+        if tag.len() > 128 {
+            return Err(format!(
+                "{self}: the tag {tag:?} would be longer than 128 characters"
+            ));
+        }
+        Ok(Reference {
+            tag: Some(tag),
+            digest: None,
+            ..self.clone()
+        })
+    }
+
     /// `domain/path`, the repository without tag or digest.
     pub fn repository(&self) -> String {
         format!("{}/{}", self.domain, self.path)

@@ -90,20 +90,10 @@ fn now_rfc3339() -> String {
 
 /// `<image><suffix>` as a reference, or why it cannot be one.
 pub fn target_of(image: &str, suffix: &str) -> Result<String, String> {
-    let mut r = berth_proto::reference::Reference::parse(image).map_err(|e| e.to_string())?;
-    let tag = match (&r.tag, &r.digest) {
-        (Some(t), _) => format!("{t}{suffix}"),
-        (None, Some(d)) => format!("{}{suffix}", &d.replace(':', "-")[..19.min(d.len())]),
-        (None, None) => format!("latest{suffix}"),
-    };
-    if tag.len() > 128 {
-        return Err(format!(
-            "{image}: the tag {tag:?} would be longer than 128 characters"
-        ));
-    }
-    r.tag = Some(tag);
-    r.digest = None;
-    Ok(r.to_string())
+    berth_proto::reference::Reference::parse(image)
+        .map_err(|e| e.to_string())?
+        .with_tag_suffix(suffix)
+        .map(|r| r.to_string())
 }
 
 /// The workload in one shape: its pod template, selector, and rollout state.

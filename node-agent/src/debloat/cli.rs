@@ -234,11 +234,7 @@ async fn shadow(
             if live.contains_key(&c.id) || !wanted.contains_key(&c.image_id) {
                 continue;
             }
-            let who = if c.pod.is_empty() {
-                c.id.clone()
-            } else {
-                format!("{}/{}", c.pod, c.name)
-            };
+            let who = c.who();
             match Recording::start(c.pid) {
                 Ok(r) => {
                     eprintln!("  {who}: profiling (pid {})", c.pid);

@@ -269,11 +269,7 @@ async fn profile(
     for (id, at, r) in std::mem::take(&mut p.pending) {
         match running.iter().find(|c| c.id == id) {
             Some(c) if c.image_id == p.image_id => {
-                let who = if c.pod.is_empty() {
-                    c.id.clone()
-                } else {
-                    format!("{}/{}", c.pod, c.name)
-                };
+                let who = c.who();
                 info!(debloat = %p.name, container = %who, "recording from its start");
                 p.containers.insert(who.clone());
                 p.recordings.insert(id, (who, r));
@@ -299,11 +295,7 @@ async fn profile(
         if p.recordings.contains_key(&c.id) {
             continue;
         }
-        let who = if c.pod.is_empty() {
-            c.id.clone()
-        } else {
-            format!("{}/{}", c.pod, c.name)
-        };
+        let who = c.who();
         match Recording::start(c.pid) {
             Ok(r) => {
                 info!(debloat = %p.name, container = %who, "recording");

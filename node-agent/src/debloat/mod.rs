@@ -79,23 +79,9 @@ impl Debloated {
 /// `<ref>-baffs`, baffs's naming: the tag gets the suffix (`redis:7` →
 /// `redis:7-baffs`); a reference by digest gets `sha256-<12 hex>-baffs`.
 pub fn baffs_name(reference: &str, suffix: &str) -> Result<Reference, String> {
-    let mut r = Reference::parse(reference).map_err(|e| e.to_string())?;
-    let tag = match (&r.tag, &r.digest) {
-        (Some(t), _) => format!("{t}{suffix}"),
-        (None, Some(d)) => format!(
-            "{}{suffix}",
-            d.replace(':', "-").chars().take(19).collect::<String>()
-        ),
-        (None, None) => format!("latest{suffix}"),
-    };
-    if tag.len() > 128 {
-        return Err(format!(
-            "{reference}: the tag {tag:?} would be longer than 128 characters"
-        ));
-    }
-    r.tag = Some(tag);
-    r.digest = None;
-    Ok(r)
+    Reference::parse(reference)
+        .map_err(|e| e.to_string())?
+        .with_tag_suffix(suffix)
 }
 
 /// Builds the debloated image of `image` from the paths its containers

@@ -1,35 +1,6 @@
 use super::*;
 
-/// A raw ustar header block with a correct checksum.
-pub(crate) fn header(name: &str, flag: u8, size: u64, link: &str) -> [u8; 512] {
-    let mut b = [0u8; 512];
-    b[..name.len()].copy_from_slice(name.as_bytes());
-    b[100..107].copy_from_slice(b"0000644");
-    b[108..115].copy_from_slice(b"0000000");
-    b[116..123].copy_from_slice(b"0000000");
-    b[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-    b[136..147].copy_from_slice(b"14000000000");
-    b[156] = flag;
-    b[157..157 + link.len()].copy_from_slice(link.as_bytes());
-    b[257..263].copy_from_slice(b"ustar\0");
-    b[263..265].copy_from_slice(b"00");
-    b[148..156].copy_from_slice(b"        ");
-    let sum: u64 = b.iter().map(|x| *x as u64).sum();
-    b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    b
-}
-
-/// An archive of raw entries: (header, data).
-pub(crate) fn archive(entries: &[([u8; 512], &[u8])]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (h, data) in entries {
-        out.extend_from_slice(h);
-        out.extend_from_slice(data);
-        out.resize(out.len().div_ceil(512) * 512, 0);
-    }
-    out.extend_from_slice(&[0u8; 1024]);
-    out
-}
+pub(crate) use crate::testing::{tar_of as archive, ustar_header as header};
 
 /// A realistic layer written by the `tar` crate: a long GNU name, PAX
 /// xattrs, a symlink, a hard link, a whiteout and an opaque directory.
