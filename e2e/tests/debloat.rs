@@ -571,30 +571,57 @@ async fn debloater_on<'a>(c: &'a Cluster, node: &str) -> Label<'a> {
     label
 }
 
+/// A registry of the test's own holding the redis image, and a namespace
+/// with a Deployment `redis` of it on `node`, rolled out.
+struct Fixture<'a> {
+    reg: ScratchRegistry,
+    client: Registry,
+    repo: String,
+    image: String,
+    ns: TestNamespace<'a>,
+}
+
+async fn redis_fixture<'a>(c: &'a Cluster, node: &str, name: &str) -> Fixture<'a> {
+    let reg = ScratchRegistry::start(c, None).await.unwrap();
+    let client = reg.client();
+    let repo = format!("debloat/redis-{name}-{}", unique_suffix());
+    debian::push(&client, &repo, "7", REDIS, redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(c, &format!("debloat-{name}"));
+    c.apply(&deployment(
+        &ns.name,
+        "redis",
+        node,
+        &image,
+        "redis-cli, ping",
+        1,
+    ))
+    .unwrap();
+    rollout(c, &ns.name, "redis");
+    Fixture {
+        reg,
+        client,
+        repo,
+        image,
+        ns,
+    }
+}
+
 #[tokio::test]
 async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_deployment_onto_baffs()
  {
     let c = Cluster::from_env().await.unwrap();
     let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
     let _label = debloater_on(&c, &node).await;
-    let reg = ScratchRegistry::start(&c, None).await.unwrap();
-    let client = reg.client();
-    let repo = format!("debloat/redis-crd-{}", unique_suffix());
-    debian::push(&client, &repo, "7", REDIS, redis_run())
-        .await
-        .unwrap();
-    let image = format!("{}/{repo}:7", reg.host);
-    let ns = TestNamespace::new(&c, "debloat-crd");
-    c.apply(&deployment(
-        &ns.name,
-        "redis",
-        &node,
-        &image,
-        "redis-cli, ping",
-        1,
-    ))
-    .unwrap();
-    rollout(&c, &ns.name, "redis");
+    let Fixture {
+        reg,
+        client,
+        repo,
+        image,
+        ns,
+    } = redis_fixture(&c, &node, "crd").await;
 
     c.apply(&format!(
         "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{probeJob: exercise}}\n  rolloutTimeout: 2m\n",
@@ -857,24 +884,13 @@ async fn an_annotated_deployment_gets_an_image_debloat_and_stop_ends_its_profile
     let c = Cluster::from_env().await.unwrap();
     let node = c.nodes[0].clone();
     let _label = debloater_on(&c, &node).await;
-    let reg = ScratchRegistry::start(&c, None).await.unwrap();
-    let client = reg.client();
-    let repo = format!("debloat/redis-ann-{}", unique_suffix());
-    debian::push(&client, &repo, "7", REDIS, redis_run())
-        .await
-        .unwrap();
-    let image = format!("{}/{repo}:7", reg.host);
-    let ns = TestNamespace::new(&c, "debloat-ann");
-    c.apply(&deployment(
-        &ns.name,
-        "redis",
-        &node,
-        &image,
-        "redis-cli, ping",
-        1,
-    ))
-    .unwrap();
-    rollout(&c, &ns.name, "redis");
+    // The registry stays up while `_reg` lives.
+    let Fixture {
+        reg: _reg,
+        image,
+        ns,
+        ..
+    } = redis_fixture(&c, &node, "ann").await;
     // As baffs's pod-event listener would pick it up.
     c.kubectl(&[
         "-n",
