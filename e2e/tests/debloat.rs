@@ -638,7 +638,7 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
     .await;
     assert_eq!(s.phase, "Profiling");
     assert_eq!(s.node.as_deref(), Some(node.as_str()));
-    assert_eq!(s.profiler.as_ref().and_then(|p| p.watching), Some(true));
+    assert_eq!(s.profilers.get(&node).and_then(|p| p.watching), Some(true));
     rollout(&c, &ns.name, "redis");
     // The user's workload, from another node, while the profile records.
     let (_, ip) = pod_of(&c, &ns.name, "redis", &image);
@@ -935,4 +935,130 @@ async fn an_annotated_deployment_gets_an_image_debloat_and_stop_ends_its_profile
             .trim(),
         "PONG"
     );
+}
+
+#[tokio::test]
+async fn every_node_running_the_workload_profiles_it_and_the_build_merges_their_paths() {
+    let c = Cluster::from_env().await.unwrap();
+    let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
+    let _labels = (
+        debloater_on(&c, &node).await,
+        debloater_on(&c, &other).await,
+    );
+    let reg = ScratchRegistry::start(&c, None).await.unwrap();
+    let client = reg.client();
+    let unique = unique_suffix();
+    let repo = format!("debloat/redis-2n-{unique}");
+    // An image of its own (a layer naming this run): no node has a profile
+    // of it from earlier tests.
+    let base = std::fs::read(debian::rootfs(REDIS).unwrap()).unwrap();
+    let mark = berth_e2e::registry::tar_layer(&[("etc/berth-run", unique.as_bytes())]).unwrap();
+    client
+        .push_gzip_image(&repo, "7", vec![base, mark], redis_run())
+        .await
+        .unwrap();
+    let image = format!("{}/{repo}:7", reg.host);
+    let ns = TestNamespace::new(&c, "debloat-2n");
+    // One replica on each node.
+    c.apply(&format!(
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: redis, namespace: {ns}}}
+spec:
+  replicas: 2
+  selector: {{matchLabels: {{app: redis}}}}
+  strategy: {{type: RollingUpdate, rollingUpdate: {{maxUnavailable: 0, maxSurge: 1}}}}
+  template:
+    metadata: {{labels: {{app: redis}}}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      topologySpreadConstraints:
+      - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: redis}}}}}}
+      containers:
+      - name: redis
+        image: {image}
+        readinessProbe:
+          exec: {{command: [redis-cli, ping]}}
+          periodSeconds: 1
+"#,
+        ns = ns.name
+    ))
+    .unwrap();
+    rollout(&c, &ns.name, "redis");
+    c.apply(&format!(
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{window: 10m}}\n  rolloutTimeout: 2m\n",
+        ns.name
+    ))
+    .unwrap();
+    let s = wait_debloat(
+        &c,
+        &ns.name,
+        "redis",
+        "the restart under the profilers",
+        |s| s.restarted_at.is_some(),
+    )
+    .await;
+    let mut both = vec![node.clone(), other.clone()];
+    both.sort();
+    assert_eq!(s.nodes, both);
+    rollout(&c, &ns.name, "redis");
+    // redis-benchmark runs on the other node's pod only.
+    let on = |n: &str, want: &str| {
+        let pods = c
+            .kubectl(&["-n", &ns.name, "get", "pods", "-l", "app=redis", "--field-selector", &format!("spec.nodeName={n}"), "-o", r#"jsonpath={range .items[*]}{.metadata.name} {.spec.containers[0].image} {.metadata.deletionTimestamp}{"\n"}{end}"#])
+            .unwrap();
+        pods.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 2 && f[1] == want)
+            .map(|f| f[0].to_string())
+            .unwrap_or_else(|| panic!("no pod of {want} on {n}: {pods}"))
+    };
+    let far = on(&other, &image);
+    let bench = exec(
+        &c,
+        &ns.name,
+        &far,
+        &["redis-benchmark", "-q", "-n", "200", "-t", "ping"],
+    )
+    .unwrap();
+    assert!(bench.contains("requests per second"), "{bench}");
+    c.kubectl(&[
+        "-n",
+        &ns.name,
+        "patch",
+        "imagedebloat",
+        "redis",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"profile":{"stop":true}}}"#,
+    ])
+    .unwrap();
+    let s = wait_debloat(&c, &ns.name, "redis", "the end", |s| {
+        matches!(s.phase.as_str(), "Ready" | "Failed" | "RolledBack")
+    })
+    .await;
+    assert_eq!(s.phase, "Ready", "{s:?}");
+    let builder = s.node.clone().unwrap();
+    let handed: Vec<&String> = s
+        .profilers
+        .iter()
+        .filter(|(_, p)| p.paths.is_some())
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(
+        handed,
+        vec![both.iter().find(|n| **n != builder).unwrap()],
+        "the other node handed its paths over"
+    );
+    // The image was built on the building node, where redis-benchmark
+    // never ran, and still has it: the other node's profile was merged in.
+    let (near, _) = pod_of(&c, &ns.name, "redis", &format!("{image}-baffs"));
+    let bench = exec(
+        &c,
+        &ns.name,
+        &near,
+        &["redis-benchmark", "-q", "-n", "200", "-t", "ping"],
+    )
+    .unwrap();
+    assert!(bench.contains("requests per second"), "{bench}");
 }

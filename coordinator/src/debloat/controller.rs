@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ObjectReference, Pod, PodSpec};
+use k8s_openapi::api::core::v1::{Node, ObjectReference, Pod, PodSpec};
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::Store;
@@ -28,6 +28,8 @@ use super::crd::{
 use super::plan::{self, Facts, Step, WorkloadFacts};
 use crate::imagecache::watch::{any_change, mirror};
 
+/// The label of nodes that run the debloater (manifests/35-debloater.yaml).
+pub const DEBLOAT_NODES: &str = "berth.dev/debloat=enabled";
 /// A pass runs at least this often (windows and timeouts fall due).
 const RESYNC: Duration = Duration::from_secs(1);
 /// Container states of a new pod that mean the debloated image broke it.
@@ -177,7 +179,7 @@ impl Controller {
         let image = container.and_then(|c| c.image.clone());
         let mut wf = WorkloadFacts {
             image: image.clone(),
-            ready_node: None,
+            ready_nodes: Vec::new(),
             rolled_out: w.rolled_out,
             failing: None,
         };
@@ -201,11 +203,11 @@ impl Controller {
                 .flatten()
                 .any(|c| c.type_ == "Ready" && c.status == "True");
             if ready
-                && wf.ready_node.is_none()
                 && image.as_deref().is_some_and(runs)
                 && p.metadata.deletion_timestamp.is_none()
             {
-                wf.ready_node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                wf.ready_nodes
+                    .extend(p.spec.as_ref().and_then(|s| s.node_name.clone()));
             }
             if status.phase == "RollingOut"
                 && status.target.as_deref().is_some_and(runs)
@@ -239,6 +241,15 @@ impl Controller {
                 }
             }
         }
+        wf.ready_nodes.sort();
+        wf.ready_nodes.dedup();
+        // Only nodes with a debloater can profile.
+        let labelled: Vec<String> = Api::<Node>::all(self.client.clone())
+            .list(&ListParams::default().labels(DEBLOAT_NODES))
+            .await
+            .map(|l| l.items.iter().map(|n| n.name_any()).collect())
+            .unwrap_or_default();
+        wf.ready_nodes.retain(|n| labelled.contains(n));
         facts.workload = Some(wf);
         if let Some(job) = &spec.profile.probe_job {
             let done = match Api::<Job>::namespaced(self.client.clone(), ns)
@@ -360,16 +371,16 @@ impl Controller {
                 Ok(())
             }
             Step::Profile {
-                node,
+                nodes,
                 image,
                 target,
             } => {
-                info!(debloat = %name, %node, %image, "profiling");
+                info!(debloat = %name, ?nodes, %image, "profiling");
                 self.status(
                     d,
                     ns,
-                    json!({"phase": "Profiling", "node": node, "image": image, "target": target,
-                        "profileStartedAt": now_rfc3339(), "reason": null, "message": null}),
+                    json!({"phase": "Profiling", "node": nodes[0], "nodes": nodes, "image": image,
+                        "target": target, "profileStartedAt": now_rfc3339(), "reason": null, "message": null}),
                 )
                 .await
             }

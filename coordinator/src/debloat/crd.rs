@@ -7,6 +7,8 @@
 //! `image`, `target`, times, reason), the node's debloater `profiler` and
 //! `build` (what it recorded and built).
 
+use std::collections::BTreeMap;
+
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
@@ -127,9 +129,12 @@ pub struct ImageDebloatStatus {
     /// Where the result goes: `<image>-baffs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<String>,
-    /// The node the image is profiled and built on.
+    /// The node the image is built on (the first of `nodes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// Every node that runs a ready pod of the workload: each profiles it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nodes: Vec<String>,
     /// When profiling started and ended, the rollout started (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_started_at: Option<String>,
@@ -149,20 +154,19 @@ pub struct ImageDebloatStatus {
     /// The failure in words.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
-    /// The node's debloater: what it records (its own field).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub profiler: Option<ProfilerStatus>,
+    /// Each node's debloater: what it records, under its node's name (its
+    /// own field).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub profilers: BTreeMap<String, ProfilerStatus>,
     /// The node's debloater: what it built (its own field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub build: Option<BuildStatus>,
 }
 
-/// What the node's debloater records.
+/// What one node's debloater records.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ProfilerStatus {
-    /// The node.
-    pub node: String,
     /// Since when it records (RFC 3339).
     pub since: String,
     /// Containers recorded: `namespace/pod/container`.
@@ -172,6 +176,10 @@ pub struct ProfilerStatus {
     /// armed, `false` if it could not be (then nothing is restarted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watching: Option<bool>,
+    /// Once profiling ended, on nodes other than the building one: the
+    /// paths recorded there, for the build.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paths: Option<Vec<String>>,
 }
 
 /// What the node's debloater built.

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use super::crd::{ImageDebloatSpec, ImageDebloatStatus};
+use super::crd::{ImageDebloatSpec, ImageDebloatStatus, ProfilerStatus};
 
 /// Default profile window.
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(60);
@@ -29,8 +29,8 @@ pub struct Facts {
 pub struct WorkloadFacts {
     /// The image of the chosen container; `None` when there is no such container.
     pub image: Option<String>,
-    /// The node of a ready pod that runs the image.
-    pub ready_node: Option<String>,
+    /// The nodes of ready pods that run the image, each once, sorted.
+    pub ready_nodes: Vec<String>,
     /// Every replica is updated and available.
     pub rolled_out: bool,
     /// A pod of the current template failed: its container crashed or
@@ -43,10 +43,10 @@ pub struct WorkloadFacts {
 pub enum Step {
     /// Nothing to do this pass.
     Wait,
-    /// Write `Profiling` with the node, image and target.
+    /// Write `Profiling` with the nodes, image and target.
     Profile {
-        /// Where to profile and build.
-        node: String,
+        /// Where to profile; the first also builds.
+        nodes: Vec<String>,
         /// The image as the workload names it.
         image: String,
         /// `<image>-baffs`.
@@ -146,19 +146,46 @@ pub fn next(
                     };
                 }
             };
-            match &w.ready_node {
-                Some(node) => Step::Profile {
-                    node: node.clone(),
-                    image: image.clone(),
-                    target,
-                },
-                None => Step::Note(format!("waiting for a ready pod running {image}")),
+            if w.ready_nodes.is_empty() {
+                return Step::Note(format!(
+                    "waiting for a ready pod running {image} on a node labelled berth.dev/debloat=enabled"
+                ));
+            }
+            Step::Profile {
+                nodes: w.ready_nodes.clone(),
+                image: image.clone(),
+                target,
             }
         }
         "Profiling" => {
             // Only once the node's debloater records does the profile count.
-            let Some(p) = &status.profiler else {
+            // Every node's debloater records before the profile counts.
+            let nodes: Vec<&String> = if status.nodes.is_empty() {
+                status.node.iter().collect()
+            } else {
+                status.nodes.iter().collect()
+            };
+            let profilers: Vec<&ProfilerStatus> = nodes
+                .iter()
+                .filter_map(|n| status.profilers.get(*n))
+                .collect();
+            if profilers.is_empty() || profilers.len() < nodes.len() {
                 return Step::Wait;
+            }
+            let watching = if profilers.iter().any(|p| p.watching.is_none()) {
+                None
+            } else {
+                Some(profilers.iter().any(|p| p.watching == Some(true)))
+            };
+            let since = profilers
+                .iter()
+                .map(|p| p.since.as_str())
+                .max()
+                .unwrap_or("");
+            let p = ProfilerStatus {
+                since: since.to_string(),
+                watching,
+                ..Default::default()
             };
             // Restarted under the profiler, the profile counts from the
             // restart and ends only once the new pods are up.

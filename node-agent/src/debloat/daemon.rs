@@ -138,7 +138,12 @@ pub async fn run(cri: CriRuntime, args: DebloaterArgs) -> anyhow::Result<()> {
                 continue;
             };
             let status = obj.data.get("status").cloned().unwrap_or(Value::Null);
-            if status["node"].as_str() != Some(args.node_name.as_str()) {
+            let me = args.node_name.as_str();
+            let builder = status["node"].as_str() == Some(me);
+            let listed = status["nodes"]
+                .as_array()
+                .is_some_and(|n| n.iter().any(|n| n.as_str() == Some(me)));
+            if !builder && !listed {
                 continue;
             }
             let ns = obj.metadata.namespace.clone().unwrap_or_default();
@@ -156,7 +161,32 @@ pub async fn run(cri: CriRuntime, args: DebloaterArgs) -> anyhow::Result<()> {
             if let Some(p) = active.remove(&uid) {
                 p.finish(&args.profiles_dir);
             }
-            if phase == "Debloating" && status["build"].is_null() {
+            // Another node builds: hand it what this node recorded (the
+            // node's whole profile of the image, kept across restarts).
+            if phase == "Debloating" && !builder && status["profilers"][me]["paths"].is_null() {
+                if let Err(e) = hand_over(&cri, &api, &name, &status, &args).await {
+                    warn!(debloat = %name, error = format!("{e:#}"), "could not hand the profile over");
+                }
+                continue;
+            }
+            // The building node waits for every other node's paths.
+            let others: Option<BTreeSet<String>> = status["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|n| n.as_str())
+                .filter(|n| *n != me)
+                .map(|n| {
+                    status["profilers"][n]["paths"].as_array().map(|ps| {
+                        ps.iter()
+                            .filter_map(|p| p.as_str().map(String::from))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect::<Option<Vec<_>>>()
+                .map(|all| all.into_iter().flatten().collect());
+            if phase == "Debloating" && builder && status["build"].is_null() {
+                let Some(others) = others else { continue };
                 if !building
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -172,7 +202,7 @@ pub async fn run(cri: CriRuntime, args: DebloaterArgs) -> anyhow::Result<()> {
                 );
                 let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
                 tokio::spawn(async move {
-                    let result = build(&cri, &status, &spec, &args_dir, &plain_http).await;
+                    let result = build(&cri, &status, &spec, &args_dir, &plain_http, others).await;
                     let report = match result {
                         Ok(b) => b,
                         Err(e) => {
@@ -311,12 +341,40 @@ async fn profile(
         patch_status(
             api,
             name,
-            json!({"profiler": {"node": args.node_name, "since": p.since,
-                "containers": p.containers, "watching": p.watching}}),
+            json!({"profilers": {&args.node_name: {"since": p.since,
+                "containers": p.containers, "watching": p.watching}}}),
         )
         .await?;
         p.reported = now;
     }
+    Ok(())
+}
+
+/// Writes this node's profile of the image into its `status.profilers`
+/// entry, for the node that builds.
+async fn hand_over(
+    cri: &CriRuntime,
+    api: &Api<DynamicObject>,
+    name: &str,
+    status: &Value,
+    args: &DebloaterArgs,
+) -> anyhow::Result<()> {
+    let image = status["image"].as_str().context("status.image")?;
+    let id = cri
+        .status_of(image)
+        .await?
+        .with_context(|| format!("{image} is not on this node"))?
+        .id;
+    let paths = load_profile(&args.profiles_dir, &id)?
+        .map(|p| p.paths)
+        .unwrap_or_default();
+    info!(debloat = %name, paths = paths.len(), "profile handed to the building node");
+    patch_status(
+        api,
+        name,
+        json!({"profilers": {&args.node_name: {"paths": paths}}}),
+    )
+    .await?;
     Ok(())
 }
 
@@ -327,6 +385,7 @@ async fn build(
     spec: &Value,
     profiles: &std::path::Path,
     plain_http: &[String],
+    others: BTreeSet<String>,
 ) -> anyhow::Result<Value> {
     let image = status["image"].as_str().context("status.image")?;
     let target = Reference::parse(status["target"].as_str().context("status.target")?)?;
@@ -335,8 +394,10 @@ async fn build(
         .await?
         .with_context(|| format!("{image} is no longer on this node"))?
         .id;
-    let profile = load_profile(profiles, &id)?
-        .with_context(|| format!("no profile of {image} on this node"))?;
+    let mut paths = load_profile(profiles, &id)?
+        .with_context(|| format!("no profile of {image} on this node"))?
+        .paths;
+    paths.extend(others);
     let opts = Options {
         top: spec["top"].as_u64().map(|n| n as usize),
         keep: spec["keep"]
@@ -349,7 +410,7 @@ async fn build(
     let job = Job {
         image,
         target: &target,
-        paths: &profile.paths,
+        paths: &paths,
         opts: &opts,
         plain_http,
         auth: &RegistryAuth::Anonymous,

@@ -33,7 +33,7 @@ fn facts(now: f64, w: WorkloadFacts) -> Facts {
 fn ready(node: &str) -> WorkloadFacts {
     WorkloadFacts {
         image: Some("r.io/redis:7".into()),
-        ready_node: Some(node.into()),
+        ready_nodes: vec![node.into()],
         rolled_out: true,
         failing: None,
     }
@@ -45,12 +45,17 @@ fn target(image: &str, suffix: &str) -> Result<String, String> {
 
 fn profiling(since: &str) -> ImageDebloatStatus {
     ImageDebloatStatus {
-        profiler: Some(ProfilerStatus {
-            node: "n1".into(),
-            since: since.into(),
-            containers: vec![],
-            watching: Some(false),
-        }),
+        node: Some("n1".into()),
+        nodes: vec!["n1".into()],
+        profilers: [(
+            "n1".to_string(),
+            ProfilerStatus {
+                since: since.into(),
+                watching: Some(false),
+                ..Default::default()
+            },
+        )]
+        .into(),
         ..status("Profiling")
     }
 }
@@ -61,13 +66,13 @@ fn a_new_debloat_profiles_on_a_ready_pods_node_or_waits_for_one() {
     assert_eq!(
         s,
         Step::Profile {
-            node: "n1".into(),
+            nodes: vec!["n1".into()],
             image: "r.io/redis:7".into(),
             target: "r.io/redis:7-baffs".into()
         }
     );
     let none = WorkloadFacts {
-        ready_node: None,
+        ready_nodes: vec![],
         ..ready("n1")
     };
     assert!(matches!(
@@ -243,13 +248,13 @@ fn a_build_rolls_out_or_fails_and_a_rollout_ends_ready_or_rolled_back() {
 #[test]
 fn a_watching_profiler_gets_the_workload_restarted_and_the_window_counts_from_then() {
     let mut s = profiling(T0);
-    s.profiler.as_mut().unwrap().watching = None;
+    s.profilers.get_mut("n1").unwrap().watching = None;
     // Not known yet whether it can watch: wait.
     assert_eq!(
         next(&spec(), &s, &facts(T0_SECS + 99.0, ready("n1")), target),
         Step::Wait
     );
-    s.profiler.as_mut().unwrap().watching = Some(true);
+    s.profilers.get_mut("n1").unwrap().watching = Some(true);
     assert_eq!(
         next(&spec(), &s, &facts(T0_SECS + 99.0, ready("n1")), target),
         Step::Restart
@@ -283,5 +288,38 @@ fn a_watching_profiler_gets_the_workload_restarted_and_the_window_counts_from_th
     assert_eq!(
         next(&keep, &s, &facts(T0_SECS + 60.0, ready("n1")), target),
         Step::EndProfile
+    );
+}
+
+#[test]
+fn with_several_nodes_every_debloater_must_record_before_the_profile_counts() {
+    let mut s = profiling(T0);
+    s.nodes = vec!["n1".into(), "n2".into()];
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 99.0, ready("n1")), target),
+        Step::Wait
+    );
+    s.profilers.insert(
+        "n2".into(),
+        ProfilerStatus {
+            since: "2026-01-01T00:00:30Z".into(),
+            watching: Some(false),
+            ..Default::default()
+        },
+    );
+    // The window counts from the later start.
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 80.0, ready("n1")), target),
+        Step::Wait
+    );
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 90.0, ready("n1")), target),
+        Step::EndProfile
+    );
+    // One watching node is enough to restart the workload.
+    s.profilers.get_mut("n2").unwrap().watching = Some(true);
+    assert_eq!(
+        next(&spec(), &s, &facts(T0_SECS + 90.0, ready("n1")), target),
+        Step::Restart
     );
 }
