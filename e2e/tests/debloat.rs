@@ -616,16 +616,17 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
     let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
     let _label = debloater_on(&c, &node).await;
     let Fixture {
-        reg,
+        reg: _reg,
         client,
         repo,
         image,
         ns,
     } = redis_fixture(&c, &node, "crd").await;
-
+    // The result goes to a registry of its own.
+    let slim = ScratchRegistry::start(&c, None).await.unwrap();
     c.apply(&format!(
-        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{probeJob: exercise}}\n  rolloutTimeout: 2m\n",
-        ns.name
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  repository: {}/slim/redis\n  profile: {{probeJob: exercise}}\n  rolloutTimeout: 2m\n",
+        ns.name, slim.host
     ))
     .unwrap();
     let s = wait_debloat(
@@ -649,10 +650,10 @@ async fn an_image_debloat_profiles_until_the_probe_job_succeeds_then_rolls_the_d
     })
     .await;
     assert_eq!(s.phase, "Ready", "{s:?}");
-    let target = format!("{}/{repo}:7-baffs", reg.host);
+    let target = format!("{}/slim/redis:7-baffs", slim.host);
     assert_eq!(s.target.as_deref(), Some(target.as_str()));
     let build = s.build.clone().unwrap();
-    let registry_size: u64 = layers(&client, &repo, "7-baffs")
+    let registry_size: u64 = layers(&slim.client(), "slim/redis", "7-baffs")
         .await
         .iter()
         .map(|l| l.1)
@@ -959,21 +960,17 @@ async fn every_node_running_the_workload_profiles_it_and_the_build_merges_their_
         .unwrap();
     let image = format!("{}/{repo}:7", reg.host);
     let ns = TestNamespace::new(&c, "debloat-2n");
-    // One replica on each node.
+    // A DaemonSet: one pod on each node, before and after every restart.
     c.apply(&format!(
         r#"apiVersion: apps/v1
-kind: Deployment
+kind: DaemonSet
 metadata: {{name: redis, namespace: {ns}}}
 spec:
-  replicas: 2
   selector: {{matchLabels: {{app: redis}}}}
-  strategy: {{type: RollingUpdate, rollingUpdate: {{maxUnavailable: 0, maxSurge: 1}}}}
   template:
     metadata: {{labels: {{app: redis}}}}
     spec:
       terminationGracePeriodSeconds: 1
-      topologySpreadConstraints:
-      - {{maxSkew: 1, topologyKey: kubernetes.io/hostname, whenUnsatisfiable: DoNotSchedule, labelSelector: {{matchLabels: {{app: redis}}}}}}
       containers:
       - name: redis
         image: {image}
@@ -984,24 +981,33 @@ spec:
         ns = ns.name
     ))
     .unwrap();
-    rollout(&c, &ns.name, "redis");
+    let ds_rollout = || {
+        c.kubectl(&[
+            "-n",
+            &ns.name,
+            "rollout",
+            "status",
+            "ds/redis",
+            "--timeout",
+            WAIT,
+        ])
+        .unwrap()
+    };
+    ds_rollout();
     c.apply(&format!(
-        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: Deployment, name: redis}}\n  profile: {{window: 10m}}\n  rolloutTimeout: 2m\n",
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: DaemonSet, name: redis}}\n  profile: {{window: 10m, restart: false}}\n  rolloutTimeout: 2m\n",
         ns.name
     ))
     .unwrap();
-    let s = wait_debloat(
-        &c,
-        &ns.name,
-        "redis",
-        "the restart under the profilers",
-        |s| s.restarted_at.is_some(),
-    )
+    // Every node's debloater records (restart: false keeps the pods, so
+    // what runs in them later is what each node sees).
+    let s = wait_debloat(&c, &ns.name, "redis", "both nodes recording", |s| {
+        s.profilers.len() == 2
+    })
     .await;
     let mut both = vec![node.clone(), other.clone()];
     both.sort();
     assert_eq!(s.nodes, both);
-    rollout(&c, &ns.name, "redis");
     // redis-benchmark runs on the other node's pod only.
     let on = |n: &str, want: &str| {
         let pods = c
@@ -1013,7 +1019,8 @@ spec:
             .map(|f| f[0].to_string())
             .unwrap_or_else(|| panic!("no pod of {want} on {n}: {pods}"))
     };
-    let far = on(&other, &image);
+    let builder = s.node.clone().unwrap();
+    let far = on(both.iter().find(|n| **n != builder).unwrap(), &image);
     let bench = exec(
         &c,
         &ns.name,
@@ -1038,7 +1045,6 @@ spec:
     })
     .await;
     assert_eq!(s.phase, "Ready", "{s:?}");
-    let builder = s.node.clone().unwrap();
     let handed: Vec<&String> = s
         .profilers
         .iter()

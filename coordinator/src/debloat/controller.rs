@@ -90,12 +90,21 @@ fn now_rfc3339() -> String {
     k8s_openapi::jiff::Timestamp::now().to_string()
 }
 
-/// `<image><suffix>` as a reference, or why it cannot be one.
-pub fn target_of(image: &str, suffix: &str) -> Result<String, String> {
-    berth_proto::reference::Reference::parse(image)
+/// `<image><suffix>` as a reference (in `repository` if given), or why it
+/// cannot be one.
+pub fn target_of(image: &str, suffix: &str, repository: Option<&str>) -> Result<String, String> {
+    let named = berth_proto::reference::Reference::parse(image)
         .map_err(|e| e.to_string())?
-        .with_tag_suffix(suffix)
-        .map(|r| r.to_string())
+        .with_tag_suffix(suffix)?;
+    match repository {
+        None => Ok(named.to_string()),
+        Some(repo) => {
+            let tag = named.tag.unwrap_or_default();
+            berth_proto::reference::Reference::parse(&format!("{repo}:{tag}"))
+                .map(|r| r.to_string())
+                .map_err(|e| e.to_string())
+        }
+    }
 }
 
 /// The workload in one shape: its pod template, selector, and rollout state.

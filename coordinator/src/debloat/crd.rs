@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+use crate::backup::crd::REGISTRY_PATTERN;
 use crate::imagecache::crd::DNS_SUBDOMAIN;
 
 /// A workload with this annotation set to `"true"` gets an ImageDebloat
@@ -61,6 +62,13 @@ pub struct ImageDebloatSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub top: Option<u32>,
+    /// Where the result is pushed: a repository `host[:port]/path`, under
+    /// the original tag plus the suffix; default the image's own repository.
+    /// The nodes must be able to pull from it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    #[x_kube(validation = Rule::new(format!("self.matches(r'{REGISTRY_PATTERN}') && self.contains('/')")).message("repository must be host[:port]/path, e.g. registry.example:5000/debloated/redis"))]
+    pub repository: Option<String>,
     /// Tag suffix of the result; default `-baffs`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 64))]

@@ -96,7 +96,7 @@ pub fn next(
     spec: &ImageDebloatSpec,
     status: &ImageDebloatStatus,
     facts: &Facts,
-    target_of: impl Fn(&str, &str) -> Result<String, String>,
+    target_of: impl Fn(&str, &str, Option<&str>) -> Result<String, String>,
 ) -> Step {
     let phase = status.phase.as_str();
     if matches!(phase, "Ready" | "Failed" | "RolledBack") {
@@ -137,7 +137,7 @@ pub fn next(
                     message: format!("{image} is already a debloated image"),
                 };
             }
-            let target = match target_of(image, suffix) {
+            let target = match target_of(image, suffix, spec.repository.as_deref()) {
                 Ok(t) => t,
                 Err(e) => {
                     return Step::Fail {

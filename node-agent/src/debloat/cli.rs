@@ -59,6 +59,10 @@ pub enum BaffsCommand {
         /// Suffix of the new tag.
         #[arg(long, default_value = "-baffs")]
         suffix: String,
+        /// Push to this repository (`host[:port]/path`) instead of the
+        /// image's own.
+        #[arg(long)]
+        repository: Option<String>,
         /// Registries reached over plain HTTP, comma-separated.
         #[arg(long, env = "BERTH_INSECURE_REGISTRIES", value_delimiter = ',')]
         plain_http: Vec<String>,
@@ -141,6 +145,7 @@ pub async fn run(cri: &CriRuntime, cmd: BaffsCommand) -> anyhow::Result<()> {
             top,
             keep,
             suffix,
+            repository,
             plain_http,
             credentials,
             profiles_dir,
@@ -162,6 +167,7 @@ pub async fn run(cri: &CriRuntime, cmd: BaffsCommand) -> anyhow::Result<()> {
                     image,
                     &opts,
                     &suffix,
+                    repository.as_deref(),
                     &plain_http,
                     &auth,
                     &profiles_dir,
@@ -312,13 +318,14 @@ async fn debloat_one(
     image: &str,
     opts: &Options,
     suffix: &str,
+    repository: Option<&str>,
     plain_http: &[String],
     auth: &RegistryAuth,
     profiles_dir: &Path,
     scratch: Option<&Path>,
     table: bool,
 ) -> anyhow::Result<Summary> {
-    let target = baffs_name(image, suffix).map_err(anyhow::Error::msg)?;
+    let target = baffs_name(image, suffix, repository).map_err(anyhow::Error::msg)?;
     let ids = image_ids(cri, &[image.to_string()]).await?;
     let image_id = ids.keys().next().expect("one image").clone();
     let profile = load_profile(profiles_dir, &image_id)?.with_context(|| {

@@ -78,10 +78,20 @@ impl Debloated {
 
 /// `<ref>-baffs`, baffs's naming: the tag gets the suffix (`redis:7` →
 /// `redis:7-baffs`); a reference by digest gets `sha256-<12 hex>-baffs`.
-pub fn baffs_name(reference: &str, suffix: &str) -> Result<Reference, String> {
-    Reference::parse(reference)
+/// With `repository` (`host[:port]/path`), that tag in that repository.
+pub fn baffs_name(
+    reference: &str,
+    suffix: &str,
+    repository: Option<&str>,
+) -> Result<Reference, String> {
+    let named = Reference::parse(reference)
         .map_err(|e| e.to_string())?
-        .with_tag_suffix(suffix)
+        .with_tag_suffix(suffix)?;
+    match repository {
+        None => Ok(named),
+        Some(repo) => Reference::parse(&format!("{repo}:{}", named.tag.unwrap_or_default()))
+            .map_err(|e| e.to_string()),
+    }
 }
 
 /// Builds the debloated image of `image` from the paths its containers

@@ -12,7 +12,7 @@
 //! first. Tasks of other images (and pod sandboxes) are dropped by the
 //! caller, which knows from CRI which container each task is.
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -62,18 +62,26 @@ impl StartWatcher {
             .parent()
             .context("the shim's directory has no parent")?
             .to_path_buf();
-        let here = PathBuf::from(format!("/proc/{shim}/root{}", tasks.display()));
+        let through_shim = PathBuf::from(format!("/proc/{shim}/root{}", tasks.display()));
+        // Held open, the directory stays reachable (as /proc/self/fd/N)
+        // after this shim exits, as it does when its pod is restarted.
+        let dir = std::fs::File::open(&through_shim)
+            .with_context(|| format!("opening {}", through_shim.display()))?;
+        let here = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
         let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)?;
         inotify
             .add_watch(&here, AddWatchFlags::IN_CREATE | AddWatchFlags::IN_MOVED_TO)
-            .with_context(|| format!("watching {}", here.display()))?;
+            .with_context(|| format!("watching {}", through_shim.display()))?;
         let stop = Arc::new(AtomicBool::new(false));
         let found: Found = Arc::default();
         let thread = {
             let (stop, found) = (stop.clone(), found.clone());
             std::thread::Builder::new()
                 .name("task-watch".into())
-                .spawn(move || watch(inotify, &here, &tasks, &stop, &found))?
+                .spawn(move || {
+                    watch(inotify, &here, &tasks, &stop, &found);
+                    drop(dir);
+                })?
         };
         Ok(StartWatcher {
             stop,

@@ -5,15 +5,21 @@ use super::*;
 
 #[test]
 fn baffs_names_append_the_suffix_to_the_tag() {
-    let n = |r: &str| baffs_name(r, "-baffs").unwrap().to_string();
+    let n = |r: &str| baffs_name(r, "-baffs", None).unwrap().to_string();
     assert_eq!(n("redis:7"), "docker.io/library/redis:7-baffs");
     assert_eq!(n("10.0.0.1:5000/app"), "10.0.0.1:5000/app:latest-baffs");
     assert_eq!(
         n(&format!("r.io/app@sha256:{}", "ab".repeat(32))),
         "r.io/app:sha256-abababababab-baffs"
     );
-    assert!(baffs_name(&format!("r.io/app:{}", "t".repeat(125)), "-baffs").is_err());
-    assert!(baffs_name("Not A Ref", "-baffs").is_err());
+    assert!(baffs_name(&format!("r.io/app:{}", "t".repeat(125)), "-baffs", None).is_err());
+    assert!(baffs_name("Not A Ref", "-baffs", None).is_err());
+    assert_eq!(
+        baffs_name("redis:7", "-baffs", Some("10.0.0.2:5000/slim/redis"))
+            .unwrap()
+            .to_string(),
+        "10.0.0.2:5000/slim/redis:7-baffs"
+    );
 }
 
 fn layer(dir: &Path, entries: &[([u8; 512], &[u8])]) -> LayerBlob {

@@ -39,8 +39,11 @@ fn ready(node: &str) -> WorkloadFacts {
     }
 }
 
-fn target(image: &str, suffix: &str) -> Result<String, String> {
-    Ok(format!("{image}{suffix}"))
+fn target(image: &str, suffix: &str, repository: Option<&str>) -> Result<String, String> {
+    Ok(match repository {
+        Some(r) => format!("{r}:7{suffix}"),
+        None => format!("{image}{suffix}"),
+    })
 }
 
 fn profiling(since: &str) -> ImageDebloatStatus {
