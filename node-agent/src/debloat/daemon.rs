@@ -85,7 +85,18 @@ struct Profiling {
 impl Profiling {
     /// Stops every recording and adds what they saw to the node's profile.
     fn finish(mut self, dir: &std::path::Path) {
-        self.watcher = None;
+        // Tasks marked at their start that CRI has not named yet (the
+        // profile may end within a second of a restart) count too. A pod
+        // sandbox's or another image's paths at worst keep a few files of
+        // this image it did not need; the build keeps only paths it has.
+        if let Some(w) = self.watcher.take() {
+            let now = Instant::now();
+            self.pending
+                .extend(w.take().into_iter().map(|(id, r)| (id, now, r)));
+        }
+        for (_, _, r) in std::mem::take(&mut self.pending) {
+            self.paths.extend(r.stop());
+        }
         for (_, (_, r)) in std::mem::take(&mut self.recordings) {
             self.paths.extend(r.stop());
         }
