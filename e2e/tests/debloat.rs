@@ -938,8 +938,11 @@ async fn an_annotated_deployment_gets_an_image_debloat_and_stop_ends_its_profile
     );
 }
 
-#[tokio::test]
-async fn every_node_running_the_workload_profiles_it_and_the_build_merges_their_paths() {
+/// Redis as a DaemonSet (one pod per node) on both nodes, each with a
+/// debloater; redis-benchmark runs only in the pod of the node that does
+/// not build, and the image built on the other node must still have it.
+/// With `restart`, the pods are replaced under the profilers first.
+async fn two_nodes_merge(tag: &str, restart: bool) {
     let c = Cluster::from_env().await.unwrap();
     let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
     let _labels = (
@@ -949,7 +952,7 @@ async fn every_node_running_the_workload_profiles_it_and_the_build_merges_their_
     let reg = ScratchRegistry::start(&c, None).await.unwrap();
     let client = reg.client();
     let unique = unique_suffix();
-    let repo = format!("debloat/redis-2n-{unique}");
+    let repo = format!("debloat/redis-{tag}-{unique}");
     // An image of its own (a layer naming this run): no node has a profile
     // of it from earlier tests.
     let base = std::fs::read(debian::rootfs(REDIS).unwrap()).unwrap();
@@ -959,7 +962,7 @@ async fn every_node_running_the_workload_profiles_it_and_the_build_merges_their_
         .await
         .unwrap();
     let image = format!("{}/{repo}:7", reg.host);
-    let ns = TestNamespace::new(&c, "debloat-2n");
+    let ns = TestNamespace::new(&c, &format!("debloat-{tag}"));
     // A DaemonSet: one pod on each node, before and after every restart.
     c.apply(&format!(
         r#"apiVersion: apps/v1
@@ -994,17 +997,46 @@ spec:
         .unwrap()
     };
     ds_rollout();
+    let pods_now = || -> Vec<(String, bool)> {
+        let out = c
+            .kubectl(&["-n", &ns.name, "get", "pods", "-l", "app=redis", "-o", r#"jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].ready} {.metadata.deletionTimestamp}{"\n"}{end}"#])
+            .unwrap();
+        out.lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .filter(|f| f.len() == 2)
+            .map(|f| (f[0].to_string(), f[1] == "true"))
+            .collect()
+    };
+    let before: Vec<String> = pods_now().into_iter().map(|p| p.0).collect();
     c.apply(&format!(
-        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: DaemonSet, name: redis}}\n  profile: {{window: 10m, restart: false}}\n  rolloutTimeout: 2m\n",
+        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: DaemonSet, name: redis}}\n  profile: {{window: 10m, restart: {restart}}}\n  rolloutTimeout: 2m\n",
         ns.name
     ))
     .unwrap();
-    // Every node's debloater records (restart: false keeps the pods, so
-    // what runs in them later is what each node sees).
-    let s = wait_debloat(&c, &ns.name, "redis", "both nodes recording", |s| {
-        s.profilers.len() == 2
-    })
-    .await;
+    let s = if restart {
+        // Once both debloaters watch, the DaemonSet is restarted, and each
+        // node must record its new pod from its start.
+        let s = wait_debloat(&c, &ns.name, "redis", "restarted", |s| {
+            s.restarted_at.is_some()
+        })
+        .await;
+        eventually(Duration::from_secs(120), "both pods replaced", || async {
+            let now = pods_now();
+            Ok(
+                (now.len() == 2 && now.iter().all(|(n, ready)| *ready && !before.contains(n)))
+                    .then_some(()),
+            )
+        })
+        .await
+        .unwrap();
+        s
+    } else {
+        // The pods stay: what runs in them later is what each node sees.
+        wait_debloat(&c, &ns.name, "redis", "both nodes recording", |s| {
+            s.profilers.len() == 2
+        })
+        .await
+    };
     let mut both = vec![node.clone(), other.clone()];
     both.sort();
     assert_eq!(s.nodes, both);
@@ -1070,153 +1102,11 @@ spec:
 }
 
 #[tokio::test]
+async fn every_node_running_the_workload_profiles_it_and_the_build_merges_their_paths() {
+    two_nodes_merge("2n", false).await;
+}
+
+#[tokio::test]
 async fn restarted_under_two_profilers_each_node_records_its_new_pod_from_the_start() {
-    let c = Cluster::from_env().await.unwrap();
-    let (node, other) = (c.nodes[0].clone(), c.nodes[1].clone());
-    let _labels = (
-        debloater_on(&c, &node).await,
-        debloater_on(&c, &other).await,
-    );
-    let reg = ScratchRegistry::start(&c, None).await.unwrap();
-    let client = reg.client();
-    let unique = unique_suffix();
-    let repo = format!("debloat/redis-2r-{unique}");
-    // An image of its own (a layer naming this run): no node has a profile
-    // of it from earlier tests.
-    let base = std::fs::read(debian::rootfs(REDIS).unwrap()).unwrap();
-    let mark = berth_e2e::registry::tar_layer(&[("etc/berth-run", unique.as_bytes())]).unwrap();
-    client
-        .push_gzip_image(&repo, "7", vec![base, mark], redis_run())
-        .await
-        .unwrap();
-    let image = format!("{}/{repo}:7", reg.host);
-    let ns = TestNamespace::new(&c, "debloat-2r");
-    // A DaemonSet: one pod on each node, before and after every restart.
-    c.apply(&format!(
-        r#"apiVersion: apps/v1
-kind: DaemonSet
-metadata: {{name: redis, namespace: {ns}}}
-spec:
-  selector: {{matchLabels: {{app: redis}}}}
-  template:
-    metadata: {{labels: {{app: redis}}}}
-    spec:
-      terminationGracePeriodSeconds: 1
-      containers:
-      - name: redis
-        image: {image}
-        readinessProbe:
-          exec: {{command: [redis-cli, ping]}}
-          periodSeconds: 1
-"#,
-        ns = ns.name
-    ))
-    .unwrap();
-    let ds_rollout = || {
-        c.kubectl(&[
-            "-n",
-            &ns.name,
-            "rollout",
-            "status",
-            "ds/redis",
-            "--timeout",
-            WAIT,
-        ])
-        .unwrap()
-    };
-    ds_rollout();
-    c.apply(&format!(
-        "apiVersion: berth.dev/v1alpha1\nkind: ImageDebloat\nmetadata: {{name: redis, namespace: {}}}\nspec:\n  workload: {{kind: DaemonSet, name: redis}}\n  profile: {{window: 10m}}\n  rolloutTimeout: 2m\n",
-        ns.name
-    ))
-    .unwrap();
-    // Every node's debloater records (restart: false keeps the pods, so
-    // what runs in them later is what each node sees).
-    // The default: once both debloaters watch, the DaemonSet is restarted,
-    // and each node must record its new pod from its start; the profile
-    // ends as soon as both are replaced.
-    let s = wait_debloat(&c, &ns.name, "redis", "restarted", |s| {
-        s.restarted_at.is_some()
-    })
-    .await;
-    let before: Vec<String> = c
-        .kubectl(&[
-            "-n",
-            &ns.name,
-            "get",
-            "pods",
-            "-o",
-            "jsonpath={.items[*].metadata.name}",
-        ])
-        .unwrap()
-        .split_whitespace()
-        .map(String::from)
-        .collect();
-    eventually(Duration::from_secs(120), "replaced", || async {
-        let out = c.kubectl(&["-n", &ns.name, "get", "pods", "-l", "app=redis", "-o", r#"jsonpath={range .items[*]}{.metadata.name} {.status.containerStatuses[0].ready} {.metadata.deletionTimestamp}{"\n"}{end}"#])?;
-        let live: Vec<Vec<&str>> = out.lines().map(|l| l.split_whitespace().collect::<Vec<_>>()).filter(|f| f.len() == 2).collect();
-        Ok((live.len() == 2 && live.iter().all(|f| f[1] == "true" && !before.contains(&f[0].to_string()))).then_some(()))
-    }).await.unwrap();
-    let mut both = vec![node.clone(), other.clone()];
-    both.sort();
-    assert_eq!(s.nodes, both);
-    // redis-benchmark runs on the other node's pod only.
-    let on = |n: &str, want: &str| {
-        let pods = c
-            .kubectl(&["-n", &ns.name, "get", "pods", "-l", "app=redis", "--field-selector", &format!("spec.nodeName={n}"), "-o", r#"jsonpath={range .items[*]}{.metadata.name} {.spec.containers[0].image} {.metadata.deletionTimestamp}{"\n"}{end}"#])
-            .unwrap();
-        pods.lines()
-            .map(|l| l.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() == 2 && f[1] == want)
-            .map(|f| f[0].to_string())
-            .unwrap_or_else(|| panic!("no pod of {want} on {n}: {pods}"))
-    };
-    let builder = s.node.clone().unwrap();
-    let far = on(both.iter().find(|n| **n != builder).unwrap(), &image);
-    let bench = exec(
-        &c,
-        &ns.name,
-        &far,
-        &["redis-benchmark", "-q", "-n", "200", "-t", "ping"],
-    )
-    .unwrap();
-    assert!(bench.contains("requests per second"), "{bench}");
-    c.kubectl(&[
-        "-n",
-        &ns.name,
-        "patch",
-        "imagedebloat",
-        "redis",
-        "--type=merge",
-        "-p",
-        r#"{"spec":{"profile":{"stop":true}}}"#,
-    ])
-    .unwrap();
-    let s = wait_debloat(&c, &ns.name, "redis", "the end", |s| {
-        matches!(s.phase.as_str(), "Ready" | "Failed" | "RolledBack")
-    })
-    .await;
-    assert_eq!(s.phase, "Ready", "{s:?}");
-    let handed: Vec<&String> = s
-        .profilers
-        .iter()
-        .filter(|(_, p)| p.paths.is_some())
-        .map(|(n, _)| n)
-        .collect();
-    assert_eq!(
-        handed,
-        vec![both.iter().find(|n| **n != builder).unwrap()],
-        "the other node handed its paths over"
-    );
-    // The image was built on the building node, where redis-benchmark
-    // never ran, and still has it: the other node's profile was merged in.
-    let (near, _) = pod_of(&c, &ns.name, "redis", &format!("{image}-baffs"));
-    let bench = exec(
-        &c,
-        &ns.name,
-        &near,
-        &["redis-benchmark", "-q", "-n", "200", "-t", "ping"],
-    )
-    .unwrap();
-    assert!(bench.contains("requests per second"), "{bench}");
+    two_nodes_merge("2r", true).await;
 }

@@ -222,6 +222,17 @@ impl Reference {
         })
     }
 
+    /// [`Reference::with_tag_suffix`], in `repository` (`host[:port]/path`)
+    /// when one is given: where a debloated image goes.
+    pub fn suffixed_in(&self, suffix: &str, repository: Option<&str>) -> Result<Reference, String> {
+        let named = self.with_tag_suffix(suffix)?;
+        match repository {
+            None => Ok(named),
+            Some(repo) => Reference::parse(&format!("{repo}:{}", named.tag.unwrap_or_default()))
+                .map_err(|e| e.to_string()),
+        }
+    }
+
     /// `domain/path`, the repository without tag or digest.
     pub fn repository(&self) -> String {
         format!("{}/{}", self.domain, self.path)

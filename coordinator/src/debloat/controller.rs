@@ -93,18 +93,10 @@ fn now_rfc3339() -> String {
 /// `<image><suffix>` as a reference (in `repository` if given), or why it
 /// cannot be one.
 pub fn target_of(image: &str, suffix: &str, repository: Option<&str>) -> Result<String, String> {
-    let named = berth_proto::reference::Reference::parse(image)
+    berth_proto::reference::Reference::parse(image)
         .map_err(|e| e.to_string())?
-        .with_tag_suffix(suffix)?;
-    match repository {
-        None => Ok(named.to_string()),
-        Some(repo) => {
-            let tag = named.tag.unwrap_or_default();
-            berth_proto::reference::Reference::parse(&format!("{repo}:{tag}"))
-                .map(|r| r.to_string())
-                .map_err(|e| e.to_string())
-        }
-    }
+        .suffixed_in(suffix, repository)
+        .map(|r| r.to_string())
 }
 
 /// The workload in one shape: its pod template, selector, and rollout state.
@@ -192,11 +184,19 @@ impl Controller {
             rolled_out: w.rolled_out,
             failing: None,
         };
-        let pods: Vec<Pod> = Api::<Pod>::namespaced(self.client.clone(), ns)
-            .list(&ListParams::default().labels(&w.selector))
-            .await
-            .map(|l| l.items)
-            .unwrap_or_default();
+        // Pods tell where to profile (before it starts) and whether new
+        // pods fail (during the rollout); no other phase reads them.
+        let phase = status.phase.as_str();
+        let starting = matches!(phase, "" | "Pending");
+        let pods: Vec<Pod> = if starting || phase == "RollingOut" {
+            Api::<Pod>::namespaced(self.client.clone(), ns)
+                .list(&ListParams::default().labels(&w.selector))
+                .await
+                .map(|l| l.items)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for p in &pods {
             let runs = |want: &str| {
                 p.spec.as_ref().is_some_and(|s| {
@@ -253,14 +253,21 @@ impl Controller {
         wf.ready_nodes.sort();
         wf.ready_nodes.dedup();
         // Only nodes with a debloater can profile.
-        let labelled: Vec<String> = Api::<Node>::all(self.client.clone())
-            .list(&ListParams::default().labels(DEBLOAT_NODES))
-            .await
-            .map(|l| l.items.iter().map(|n| n.name_any()).collect())
-            .unwrap_or_default();
-        wf.ready_nodes.retain(|n| labelled.contains(n));
+        if starting && !wf.ready_nodes.is_empty() {
+            let labelled: Vec<String> = Api::<Node>::all(self.client.clone())
+                .list(&ListParams::default().labels(DEBLOAT_NODES))
+                .await
+                .map(|l| l.items.iter().map(|n| n.name_any()).collect())
+                .unwrap_or_default();
+            wf.ready_nodes.retain(|n| labelled.contains(n));
+        }
         facts.workload = Some(wf);
-        if let Some(job) = &spec.profile.probe_job {
+        if let Some(job) = spec
+            .profile
+            .probe_job
+            .as_ref()
+            .filter(|_| phase == "Profiling")
+        {
             let done = match Api::<Job>::namespaced(self.client.clone(), ns)
                 .get_opt(job)
                 .await

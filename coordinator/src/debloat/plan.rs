@@ -103,15 +103,6 @@ pub fn next(
         return Step::Wait;
     }
     let Some(w) = &facts.workload else {
-        if phase == "RollingOut" {
-            return Step::Fail {
-                reason: "WorkloadNotFound",
-                message: format!(
-                    "{} {} was deleted during the rollout",
-                    spec.workload.kind, spec.workload.name
-                ),
-            };
-        }
         return Step::Fail {
             reason: "WorkloadNotFound",
             message: format!("{} {} not found", spec.workload.kind, spec.workload.name),
@@ -131,7 +122,7 @@ pub fn next(
                 };
             };
             let suffix = spec.suffix.as_deref().unwrap_or(DEFAULT_SUFFIX);
-            if image.contains(suffix) && image.ends_with(suffix) {
+            if image.ends_with(suffix) {
                 return Step::Fail {
                     reason: "AlreadyDebloated",
                     message: format!("{image} is already a debloated image"),

@@ -180,23 +180,23 @@ pub async fn run(cri: CriRuntime, args: DebloaterArgs) -> anyhow::Result<()> {
                 }
                 continue;
             }
-            // The building node waits for every other node's paths.
-            let others: Option<BTreeSet<String>> = status["nodes"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(|n| n.as_str())
-                .filter(|n| *n != me)
-                .map(|n| {
-                    status["profilers"][n]["paths"].as_array().map(|ps| {
-                        ps.iter()
-                            .filter_map(|p| p.as_str().map(String::from))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect::<Option<Vec<_>>>()
-                .map(|all| all.into_iter().flatten().collect());
             if phase == "Debloating" && builder && status["build"].is_null() {
+                // The building node waits for every other node's paths.
+                let others: Option<BTreeSet<String>> = status["nodes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str())
+                    .filter(|n| *n != me)
+                    .map(|n| {
+                        status["profilers"][n]["paths"].as_array().map(|ps| {
+                            ps.iter()
+                                .filter_map(|p| p.as_str().map(String::from))
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect::<Option<Vec<_>>>()
+                    .map(|all| all.into_iter().flatten().collect());
                 let Some(others) = others else { continue };
                 if !building
                     .lock()

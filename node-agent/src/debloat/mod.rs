@@ -84,14 +84,9 @@ pub fn baffs_name(
     suffix: &str,
     repository: Option<&str>,
 ) -> Result<Reference, String> {
-    let named = Reference::parse(reference)
+    Reference::parse(reference)
         .map_err(|e| e.to_string())?
-        .with_tag_suffix(suffix)?;
-    match repository {
-        None => Ok(named),
-        Some(repo) => Reference::parse(&format!("{repo}:{}", named.tag.unwrap_or_default()))
-            .map_err(|e| e.to_string()),
-    }
+        .suffixed_in(suffix, repository)
 }
 
 /// Builds the debloated image of `image` from the paths its containers

@@ -16,7 +16,7 @@ use tonic::transport::Channel;
 use super::build::LayerBlob;
 
 /// containerd namespace of the CRI plugin's images.
-const CRI_NAMESPACE: &str = "k8s.io";
+pub(crate) const CRI_NAMESPACE: &str = "k8s.io";
 const INDEX_TYPES: [&str; 2] = [
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -60,7 +60,8 @@ pub struct Store {
     images: images::images_client::ImagesClient<Channel>,
 }
 
-fn request<T>(message: T) -> tonic::Request<T> {
+/// A request to containerd's own API, in the CRI plugin's namespace.
+pub(crate) fn request<T>(message: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(message);
     r.metadata_mut().insert(
         "containerd-namespace",

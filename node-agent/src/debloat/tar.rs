@@ -265,29 +265,13 @@ pub fn write_end(out: &mut impl Write) -> io::Result<()> {
 fn check_sum(block: &[u8; BLOCK], at: u64) -> Result<(), TarError> {
     let want = number(&block[148..156])
         .ok_or_else(|| TarError::Malformed(format!("bad checksum field at byte {at}")))?;
-    let unsigned: u64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                *b as u64
-            }
-        })
-        .sum();
-    // Some old writers summed signed bytes.
-    let signed: i64 = block
-        .iter()
-        .enumerate()
-        .map(|(i, b)| {
-            if (148..156).contains(&i) {
-                32
-            } else {
-                *b as i8 as i64
-            }
-        })
-        .sum();
+    // The checksum field counts as spaces; some old writers summed signed bytes.
+    let (mut unsigned, mut signed) = (0u64, 0i64);
+    for (i, b) in block.iter().enumerate() {
+        let b = if (148..156).contains(&i) { b' ' } else { *b };
+        unsigned += b as u64;
+        signed += b as i8 as i64;
+    }
     if want != unsigned && want as i64 != signed {
         return Err(TarError::Malformed(format!(
             "header checksum mismatch at byte {at}: not a tar archive, or a corrupt one"

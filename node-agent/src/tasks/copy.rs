@@ -38,6 +38,8 @@ use tonic::transport::Channel;
 use tracing::{Instrument, Span, info};
 
 use super::{TaskRunner, failed, update};
+use crate::debloat::build::digest_of;
+use crate::debloat::store::request;
 use crate::runtime::ImageRuntime;
 
 /// Blobs of one copy in flight at once.
@@ -228,9 +230,6 @@ fn parse(raw: &[u8]) -> Result<(String, Parsed), CopyError> {
     Ok((t, Parsed::Image(blobs)))
 }
 
-/// Containerd's namespace of the CRI's images.
-const CRI_NAMESPACE: &str = "k8s.io";
-
 /// Where a copy reads from.
 enum Source {
     /// The source registry.
@@ -245,24 +244,6 @@ enum Source {
         images: images::images_client::ImagesClient<Channel>,
         name: String,
     },
-}
-
-fn sha256_of(data: &[u8]) -> String {
-    use sha2::Digest;
-    let hex: String = sha2::Sha256::digest(data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256:{hex}")
-}
-
-fn in_namespace<T>(message: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(message);
-    r.metadata_mut().insert(
-        "containerd-namespace",
-        tonic::metadata::MetadataValue::from_static(CRI_NAMESPACE),
-    );
-    r
 }
 
 fn runtime_error(what: &str, s: tonic::Status) -> CopyError {
@@ -302,7 +283,7 @@ impl Source {
         };
         let stream = content
             .clone()
-            .read(in_namespace(content::ReadContentRequest {
+            .read(request(content::ReadContentRequest {
                 digest: digest.to_string(),
                 offset: 0,
                 size: 0,
@@ -323,7 +304,7 @@ impl Source {
             Source::Runtime { images, name, .. } => {
                 let image = images
                     .clone()
-                    .get(in_namespace(images::GetImageRequest { name: name.clone() }))
+                    .get(request(images::GetImageRequest { name: name.clone() }))
                     .await
                     .map_err(|s| runtime_error(&format!("image {name}"), s))?
                     .into_inner()
@@ -363,7 +344,7 @@ impl Source {
             Source::Runtime { content, .. } => {
                 match content
                     .clone()
-                    .info(in_namespace(content::InfoRequest {
+                    .info(request(content::InfoRequest {
                         digest: digest.to_string(),
                     }))
                     .await
@@ -373,7 +354,7 @@ impl Source {
                     Ok(_) => {}
                 }
                 let raw = self.read_all(digest).await?;
-                let got = sha256_of(&raw);
+                let got = digest_of(&raw);
                 if got != digest {
                     return Err(CopyError::Malformed(format!(
                         "the node's content store holds {got} under {digest}"
